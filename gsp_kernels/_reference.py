@@ -1,0 +1,223 @@
+"""Pure-PyTorch GSP: the oracle every kernel backend is tested against (SPEC.md).
+
+Any device, float32 or float64. Batched over samples; the scalar solve is a bracketed
+Newton iteration vectorized over the batch. Functions here take and return tensors in the
+compute dtype (float32 or float64); dtype policy and validation live in ``ops.py``.
+
+Shapes: x ``[B, N, D]`` (any strides), prototypes ``[M, D]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Squared costs below COST_SNAP * (|x̂|² + |ẑ|²) are set to exactly 0. The GEMM-shaped
+# expansion |x̂|² + |ẑ|² − 2 x̂·ẑ cancels catastrophically for a feature equal to a
+# prototype (float32 leaves ~1e-7 relative noise, whose square root would be a spurious
+# distance of ~3e-4); snapping makes an exact match cost exactly 0 in every backend and
+# dtype. Every backend uses this constant, so they compute the same function.
+COST_SNAP = 4e-6
+# l2 normalization divides by max(|x|, L2_EPS).
+L2_EPS = 1e-12
+
+NORMALIZE_MODES = ("lipschitz", "l2", "none")
+COST_MODES = ("euclidean", "sqeuclidean")
+SOLVERS = ("newton", "fixed_point")
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Newton tolerance on |Σσ − μN| / (μN) and on the relative step, per compute dtype."""
+    return 1e-13 if dtype == torch.float64 else 1e-6
+
+
+def default_max_iter(solver: str) -> int:
+    """Iteration cap: the paper's 100 for fixed_point, a safety cap for Newton."""
+    return 100 if solver == "fixed_point" else 64
+
+
+def normalize_rows(v: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    """Normalize the last dim for the cost. Returns (v̂, divisor) with v̂ = v / divisor."""
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)  # [..., 1]
+    if mode == "lipschitz":
+        divisor = norm.clamp_min(1.0)
+    elif mode == "l2":
+        divisor = norm.clamp_min(L2_EPS)
+    else:
+        divisor = torch.ones_like(norm)
+    return v / divisor, divisor
+
+
+def normalize_rows_backward(grad_vh: Tensor, vh: Tensor, divisor: Tensor, mode: str) -> Tensor:
+    """Gradient through normalize_rows: (g − (v̂·g) v̂) / |v| where the divisor is the norm."""
+    if mode == "none":
+        return grad_vh
+    if mode == "lipschitz":
+        projects = divisor > 1.0  # [..., 1]: normalized rows; the others pass through
+    else:
+        projects = divisor > L2_EPS
+    radial = (vh * grad_vh).sum(-1, keepdim=True) * vh
+    return torch.where(projects, grad_vh - radial, grad_vh) / divisor
+
+
+def squared_costs(xh: Tensor, zh: Tensor) -> Tensor:
+    """Snapped squared distances ‖x̂_i − ẑ_k‖² via one GEMM: [B, N, D], [M, D] -> [B, N, M]."""
+    xx = (xh * xh).sum(-1, keepdim=True)  # [B, N, 1]
+    zz = (zh * zh).sum(-1)  # [M]
+    sq = xx + zz - 2.0 * torch.matmul(xh, zh.t())  # [B, N, M]
+    return torch.where(sq > COST_SNAP * (xx + zz), sq, torch.zeros_like(sq))
+
+
+def costs_from_squared(sq: Tensor, cost: str) -> Tensor:
+    """Cost c_ki from the snapped squared distance."""
+    return sq.sqrt() if cost == "euclidean" else sq
+
+
+def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
+    """Root u of Σ_i σ(u + ℓ_i) = μN per sample, bracketed Newton. ell [B, N] -> u [B].
+
+    Each iteration takes the Newton step, or bisects the bracket when that step leaves it
+    or is not finite. A sample stops when the residual or the step falls under tol
+    (relative), or when its bracket collapses; all stop at max_iter. Non-finite ℓ gives a
+    NaN u after at most max_iter iterations, never a hang.
+    """
+    n = ell.shape[-1]
+    target = mu * n
+    if mu >= 1.0:  # GAP: σ ≡ 1 exactly
+        return torch.full(ell.shape[:-1], math.inf, dtype=ell.dtype, device=ell.device)
+    logit_mu = math.log(mu) - math.log1p(-mu)
+    lo = logit_mu - ell.amax(-1)  # [B]: every σ_i <= μ here
+    hi = logit_mu - ell.amin(-1)  # [B]: every σ_i >= μ here
+    u = torch.minimum(torch.maximum(logit_mu - ell.mean(-1), lo), hi)
+    active = torch.ones_like(u, dtype=torch.bool)
+    check_every = 1 if u.device.type == "cpu" else 4  # fewer host syncs on accelerators
+    compiling = torch.compiler.is_compiling()
+    for it in range(max_iter):
+        s = torch.sigmoid(u.unsqueeze(-1) + ell)  # [B, N]
+        residual = s.sum(-1) - target
+        slope = (s * (1.0 - s)).sum(-1)
+        hi = torch.where(residual > 0, u, hi)
+        lo = torch.where(residual < 0, u, lo)
+        u_newton = u - residual / slope
+        inside = (u_newton >= lo) & (u_newton <= hi)  # False for NaN/inf steps too
+        u_next = torch.where(inside, u_newton, 0.5 * (lo + hi))
+        scale = u.abs().clamp_min(1.0)
+        done = (
+            (residual.abs() <= tol * target)
+            | ((u_next - u).abs() <= tol * scale)
+            | ((hi - lo) <= tol * scale)
+            | ~torch.isfinite(residual)
+        )
+        u = torch.where(active, u_next, u)
+        active = active & ~done
+        if not compiling and (it + 1) % check_every == 0 and not bool(active.any()):
+            break
+    return u
+
+
+def solve_fixed_point(ell: Tensor, mu: float, max_iter: int) -> Tensor:
+    """The paper's iteration t ← μ / Σ p_i s_i, T = max_iter times from t₀ = μ, as u = log t.
+
+    In the log domain one update reads u ← u + log(μN) − log Σ_i σ(u + ℓ_i). ell [B, N] -> u [B].
+    """
+    n = ell.shape[-1]
+    if mu >= 1.0:
+        return torch.full(ell.shape[:-1], math.inf, dtype=ell.dtype, device=ell.device)
+    log_target = math.log(mu * n)
+    u = torch.full(ell.shape[:-1], math.log(mu), dtype=ell.dtype, device=ell.device)
+    for _ in range(max_iter):
+        log_mass = torch.logsumexp(torch.nn.functional.logsigmoid(u.unsqueeze(-1) + ell), -1)
+        u = u + (log_target - log_mass)
+    return u
+
+
+def _plan_terms(x: Tensor, prototypes: Tensor, gamma: float, normalize: str, cost: str):
+    """Normalized inputs, costs and per-feature log-partition / softmax over prototypes."""
+    xh, x_div = normalize_rows(x, normalize)  # [B, N, D], [B, N, 1]
+    zh, z_div = normalize_rows(prototypes, normalize)  # [M, D], [M, 1]
+    c = costs_from_squared(squared_costs(xh, zh), cost)  # [B, N, M]
+    logits = -gamma * c
+    ell = torch.logsumexp(logits, -1)  # [B, N]
+    assign = torch.softmax(logits, -1)  # [B, N, M]: A_ki laid out as [b, i, k]
+    return xh, x_div, zh, z_div, c, ell, assign
+
+
+def gsp_forward(
+    x: Tensor,
+    prototypes: Tensor,
+    transport_ratio: float,
+    gamma: float,
+    normalize: str = "lipschitz",
+    cost: str = "euclidean",
+    solver: str = "newton",
+    max_iter: int | None = None,
+    tol: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GSP forward in x's dtype. Returns pooled [B, D], attr [B, M], weights [B, N], u [B]."""
+    mu = float(transport_ratio)
+    n = x.shape[1]
+    max_iter = default_max_iter(solver) if max_iter is None else max_iter
+    tol = default_tol(x.dtype) if tol is None else tol
+    _, _, _, _, _, ell, assign = _plan_terms(x, prototypes, gamma, normalize, cost)
+    if solver == "newton":
+        u = solve_newton(ell, mu, tol, max_iter)
+    else:
+        u = solve_fixed_point(ell, mu, max_iter)
+    sigma = torch.sigmoid(u.unsqueeze(-1) + ell)  # [B, N]
+    weights = sigma / (n * mu)  # [B, N]
+    pooled = torch.bmm(weights.unsqueeze(1), x).squeeze(1)  # [B, D]
+    attr = torch.bmm(weights.unsqueeze(1), assign).squeeze(1)  # [B, M]
+    if solver == "fixed_point" and mu < 1.0:
+        # The paper forms its plan with one more update of t, which rescales the
+        # transported mass to exactly μ: the attribute then sums to 1 (weights need not).
+        attr = attr / weights.sum(-1, keepdim=True)
+    return pooled, attr, weights, u
+
+
+def gsp_backward(
+    grad_pooled: Tensor,
+    grad_attr: Tensor,
+    grad_weights: Tensor,
+    x: Tensor,
+    prototypes: Tensor,
+    u: Tensor,
+    transport_ratio: float,
+    gamma: float,
+    normalize: str = "lipschitz",
+    cost: str = "euclidean",
+) -> tuple[Tensor, Tensor]:
+    """Analytic backward of SPEC.md (implicit in u). Returns grad_x [B, N, D], grad_prototypes [M, D].
+
+    grad_pooled [B, D], grad_attr [B, M] and grad_weights [B, N] are tensors (zeros where
+    absent). A weights gradient enters like the pooled one: both act on L through w_i, so
+    e_i = (x_i·gy + ā_i + gw_i) / (Nμ).
+    """
+    mu = float(transport_ratio)
+    n = x.shape[1]
+    xh, x_div, zh, z_div, c, ell, assign = _plan_terms(x, prototypes, gamma, normalize, cost)
+    sigma = torch.sigmoid(u.unsqueeze(-1) + ell)  # [B, N]
+    weights = sigma / (n * mu)
+    assign_ga = torch.bmm(assign, grad_attr.unsqueeze(-1)).squeeze(-1)  # ā_i: [B, N]
+    x_gy = torch.bmm(x, grad_pooled.unsqueeze(-1)).squeeze(-1)  # [B, N]
+    e = (x_gy + assign_ga + grad_weights) / (n * mu)  # [B, N]
+    h = sigma * (1.0 - sigma)  # [B, N]
+    h_sum = h.sum(-1, keepdim=True)  # [B, 1]
+    e_bar = torch.where(h_sum > 0, (h * e).sum(-1, keepdim=True) / h_sum.clamp_min(torch.finfo(h.dtype).tiny), 0.0)
+    grad_ell = h * (e - e_bar)  # [B, N]
+    grad_logits = assign * (
+        grad_ell.unsqueeze(-1) + weights.unsqueeze(-1) * (grad_attr.unsqueeze(1) - assign_ga.unsqueeze(-1))
+    )  # [B, N, M]
+    grad_cost = -gamma * grad_logits
+    if cost == "euclidean":
+        coef = torch.where(c > 0, grad_cost / torch.where(c > 0, c, 1.0), 0.0)  # W: [B, N, M]
+    else:
+        coef = 2.0 * grad_cost
+    grad_xh = xh * coef.sum(-1, keepdim=True) - torch.matmul(coef, zh)  # [B, N, D]
+    coef_flat = coef.reshape(-1, coef.shape[-1])  # [B*N, M]
+    grad_zh = zh * coef_flat.sum(0).unsqueeze(-1) - coef_flat.t() @ xh.reshape(-1, xh.shape[-1])  # [M, D]
+    grad_x = normalize_rows_backward(grad_xh, xh, x_div, normalize)
+    grad_x = grad_x + weights.unsqueeze(-1) * grad_pooled.unsqueeze(1)
+    grad_z = normalize_rows_backward(grad_zh, zh, z_div, normalize)
+    return grad_x, grad_z

@@ -1,0 +1,51 @@
+"""The `reference` backend: ``_reference`` behind the backend contract of ``backends.py``."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _reference
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half types are upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def availability(device: torch.device) -> str | None:
+    """The reference runs wherever PyTorch does."""
+    return None
+
+
+def unsupported(x, prototypes, solver, normalize, cost) -> str | None:
+    """Every option is supported."""
+    return None
+
+
+def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol):
+    """Reference forward in the compute dtype; outputs cast back to x's dtype (u stays)."""
+    dtype = compute_dtype(x, prototypes)
+    pooled, attr, weights, u = _reference.gsp_forward(
+        x.to(dtype), prototypes.to(dtype), mu, gamma, normalize, cost, solver, max_iter, tol
+    )
+    return pooled.to(x.dtype), attr.to(x.dtype), weights.to(x.dtype), u
+
+
+def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost):
+    """Reference backward; grad_x laid out like x, each gradient in its input's dtype."""
+    dtype = u.dtype
+    grad_x, grad_z = _reference.gsp_backward(
+        grad_pooled.to(dtype),
+        grad_attr.to(dtype),
+        grad_weights.to(dtype),
+        x.to(dtype),
+        prototypes.to(dtype),
+        u,
+        mu,
+        gamma,
+        normalize,
+        cost,
+    )
+    grad_x_out = torch.empty_like(x)
+    grad_x_out.copy_(grad_x)
+    return grad_x_out, grad_z.to(prototypes.dtype)

@@ -1,0 +1,108 @@
+"""Backend registry: which implementations exist, which run here, and why the others do not.
+
+A backend is a module with four functions (the contract every kernel backend implements):
+
+- ``availability(device: torch.device) -> str | None``: None if it can run on that device,
+  else the reason it cannot (missing package, not built with CUDA, no GPU...).
+- ``unsupported(x, prototypes, solver, normalize, cost) -> str | None``: None if it computes
+  this case, else why not (``auto`` then falls back to the reference).
+- ``forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol)
+  -> (pooled [B, D], attr [B, M], weights [B, N], u [B])``: pooled, attr and weights in
+  x's dtype; u in the compute dtype (float32, or float64 when an input is float64).
+- ``backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost)
+  -> (grad_x, grad_prototypes)``: each gradient in its own input's dtype; grad_x with x's
+  strides (``torch.empty_like(x)``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+# `auto` tries these in order on a GPU; on the CPU it takes the reference.
+_GPU_PREFERENCE = ("cuda", "triton")
+
+_MODULES = {
+    "reference": "gsp_kernels._reference_backend",
+    "triton": "gsp_kernels._triton",
+    "cuda": "gsp_kernels._cuda",
+}
+_loaded: dict[str, ModuleType | str] = {}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend runs on a device, and if not, why."""
+
+    name: str
+    available: bool
+    reason: str
+
+
+def _module(name: str) -> ModuleType | str:
+    """The backend's module, or the import error's text (cached either way)."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except ImportError as exc:  # e.g. triton not installed
+            _loaded[name] = f"import failed: {exc}"
+    return _loaded[name]
+
+
+def backend_status(device: torch.device | str | None = None) -> dict[str, BackendStatus]:
+    """Status of every backend on `device` (default: the current CUDA device if any, else CPU)."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    statuses = {}
+    for name in BACKENDS:
+        module = _module(name)
+        reason = module if isinstance(module, str) else module.availability(device)
+        statuses[name] = BackendStatus(name, reason is None, reason or "available")
+    return statuses
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends that run on `device`, fastest last-resort last (reference)."""
+    status = backend_status(device)
+    order = [*_GPU_PREFERENCE, "reference"]
+    return [name for name in order if status[name].available]
+
+
+def get_backend(name: str) -> ModuleType:
+    """The module implementing backend `name` (must be importable)."""
+    module = _module(name)
+    if isinstance(module, str):
+        raise ValueError(f"backend={name!r} is not available: {module}")
+    return module
+
+
+def resolve_backend(
+    name: str, x: torch.Tensor, prototypes: torch.Tensor, solver: str, normalize: str, cost: str
+) -> str:
+    """Concrete backend for this call. `auto` picks the fastest that applies, else the reference.
+
+    A backend named explicitly must apply, or a ValueError says why it does not.
+    """
+    if name == "auto":
+        candidates = _GPU_PREFERENCE if x.device.type == "cuda" else ()
+        for candidate in candidates:
+            module = _module(candidate)
+            if isinstance(module, str) or module.availability(x.device) is not None:
+                continue
+            if module.unsupported(x, prototypes, solver, normalize, cost) is None:
+                return candidate
+        return "reference"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {name!r}")
+    module = get_backend(name)
+    reason = module.availability(x.device)
+    if reason is None:
+        reason = module.unsupported(x, prototypes, solver, normalize, cost)
+    if reason is not None:
+        raise ValueError(f"backend={name!r} cannot run this call: {reason}")
+    return name

@@ -1,0 +1,217 @@
+"""`gsp_pool`: the public op, its validation, and its registration with the PyTorch dispatcher.
+
+The dispatcher sees two custom ops, ``gsp_kernels::gsp_pool`` and
+``gsp_kernels::gsp_pool_backward``, each with a fake (meta) implementation, tied together by
+``register_autograd``: ``torch.compile(fullgraph=True)`` traces through them, and
+``torch.library.opcheck`` checks them. The backend is resolved in Python before the op runs
+and passed to it by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _reference
+from ._reference_backend import compute_dtype
+from .backends import get_backend, resolve_backend
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("gsp_kernels::gsp_pool", mutates_args=())
+def _gsp_pool_op(
+    x: Tensor,
+    prototypes: Tensor,
+    transport_ratio: float,
+    gamma: float,
+    normalize: str,
+    cost: str,
+    solver: str,
+    max_iter: int,
+    tol: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x [B, N, D], prototypes [M, D] -> pooled [B, D], attr [B, M], weights [B, N], u [B]."""
+    return get_backend(backend).forward(
+        x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol
+    )
+
+
+@_gsp_pool_op.register_fake
+def _gsp_pool_fake(x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, backend):
+    batch, n, d = x.shape
+    m = prototypes.shape[0]
+    pooled = x.new_empty((batch, d))
+    attr = x.new_empty((batch, m))
+    weights = x.new_empty((batch, n))
+    u = x.new_empty((batch,), dtype=compute_dtype(x, prototypes))
+    return pooled, attr, weights, u
+
+
+@torch.library.custom_op("gsp_kernels::gsp_pool_backward", mutates_args=())
+def _gsp_pool_backward_op(
+    grad_pooled: Tensor,
+    grad_attr: Tensor,
+    grad_weights: Tensor,
+    x: Tensor,
+    prototypes: Tensor,
+    u: Tensor,
+    transport_ratio: float,
+    gamma: float,
+    normalize: str,
+    cost: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Analytic backward (SPEC.md) -> grad_x (x's layout and dtype), grad_prototypes."""
+    return get_backend(backend).backward(
+        grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost
+    )
+
+
+@_gsp_pool_backward_op.register_fake
+def _gsp_pool_backward_fake(
+    grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost, backend
+):
+    return torch.empty_like(x), torch.empty_like(prototypes, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, prototypes, transport_ratio, gamma, normalize, cost, _solver, _max_iter, _tol, backend = inputs
+    u = output[3]
+    ctx.save_for_backward(x, prototypes, u)
+    ctx.params = (transport_ratio, gamma, normalize, cost, backend)
+
+
+def _backward(ctx, grad_pooled, grad_attr, grad_weights, _grad_u):
+    x, prototypes, u = ctx.saved_tensors
+    transport_ratio, gamma, normalize, cost, backend = ctx.params
+    batch, n, d = x.shape
+    if grad_pooled is None:
+        grad_pooled = x.new_zeros((batch, d))
+    if grad_attr is None:
+        grad_attr = x.new_zeros((batch, prototypes.shape[0]))
+    if grad_weights is None:
+        grad_weights = x.new_zeros((batch, n))
+    grad_x, grad_z = _gsp_pool_backward_op(
+        grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost, backend
+    )
+    return grad_x, grad_z, None, None, None, None, None, None, None, None
+
+
+_gsp_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def _check_real(name: str, value, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
+    return value
+
+
+def _as_features(x: Tensor) -> Tensor:
+    """[B, N, D] as is, or a channels-first map [B, D, H, W] as a [B, H*W, D] view (no copy)."""
+    if x.dim() == 3:
+        return x
+    if x.dim() == 4:
+        return x.flatten(2).transpose(1, 2)
+    raise ValueError(f"x must be [B, N, D] or [B, D, H, W], got shape {tuple(x.shape)}")
+
+
+def gsp_pool(
+    x: Tensor,
+    prototypes: Tensor,
+    *,
+    transport_ratio: float = 0.3,
+    gamma: float = 5.0,
+    normalize: str = "lipschitz",
+    cost: str = "euclidean",
+    solver: str = "newton",
+    max_iter: int | None = None,
+    tol: float | None = None,
+    backend: str = "auto",
+    return_weights: bool = False,
+):
+    """Generalized Sum Pooling (SPEC.md): pool the features of each sample with OT weights.
+
+    Args:
+        x: features ``[B, N, D]``, or a channels-first map ``[B, D, H, W]`` (N = H*W, read
+            through its strides without a copy).
+        prototypes: ``[M, D]``.
+        transport_ratio: mu in (0, 1], the share of feature mass transported; 1 is GAP.
+        gamma: inverse temperature (> 0, finite) of the plan exp(-gamma * cost).
+        normalize: "lipschitz" (x / max(1, |x|)), "l2" or "none", applied for the cost only.
+        cost: "euclidean" (|ẑ - x̂|) or "sqeuclidean" (its square).
+        solver: "newton" (exact root, stops on ``tol``) or "fixed_point" (the paper's
+            iteration, exactly ``max_iter`` steps, default 100).
+        max_iter: iteration cap (newton, default 64) or count (fixed_point).
+        tol: Newton tolerance, relative; default 1e-6 (float32 compute) or 1e-13 (float64).
+        backend: "auto", "reference", "triton" or "cuda"; see ``backend_status()``.
+        return_weights: also return the pooling weights.
+
+    Returns:
+        ``(pooled [B, D], attr [B, M])``, plus ``weights`` (``[B, N]``, or ``[B, H, W]`` for a
+        4-D x) when ``return_weights``. Outputs have x's dtype; the computation runs in
+        float32 (float64 if an input is float64). Gradients flow to x and prototypes through
+        the analytic backward, each in its own tensor's dtype.
+
+    Non-finite inputs are not checked (that would cost a device sync): NaN or inf in a
+    sample's features gives NaN in that sample's outputs, and in prototypes, NaN everywhere;
+    the solve is bounded by ``max_iter``, so it never hangs.
+    """
+    _check_tensor("x", x)
+    _check_tensor("prototypes", prototypes)
+    features = _as_features(x)
+    if prototypes.dim() != 2:
+        raise ValueError(f"prototypes must be [M, D], got shape {tuple(prototypes.shape)}")
+    if prototypes.shape[1] != features.shape[2]:
+        raise ValueError(
+            f"prototypes has D={prototypes.shape[1]} but x has D={features.shape[2]} "
+            f"(x shape {tuple(x.shape)}, prototypes shape {tuple(prototypes.shape)})"
+        )
+    if x.device != prototypes.device:
+        raise ValueError(f"x is on {x.device} but prototypes is on {prototypes.device}")
+    mu = _check_real("transport_ratio", transport_ratio, positive=True)
+    if mu > 1.0:
+        raise ValueError(f"transport_ratio must be in (0, 1], got {mu}")
+    gamma = _check_real("gamma", gamma, positive=True)
+    _check_choice("normalize", normalize, _reference.NORMALIZE_MODES)
+    _check_choice("cost", cost, _reference.COST_MODES)
+    _check_choice("solver", solver, _reference.SOLVERS)
+    if max_iter is None:
+        max_iter = _reference.default_max_iter(solver)
+    elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if tol is None:
+        tol = _reference.default_tol(compute_dtype(x, prototypes))
+    else:
+        tol = _check_real("tol", tol, positive=True)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    name = resolve_backend(backend, features, prototypes, solver, normalize, cost)
+    pooled, attr, weights, _u = _gsp_pool_op(
+        features, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, name
+    )
+    if not return_weights:
+        return pooled, attr
+    if x.dim() == 4:
+        weights = weights.view(x.shape[0], x.shape[2], x.shape[3])
+    return pooled, attr, weights
