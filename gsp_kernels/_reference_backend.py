@@ -17,12 +17,12 @@ def availability(device: torch.device) -> str | None:
     return None
 
 
-def unsupported(x, prototypes, solver, normalize, cost) -> str | None:
-    """Every option is supported."""
+def unsupported(x, prototypes, solver, normalize, cost, precision) -> str | None:
+    """Every option is supported (precision is ignored: the reference is always exact)."""
     return None
 
 
-def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol):
+def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision="auto"):
     """Reference forward in the compute dtype; outputs cast back to x's dtype (u stays)."""
     dtype = compute_dtype(x, prototypes)
     pooled, attr, weights, u = _reference.gsp_forward(
@@ -31,7 +31,7 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol):
     return pooled.to(x.dtype), attr.to(x.dtype), weights.to(x.dtype), u
 
 
-def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost):
+def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision="auto"):
     """Reference backward; grad_x laid out like x, each gradient in its input's dtype."""
     dtype = u.dtype
     grad_x, grad_z = _reference.gsp_backward(

@@ -4,12 +4,13 @@ A backend is a module with four functions (the contract every kernel backend imp
 
 - ``availability(device: torch.device) -> str | None``: None if it can run on that device,
   else the reason it cannot (missing package, not built with CUDA, no GPU...).
-- ``unsupported(x, prototypes, solver, normalize, cost) -> str | None``: None if it computes
+- ``unsupported(x, prototypes, solver, normalize, cost, precision) -> str | None``: None if it computes
   this case, else why not (``auto`` then falls back to the reference).
-- ``forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol)
+- ``forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision)
   -> (pooled [B, D], attr [B, M], weights [B, N], u [B])``: pooled, attr and weights in
   x's dtype; u in the compute dtype (float32, or float64 when an input is float64).
-- ``backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost)
+- ``backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost,
+  precision)
   -> (grad_x, grad_prototypes)``: each gradient in its own input's dtype; grad_x with x's
   strides (``torch.empty_like(x)``).
 """
@@ -82,7 +83,13 @@ def get_backend(name: str) -> ModuleType:
 
 
 def resolve_backend(
-    name: str, x: torch.Tensor, prototypes: torch.Tensor, solver: str, normalize: str, cost: str
+    name: str,
+    x: torch.Tensor,
+    prototypes: torch.Tensor,
+    solver: str,
+    normalize: str,
+    cost: str,
+    precision: str = "auto",
 ) -> str:
     """Concrete backend for this call. `auto` picks the fastest that applies, else the reference.
 
@@ -94,7 +101,7 @@ def resolve_backend(
             module = _module(candidate)
             if isinstance(module, str) or module.availability(x.device) is not None:
                 continue
-            if module.unsupported(x, prototypes, solver, normalize, cost) is None:
+            if module.unsupported(x, prototypes, solver, normalize, cost, precision) is None:
                 return candidate
         return "reference"
     if name not in BACKENDS:
@@ -102,7 +109,7 @@ def resolve_backend(
     module = get_backend(name)
     reason = module.availability(x.device)
     if reason is None:
-        reason = module.unsupported(x, prototypes, solver, normalize, cost)
+        reason = module.unsupported(x, prototypes, solver, normalize, cost, precision)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run this call: {reason}")
     return name

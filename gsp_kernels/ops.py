@@ -19,6 +19,7 @@ from ._reference_backend import compute_dtype
 from .backends import get_backend, resolve_backend
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
 
 
 @torch.library.custom_op("gsp_kernels::gsp_pool", mutates_args=())
@@ -32,16 +33,17 @@ def _gsp_pool_op(
     solver: str,
     max_iter: int,
     tol: float,
+    precision: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [B, N, D], prototypes [M, D] -> pooled [B, D], attr [B, M], weights [B, N], u [B]."""
     return get_backend(backend).forward(
-        x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol
+        x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision
     )
 
 
 @_gsp_pool_op.register_fake
-def _gsp_pool_fake(x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, backend):
+def _gsp_pool_fake(x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision, backend):
     batch, n, d = x.shape
     m = prototypes.shape[0]
     pooled = x.new_empty((batch, d))
@@ -63,31 +65,32 @@ def _gsp_pool_backward_op(
     gamma: float,
     normalize: str,
     cost: str,
+    precision: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Analytic backward (SPEC.md) -> grad_x (x's layout and dtype), grad_prototypes."""
     return get_backend(backend).backward(
-        grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost
+        grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost, precision
     )
 
 
 @_gsp_pool_backward_op.register_fake
 def _gsp_pool_backward_fake(
-    grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost, backend
+    grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost, precision, backend
 ):
     return torch.empty_like(x), torch.empty_like(prototypes, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, prototypes, transport_ratio, gamma, normalize, cost, _solver, _max_iter, _tol, backend = inputs
+    x, prototypes, transport_ratio, gamma, normalize, cost, _solver, _max_iter, _tol, precision, backend = inputs
     u = output[3]
     ctx.save_for_backward(x, prototypes, u)
-    ctx.params = (transport_ratio, gamma, normalize, cost, backend)
+    ctx.params = (transport_ratio, gamma, normalize, cost, precision, backend)
 
 
 def _backward(ctx, grad_pooled, grad_attr, grad_weights, _grad_u):
     x, prototypes, u = ctx.saved_tensors
-    transport_ratio, gamma, normalize, cost, backend = ctx.params
+    transport_ratio, gamma, normalize, cost, precision, backend = ctx.params
     batch, n, d = x.shape
     if grad_pooled is None:
         grad_pooled = x.new_zeros((batch, d))
@@ -96,9 +99,9 @@ def _backward(ctx, grad_pooled, grad_attr, grad_weights, _grad_u):
     if grad_weights is None:
         grad_weights = x.new_zeros((batch, n))
     grad_x, grad_z = _gsp_pool_backward_op(
-        grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost, backend
+        grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost, precision, backend
     )
-    return grad_x, grad_z, None, None, None, None, None, None, None, None
+    return grad_x, grad_z, None, None, None, None, None, None, None, None, None
 
 
 _gsp_pool_op.register_autograd(_backward, setup_context=_setup_context)
@@ -147,6 +150,7 @@ def gsp_pool(
     solver: str = "newton",
     max_iter: int | None = None,
     tol: float | None = None,
+    precision: str = "auto",
     backend: str = "auto",
     return_weights: bool = False,
 ):
@@ -164,6 +168,9 @@ def gsp_pool(
             iteration, exactly ``max_iter`` steps, default 100).
         max_iter: iteration cap (newton, default 64) or count (fixed_point).
         tol: Newton tolerance, relative; default 1e-6 (float32 compute) or 1e-13 (float64).
+        precision: arithmetic of the kernel backends' cost products: "auto" (the backend's
+            most accurate fast choice), "ieee", "tf32" or "tf32x3". The reference always
+            computes in exact float32/float64 and ignores it.
         backend: "auto", "reference", "triton" or "cuda"; see ``backend_status()``.
         return_weights: also return the pooling weights.
 
@@ -204,11 +211,12 @@ def gsp_pool(
         tol = _reference.default_tol(compute_dtype(x, prototypes))
     else:
         tol = _check_real("tol", tol, positive=True)
+    _check_choice("precision", precision, PRECISIONS)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    name = resolve_backend(backend, features, prototypes, solver, normalize, cost)
+    name = resolve_backend(backend, features, prototypes, solver, normalize, cost, precision)
     pooled, attr, weights, _u = _gsp_pool_op(
-        features, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, name
+        features, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision, name
     )
     if not return_weights:
         return pooled, attr
