@@ -79,9 +79,10 @@ def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
     """Root u of Σ_i σ(u + ℓ_i) = μN per sample, bracketed Newton. ell [B, N] -> u [B].
 
     Each iteration takes the Newton step, or bisects the bracket when that step leaves it
-    or is not finite. A sample stops when the residual or the step falls under tol
-    (relative), or when its bracket collapses; all stop at max_iter. Non-finite ℓ gives a
-    NaN u after at most max_iter iterations, never a hang.
+    or is not finite. The solve stops once every sample has converged: its residual or its
+    step under tol (relative), or its bracket collapsed; at the latest after max_iter
+    iterations. Samples that converged early keep taking (vanishing) Newton steps, which
+    saves the launches of per-sample masking. Non-finite ℓ gives a NaN u, never a hang.
     """
     n = ell.shape[-1]
     target = mu * n
@@ -91,28 +92,27 @@ def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
     lo = logit_mu - ell.amax(-1)  # [B]: every σ_i <= μ here
     hi = logit_mu - ell.amin(-1)  # [B]: every σ_i >= μ here
     u = torch.minimum(torch.maximum(logit_mu - ell.mean(-1), lo), hi)
-    active = torch.ones_like(u, dtype=torch.bool)
-    check_every = 1 if u.device.type == "cpu" else 4  # fewer host syncs on accelerators
+    check_every = 1 if u.device.type == "cpu" else 3  # fewer host syncs on accelerators
     compiling = torch.compiler.is_compiling()
     for it in range(max_iter):
-        s = torch.sigmoid(u.unsqueeze(-1) + ell)  # [B, N]
-        residual = s.sum(-1) - target
-        slope = (s * (1.0 - s)).sum(-1)
-        hi = torch.where(residual > 0, u, hi)
-        lo = torch.where(residual < 0, u, lo)
+        s = torch.sigmoid(ell + u.unsqueeze(-1))  # [B, N]
+        mass = s.sum(-1)
+        residual = mass - target  # [B]
+        slope = mass - (s * s).sum(-1)  # Σ σ(1 − σ)
+        above = residual > 0
+        hi = torch.where(above, u, hi)
+        lo = torch.where(above, lo, u)
         u_newton = u - residual / slope
-        inside = (u_newton >= lo) & (u_newton <= hi)  # False for NaN/inf steps too
+        # inside the bracket <=> (u_newton − lo)(hi − u_newton) >= 0; False for NaN steps
+        inside = (u_newton - lo) * (hi - u_newton) >= 0
         u_next = torch.where(inside, u_newton, 0.5 * (lo + hi))
-        scale = u.abs().clamp_min(1.0)
-        done = (
-            (residual.abs() <= tol * target)
-            | ((u_next - u).abs() <= tol * scale)
-            | ((hi - lo) <= tol * scale)
-            | ~torch.isfinite(residual)
-        )
-        u = torch.where(active, u_next, u)
-        active = active & ~done
-        if not compiling and (it + 1) % check_every == 0 and not bool(active.any()):
+        step = (u_next - u).abs()
+        u = u_next
+        if compiling or (it + 1) % check_every != 0:
+            continue
+        scale = tol * u.abs().clamp_min(1.0)
+        done = (residual.abs() <= tol * target) | (step <= scale) | (hi - lo <= scale)
+        if bool((done | ~torch.isfinite(residual)).all()):
             break
     return u
 

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build, sanitize, test, check and benchmark; logs and JSON go
+# to OUTDIR (at most 8 files, so the device tool can bring them all back); a short table is
+# printed last. Budget: well under 8 minutes on one H200.
+#   usage: bench/device_check.sh OUTDIR [--quick]
+set -uo pipefail
+out=${1:?usage: bench/device_check.sh OUTDIR [--quick]}
+quick=${2:-}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+export GSP_CUDA_ARCHS=${GSP_CUDA_ARCHS:-90-real;90-virtual}
+py=${PYTHON:-python3}
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+status=()
+record() { status+=("$(printf '%-22s %s' "$1" "$2")"); }
+run_step() {  # run_step NAME LOG TIMEOUT CMD...: append to LOG, record pass/fail
+  local name=$1 log=$2 limit=$3; shift 3
+  stamp "$name" | tee -a "$log"
+  if timeout "$limit" "$@" >>"$log" 2>&1; then record "$name" ok; else record "$name" "FAIL (rc=$?)"; fi
+}
+
+env_log=$out/env_build.log
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  nvcc --version | tail -2
+  $py -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('gpu', torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+} >"$env_log" 2>&1
+run_step build "$env_log" 300 $py -m pip install --no-build-isolation --no-deps -e .
+run_step info "$env_log" 60 $py -m gsp_kernels info
+
+san_log=$out/sanitizer.log
+if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
+  run_step memcheck "$san_log" 120 compute-sanitizer --tool memcheck --error-exitcode 3 $py bench/sanitizer_case.py
+  run_step racecheck "$san_log" 120 compute-sanitizer --tool racecheck --error-exitcode 3 $py bench/sanitizer_case.py
+fi
+
+test_log=$out/tests.log
+run_step "pytest -m gpu" "$test_log" 240 $py -m pytest python_tests -m gpu -q -rfE --timeout 120 -p no:cacheprovider
+
+check_log=$out/check.log
+run_step check "$check_log" 120 $py -m gsp_kernels check --json "$out/check.json"
+
+bench_log=$out/bench.log
+bench_args=(--json "$out/bench.json")
+[ "$quick" = "--quick" ] && bench_args+=(--quick)
+run_step bench "$bench_log" 240 $py -m gsp_kernels bench "${bench_args[@]}"
+if [ "$quick" != "--quick" ]; then
+  run_step training-step "$bench_log" 150 $py -m gsp_kernels.training.bench_step --json "$out/train_step.json"
+fi
+
+stamp "done"
+echo "== tail of the benchmark table =="
+tail -n 40 "$bench_log"
+echo "== failures in tests (if any) =="
+grep -E "^(FAILED|ERROR)|passed|failed" "$test_log" | tail -n 25
+echo "== steps =="
+printf '%s\n' "${status[@]}"
