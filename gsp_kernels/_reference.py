@@ -14,12 +14,14 @@ import math
 import torch
 from torch import Tensor
 
-# Squared costs below COST_SNAP * (|x̂|² + |ẑ|²) are set to exactly 0. The GEMM-shaped
+# Squared costs at or below snap * (|x̂|² + |ẑ|²) are set to exactly 0. The GEMM-shaped
 # expansion |x̂|² + |ẑ|² − 2 x̂·ẑ cancels catastrophically for a feature equal to a
-# prototype (float32 leaves ~1e-7 relative noise, whose square root would be a spurious
-# distance of ~3e-4); snapping makes an exact match cost exactly 0 in every backend and
-# dtype. Every backend uses this constant, so they compute the same function.
+# prototype (float32 leaves ~5e-7 relative noise, whose square root would be a spurious
+# distance of ~7e-4); snapping makes an exact match cost exactly 0 in every backend. The
+# radius follows the compute dtype: float32 (every kernel backend) cannot resolve a
+# distance below ~3e-3·|x̂| through the expansion anyway; float64 resolves ~5e-7·|x̂|.
 COST_SNAP = 4e-6
+COST_SNAP_FLOAT64 = 1e-13
 # l2 normalization divides by max(|x|, L2_EPS).
 L2_EPS = 1e-12
 
@@ -62,12 +64,18 @@ def normalize_rows_backward(grad_vh: Tensor, vh: Tensor, divisor: Tensor, mode: 
     return torch.where(projects, grad_vh - radial, grad_vh) / divisor
 
 
+def cost_snap(dtype: torch.dtype) -> float:
+    """Relative snap radius (squared) for costs computed in `dtype`."""
+    return COST_SNAP_FLOAT64 if dtype == torch.float64 else COST_SNAP
+
+
 def squared_costs(xh: Tensor, zh: Tensor) -> Tensor:
     """Snapped squared distances ‖x̂_i − ẑ_k‖² via one GEMM: [B, N, D], [M, D] -> [B, N, M]."""
     xx = (xh * xh).sum(-1, keepdim=True)  # [B, N, 1]
     zz = (zh * zh).sum(-1)  # [M]
     sq = xx + zz - 2.0 * torch.matmul(xh, zh.t())  # [B, N, M]
-    return torch.where(sq > COST_SNAP * (xx + zz), sq, torch.zeros_like(sq))
+    snapped = sq <= cost_snap(sq.dtype) * (xx + zz)
+    return torch.where(snapped, torch.zeros_like(sq), sq)  # NaN stays NaN
 
 
 def costs_from_squared(sq: Tensor, cost: str) -> Tensor:
@@ -81,8 +89,9 @@ def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
     Each iteration takes the Newton step, or bisects the bracket when that step leaves it
     or is not finite. The solve stops once every sample has converged: its residual or its
     step under tol (relative), or its bracket collapsed; at the latest after max_iter
-    iterations. Samples that converged early keep taking (vanishing) Newton steps, which
-    saves the launches of per-sample masking. Non-finite ℓ gives a NaN u, never a hang.
+    iterations. A sample is frozen at the first convergence check it passes (every
+    iteration on the CPU, every third on accelerators, to save host syncs), so its result
+    does not depend on the rest of the batch. Non-finite ℓ gives a NaN u, never a hang.
     """
     n = ell.shape[-1]
     target = mu * n
@@ -92,6 +101,7 @@ def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
     lo = logit_mu - ell.amax(-1)  # [B]: every σ_i <= μ here
     hi = logit_mu - ell.amin(-1)  # [B]: every σ_i >= μ here
     u = torch.minimum(torch.maximum(logit_mu - ell.mean(-1), lo), hi)
+    active = torch.ones_like(u, dtype=torch.bool)  # [B]: not yet converged
     check_every = 1 if u.device.type == "cpu" else 3  # fewer host syncs on accelerators
     compiling = torch.compiler.is_compiling()
     for it in range(max_iter):
@@ -107,12 +117,13 @@ def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
         inside = (u_newton - lo) * (hi - u_newton) >= 0
         u_next = torch.where(inside, u_newton, 0.5 * (lo + hi))
         step = (u_next - u).abs()
-        u = u_next
+        u = torch.where(active, u_next, u)
         if compiling or (it + 1) % check_every != 0:
             continue
         scale = tol * u.abs().clamp_min(1.0)
         done = (residual.abs() <= tol * target) | (step <= scale) | (hi - lo <= scale)
-        if bool((done | ~torch.isfinite(residual)).all()):
+        active = active & ~(done | ~torch.isfinite(residual))
+        if not bool(active.any()):
             break
     return u
 

@@ -1,0 +1,357 @@
+"""The public op: dispatcher registration, torch.compile, dtypes, autocast, validation, NaN policy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from oracles import paper_gsp, random_inputs
+
+import gsp_kernels
+from gsp_kernels import backend_status, gsp_pool
+from gsp_kernels.ops import _gsp_pool_backward_op, _gsp_pool_op
+
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+# Op arguments after (x, prototypes): mu, gamma, normalize, cost, solver, max_iter, tol, precision, backend
+OP_PARAMS = (0.3, 5.0, "lipschitz", "euclidean", "newton", 64, 1e-6, "auto", "reference")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (inf when out has a non-finite value)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return math.inf
+    assert ref64.norm() > 0, "never compare against an all-zero reference"
+    return ((out64 - ref64).norm() / ref64.norm()).item()
+
+
+def channels_first(features: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, N, D] -> a contiguous [B, D, H, W] map with N = H*W."""
+    batch, _, d = features.shape
+    return features.transpose(1, 2).reshape(batch, d, h, w).contiguous()
+
+
+def op_inputs(layout: str, dtype: torch.dtype, requires_grad: bool):
+    """(features [B, N, D], prototypes [M, D]) for the raw op; `nchw` is a strided view of a map."""
+    features, prototypes = random_inputs(2, 12, 5, 7, seed=20)
+    if layout == "nchw":
+        features = channels_first(features, 3, 4).flatten(2).transpose(1, 2)  # strided view of a map
+        assert not features.is_contiguous()
+    features = features.to(dtype).detach().requires_grad_(requires_grad)  # .to keeps the strides
+    return features, prototypes.to(dtype).requires_grad_(requires_grad)
+
+
+# ---------------------------------------------------------------- dispatcher registration
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "nchw"])
+def test_opcheck_forward(layout, dtype):
+    features, prototypes = op_inputs(layout, dtype, requires_grad=True)
+    torch.library.opcheck(_gsp_pool_op, (features, prototypes, *OP_PARAMS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "nchw"])
+def test_opcheck_backward(layout, dtype):
+    features, prototypes = op_inputs(layout, dtype, requires_grad=False)
+    pooled, attr, weights, u = _gsp_pool_op(features, prototypes, *OP_PARAMS)
+    generator = torch.Generator().manual_seed(21)
+    grads = [torch.randn(t.shape, generator=generator, dtype=dtype) for t in (pooled, attr, weights)]
+    mu, gamma, normalize, cost, _solver, _max_iter, _tol, precision, backend = OP_PARAMS
+    args = (*grads, features, prototypes, u, mu, gamma, normalize, cost, precision, backend)
+    torch.library.opcheck(_gsp_pool_backward_op, args)
+    grad_x, _ = _gsp_pool_backward_op(*args)
+    assert grad_x.stride() == features.stride()
+
+
+def test_channels_first_map_is_read_without_copy(monkeypatch):
+    """The backend receives the [B, H*W, D] view of the map's own storage."""
+    features, prototypes = random_inputs(2, 12, 5, 7, seed=22)
+    x = channels_first(features, 3, 4)  # [B, D, H, W]
+    seen = {}
+    reference = gsp_kernels.backends.get_backend("reference")
+    original_forward = reference.forward
+
+    def spying_forward(features_view, *args):
+        seen["ptr"], seen["stride"] = features_view.data_ptr(), features_view.stride()
+        return original_forward(features_view, *args)
+
+    monkeypatch.setattr(reference, "forward", spying_forward)
+    _, _, weights = gsp_pool(x, prototypes, backend="reference", return_weights=True)
+    assert seen["ptr"] == x.data_ptr()
+    assert seen["stride"] == (7 * 12, 1, 12)
+    assert weights.shape == (2, 3, 4)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+class GSPHead(torch.nn.Module):
+    """A small model: projection, GSP over the map's positions, a linear read-out."""
+
+    def __init__(self, channels: int, prototypes: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(23)
+        self.project = torch.nn.Conv2d(3, channels, kernel_size=1)
+        self.prototypes = torch.nn.Parameter(torch.randn(prototypes, channels, generator=generator))
+        self.readout = torch.nn.Linear(channels + prototypes, 4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.project(images)  # [B, C, H, W]
+        pooled, attr = gsp_pool(features, self.prototypes, transport_ratio=0.4, gamma=5.0)
+        return self.readout(torch.cat([pooled, attr], dim=1))  # [B, 4]
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = GSPHead(channels=6, prototypes=5)
+    images = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(24))
+    compiled = torch.compile(model, fullgraph=True)
+
+    def run(module):
+        module.zero_grad()
+        images_leaf = images.clone().requires_grad_()
+        out = module(images_leaf)
+        out.square().sum().backward()
+        return out, images_leaf.grad, [p.grad.clone() for p in module.parameters()]
+
+    eager_out, eager_gx, eager_gp = run(model)
+    compiled_out, compiled_gx, compiled_gp = run(compiled)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_gx, eager_gx, rtol=1e-5, atol=1e-6)
+    for compiled_grad, eager_grad in zip(compiled_gp, eager_gp):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-6)
+    assert model.prototypes.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- dtypes and autocast
+
+# (x dtype, prototype dtype, tolerance on outputs and gradients vs float64)
+DTYPE_CASES = [
+    (torch.float64, torch.float64, 1e-9),
+    (torch.float32, torch.float32, 1e-5),
+    (torch.bfloat16, torch.bfloat16, 2e-2),
+    (torch.float16, torch.float16, 2e-2),
+    (torch.bfloat16, torch.float32, 2e-2),  # as under autocast: a bf16 map, fp32 prototypes
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize(("x_dtype", "z_dtype", "tol"), DTYPE_CASES)
+def test_dtypes(x_dtype, z_dtype, tol, device):
+    """Outputs in x's dtype, each gradient in its input's dtype, close to the float64 oracle."""
+    features, prototypes = random_inputs(2, 9, 6, 10, seed=25)
+    x = features.to(x_dtype).to(device).requires_grad_()
+    z = prototypes.to(z_dtype).to(device).requires_grad_()
+    outputs = gsp_pool(x, z, transport_ratio=0.3, gamma=5.0, backend="reference", return_weights=True)
+    assert all(out.dtype == x_dtype for out in outputs)
+    generator = torch.Generator().manual_seed(26)
+    cotangents = [torch.randn(out.shape, generator=generator, dtype=torch.float64) for out in outputs]
+    loss = sum((out.double() * cot.to(device)).sum() for out, cot in zip(outputs, cotangents))
+    grad_x, grad_z = torch.autograd.grad(loss, (x, z))
+    assert grad_x.dtype == x_dtype and grad_z.dtype == z_dtype
+
+    # The oracle sees the same (rounded) input values in float64.
+    x64 = x.detach().cpu().double().requires_grad_()
+    z64 = z.detach().cpu().double().requires_grad_()
+    oracle = paper_gsp(x64, z64, 0.3, 5.0)
+    oracle_outputs = (oracle.pooled, oracle.attr, oracle.weights)
+    oracle_loss = sum((out * cot).sum() for out, cot in zip(oracle_outputs, cotangents))
+    oracle_gx, oracle_gz = torch.autograd.grad(oracle_loss, (x64, z64))
+    for name, out, ref in [
+        *zip(("pooled", "attr", "weights"), outputs, oracle_outputs),
+        ("grad x", grad_x, oracle_gx),
+        ("grad prototypes", grad_z, oracle_gz),
+    ]:
+        assert rel_error(out, ref) <= tol, f"{name}: {rel_error(out, ref):.2e} > {tol}"
+
+
+def test_autocast_bfloat16():
+    """Under CPU autocast a bf16 feature map meets fp32 prototypes; outputs bf16, fp32 prototype grads."""
+    model = GSPHead(channels=8, prototypes=5)
+    images = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(27))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.project(images)  # [B, C, H, W] in bf16
+        assert features.dtype == torch.bfloat16
+        pooled, attr = gsp_pool(features, model.prototypes, transport_ratio=0.4, gamma=5.0)
+    assert pooled.dtype == attr.dtype == torch.bfloat16
+    (pooled.float().square().sum() + attr.float()[:, 0].sum()).backward()
+    assert model.prototypes.grad.dtype == torch.float32
+    assert torch.isfinite(model.prototypes.grad).all() and torch.isfinite(model.project.weight.grad).all()
+
+    feature_rows = features.detach().double().flatten(2).transpose(1, 2)  # [B, H*W, C]
+    z64 = model.prototypes.detach().double().requires_grad_()
+    oracle = paper_gsp(feature_rows, z64, 0.4, 5.0)
+    assert rel_error(pooled, oracle.pooled) <= 2e-2
+    assert rel_error(attr, oracle.attr) <= 2e-2
+    (oracle.pooled.square().sum() + oracle.attr[:, 0].sum()).backward()
+    assert rel_error(model.prototypes.grad, z64.grad) <= 2e-2
+
+
+# ---------------------------------------------------------------- input validation
+
+
+def _valid_inputs():
+    features, prototypes = random_inputs(2, 5, 3, 4, seed=28)
+    return features.float(), prototypes.float()
+
+
+BAD_TENSORS = [
+    ("x 2-D", lambda x, z: (x[0], z), ValueError, "x must be"),
+    ("x 5-D", lambda x, z: (x[..., None, None], z), ValueError, "x must be"),
+    ("prototypes 3-D", lambda x, z: (x, z[None]), ValueError, "prototypes must be"),
+    ("mismatched D", lambda x, z: (x, z[:, :3]), ValueError, "prototypes has D=3 but x has D=4"),
+    ("empty N", lambda x, z: (x[:, :0], z), ValueError, "x must not be empty"),
+    ("empty B", lambda x, z: (x[:0], z), ValueError, "x must not be empty"),
+    ("empty M", lambda x, z: (x, z[:0]), ValueError, "prototypes must not be empty"),
+    ("integer x", lambda x, z: (x.long(), z), TypeError, "x must be float"),
+    ("integer prototypes", lambda x, z: (x, z.int()), TypeError, "prototypes must be float"),
+    ("bool x", lambda x, z: (x > 0, z), TypeError, "x must be float"),
+    ("x a list", lambda x, z: (x.tolist(), z), TypeError, "x must be a torch.Tensor"),
+    ("prototypes None", lambda x, z: (x, None), TypeError, "prototypes must be a torch.Tensor"),
+    ("prototypes on meta", lambda x, z: (x, z.to("meta")), ValueError, "prototypes is on meta"),
+]
+
+
+@pytest.mark.parametrize(("make", "error", "message"), [case[1:] for case in BAD_TENSORS], ids=[c[0] for c in BAD_TENSORS])
+def test_bad_tensors(make, error, message):
+    x, z = make(*_valid_inputs())
+    with pytest.raises(error, match=message):
+        gsp_pool(x, z)
+
+
+BAD_OPTIONS = [
+    ("transport_ratio", 0.0, ValueError),
+    ("transport_ratio", 1.5, ValueError),
+    ("transport_ratio", -0.2, ValueError),
+    ("transport_ratio", math.nan, ValueError),
+    ("transport_ratio", "0.3", TypeError),
+    ("gamma", 0.0, ValueError),
+    ("gamma", -1.0, ValueError),
+    ("gamma", math.inf, ValueError),
+    ("gamma", math.nan, ValueError),
+    ("gamma", True, TypeError),
+    ("normalize", "L2", ValueError),
+    ("normalize", None, ValueError),
+    ("cost", "cosine", ValueError),
+    ("solver", "sinkhorn", ValueError),
+    ("precision", "fp8", ValueError),
+    ("backend", "tpu", ValueError),
+    ("backend", 3, TypeError),
+    ("max_iter", 0, ValueError),
+    ("max_iter", 2.5, ValueError),
+    ("tol", -1.0, ValueError),
+    ("tol", 0.0, ValueError),
+    ("tol", math.nan, ValueError),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "error"), BAD_OPTIONS, ids=[f"{n}={v!r}" for n, v, _ in BAD_OPTIONS])
+def test_bad_options(name, value, error):
+    x, z = _valid_inputs()
+    with pytest.raises(error, match=name):
+        gsp_pool(x, z, **{name: value})
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_unavailable_backend_by_name_says_why(backend):
+    x, z = _valid_inputs()
+    status = backend_status(x.device)[backend]
+    if status.available:
+        pytest.skip(f"{backend} runs on this machine")
+    with pytest.raises(ValueError, match=backend) as info:
+        gsp_pool(x, z, backend=backend)
+    assert status.reason in str(info.value)
+
+
+@pytest.mark.gpu
+def test_tensors_on_different_devices():
+    x, z = _valid_inputs()
+    with pytest.raises(ValueError, match="x is on cuda"):
+        gsp_pool(x.cuda(), z)
+    with pytest.raises(ValueError, match="prototypes is on cuda"):
+        gsp_pool(x, z.cuda())
+
+
+# ---------------------------------------------------------------- NaN / inf policy and extremes
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("normalize", ["lipschitz", "none"])
+@pytest.mark.parametrize("solver", ["newton", "fixed_point"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_feature_poisons_only_its_sample(bad, solver, normalize, device):
+    features, prototypes = random_inputs(3, 7, 5, 4, seed=29)
+    x, z = features.float().to(device), prototypes.float().to(device)
+    options = dict(normalize=normalize, solver=solver, backend="reference", return_weights=True)
+    clean = gsp_pool(x, z, **options)
+    x_bad = x.clone()
+    x_bad[1, 2, 0] = bad
+    poisoned = gsp_pool(x_bad, z, **options)
+    assert not torch.isfinite(poisoned[0][1]).all(), "pooled of the bad sample must not be finite"
+    # Each sample is frozen once it converges, so the other samples are bitwise unchanged.
+    for out_bad, out_clean in zip(poisoned, clean):
+        torch.testing.assert_close(out_bad[[0, 2]], out_clean[[0, 2]], rtol=0, atol=0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("solver", ["newton", "fixed_point"])
+def test_nan_prototype_poisons_everything(solver, device):
+    features, prototypes = random_inputs(3, 7, 5, 4, seed=30)
+    z = prototypes.float().to(device)
+    z[3, 1] = math.nan
+    outputs = gsp_pool(features.float().to(device), z, solver=solver, backend="reference", return_weights=True)
+    for out in outputs:
+        assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("normalize", ["lipschitz", "l2", "none"])
+def test_huge_gamma_float32_is_finite(normalize, device):
+    """gamma=1000: exp(-gamma c) underflows float32, the log-domain solve does not."""
+    features, prototypes = random_inputs(2, 11, 6, 5, seed=31)
+    x = features.float().to(device).requires_grad_()
+    z = prototypes.float().to(device).requires_grad_()
+    pooled, attr, weights = gsp_pool(
+        x, z, transport_ratio=0.3, gamma=1000.0, normalize=normalize, backend="reference", return_weights=True
+    )
+    for out in (pooled, attr, weights):
+        assert torch.isfinite(out).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, device=device), rtol=0, atol=1e-5)
+    (pooled.square().sum() + attr[:, 0].sum() + weights[:, -1].sum()).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(z.grad).all()
+    assert z.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("solver", ["newton", "fixed_point"])
+def test_transport_ratio_one_is_mean_pooling(dtype, solver, device):
+    features, prototypes = random_inputs(2, 9, 4, 6, seed=32)
+    x = features.to(dtype).to(device).requires_grad_()
+    z = prototypes.to(dtype).to(device).requires_grad_()
+    pooled, attr, weights = gsp_pool(
+        x, z, transport_ratio=1.0, gamma=5.0, solver=solver, backend="reference", return_weights=True
+    )
+    assert torch.equal(weights, torch.full_like(weights, 1.0 / 9))
+    tight = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(pooled, x.detach().mean(1), rtol=tight, atol=tight)
+    generator = torch.Generator().manual_seed(33)
+    grad_pooled = torch.randn(2, 6, generator=generator, dtype=dtype).to(device)
+    grad_attr = torch.randn(2, 4, generator=generator, dtype=dtype).to(device)
+    grad_x, grad_z = torch.autograd.grad((pooled * grad_pooled).sum() + (attr * grad_attr).sum(), (x, z))
+    assert torch.isfinite(grad_x).all() and torch.isfinite(grad_z).all()
+
+    x64 = x.detach().cpu().double().requires_grad_()
+    z64 = z.detach().cpu().double().requires_grad_()
+    oracle = paper_gsp(x64, z64, 1.0, 5.0)  # closed-form mean pooling
+    loss = (oracle.pooled * grad_pooled.cpu().double()).sum() + (oracle.attr * grad_attr.cpu().double()).sum()
+    oracle_gx, oracle_gz = torch.autograd.grad(loss, (x64, z64))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_error(attr, oracle.attr) <= tol
+    assert rel_error(grad_x, oracle_gx) <= tol
+    assert rel_error(grad_z, oracle_gz) <= tol
