@@ -113,3 +113,9 @@ def resolve_backend(
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run this call: {reason}")
     return name
+
+
+# Import every backend now, not on first use: an import while torch.compile traces a call
+# would break the graph.
+for _name in BACKENDS:
+    _module(_name)

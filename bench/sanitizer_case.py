@@ -1,0 +1,62 @@
+"""A tiny forward + backward through the cuda backend, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck  python bench/sanitizer_case.py
+    compute-sanitizer --tool racecheck python bench/sanitizer_case.py
+
+Covers a contiguous [B, N, D] input (B=2, N=7, D=33, M=5), a channels-first map read through
+its strides, every dtype, mu = 1, and both cost options. Checks the outputs against the float64
+reference loosely (the sanitizer's job is memory and races) and prints SANITIZER_CASE_OK.
+"""
+
+import torch
+
+from gsp_kernels import backend_status, gsp_pool
+
+
+def run_case(x, prototypes, **options):
+    """Forward + backward on the cuda backend; returns the outputs and both gradients."""
+    xg = x.detach().clone().requires_grad_()
+    zg = prototypes.detach().clone().requires_grad_()
+    pooled, attr, weights = gsp_pool(xg, zg, backend="cuda", return_weights=True, **options)
+    loss = pooled.float().square().sum() + attr.float().sum() + weights.float().square().sum()
+    loss.backward()
+    torch.cuda.synchronize()
+    return pooled, attr, weights, xg.grad, zg.grad
+
+
+def check_close(x, prototypes, got, mu, **options):
+    """Outputs against the float64 reference (the same loss, through autograd of gsp_pool)."""
+    ref = run_reference(x, prototypes, mu, **options)
+    for name, g, r in zip(("pooled", "attr", "weights", "grad_x", "grad_z"), got, ref):
+        err = (g.double().reshape(r.shape) - r).norm() / r.norm().clamp_min(1e-30)
+        assert err < 3e-2, f"{name}: rel err {err.item():.2e}"
+
+
+def run_reference(x, prototypes, mu, **options):
+    x64 = x.detach().double().requires_grad_()
+    z64 = prototypes.detach().double().requires_grad_()
+    pooled, attr, weights = gsp_pool(x64, z64, transport_ratio=mu, backend="reference", return_weights=True, **options)
+    (pooled.square().sum() + attr.sum() + weights.square().sum()).backward()
+    return pooled, attr, weights, x64.grad, z64.grad
+
+
+def main():
+    status = backend_status("cuda")["cuda"]
+    assert status.available, f"cuda backend unavailable: {status.reason}"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(2, 7, 33, device="cuda", generator=gen).to(dtype)
+        z = torch.randn(5, 33, device="cuda", generator=gen).to(dtype)
+        x[0, 3] = z[2]  # an exact feature/prototype match
+        for mu, cost in ((0.3, "euclidean"), (1.0, "sqeuclidean")):
+            got = run_case(x, z, transport_ratio=mu, cost=cost)
+            check_close(x, z, got, mu, cost=cost)
+        x_map = torch.randn(2, 33, 3, 5, device="cuda", generator=gen).to(dtype)  # NCHW, N = 15
+        got = run_case(x_map, z, transport_ratio=0.5, normalize="l2")
+        assert got[3].stride() == x_map.stride()
+        check_close(x_map, z, got, 0.5, normalize="l2")
+    print("SANITIZER_CASE_OK")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+// Scalar GSP math shared by the CUDA kernels and the host (SPEC.md, _reference.solve_newton).
+// Includable from plain C++ (GSP_NO_CUDA builds) and from nvcc: only the qualifiers differ.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+
+#ifdef __CUDACC__
+#define GSP_HD __host__ __device__ __forceinline__
+#else
+#define GSP_HD inline
+#endif
+
+namespace gsp {
+
+// Same constants as gsp_kernels/_reference.py.
+constexpr float kCostSnap = 4e-6f;
+constexpr float kL2Eps = 1e-12f;
+
+enum Normalize : int { kLipschitz = 0, kL2 = 1, kNone = 2 };
+enum Cost : int { kEuclidean = 0, kSqEuclidean = 1 };
+
+// False for NaN and ±inf, in host and device code alike.
+GSP_HD bool is_finite(float v) { return fabsf(v) <= FLT_MAX; }
+
+// Min and max that propagate NaN (like torch.amin / amax), unlike fminf / fmaxf.
+GSP_HD float nan_min(float a, float b) { return (a < b || a != a) ? a : b; }
+GSP_HD float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+GSP_HD float sigmoid(float t) { return 1.0f / (1.0f + expf(-t)); }
+
+// Row divisor of the cost normalization from the row's squared norm.
+GSP_HD float norm_divisor(float squared_norm, int normalize) {
+  const float norm = sqrtf(squared_norm);
+  if (normalize == kLipschitz) return fmaxf(norm, 1.0f);
+  if (normalize == kL2) return fmaxf(norm, kL2Eps);
+  return 1.0f;
+}
+
+// Whether the normalization backward projects out the radial part for this divisor.
+GSP_HD bool norm_projects(float divisor, int normalize) {
+  if (normalize == kLipschitz) return divisor > 1.0f;
+  if (normalize == kL2) return divisor > kL2Eps;
+  return false;
+}
+
+// Cost from the normalized squared norms and the normalized dot product, snapped to 0 like
+// _reference.squared_costs (an exact feature/prototype match costs exactly 0).
+GSP_HD float cost_from_dot(float xx_hat, float zz_hat, float dot_hat, int cost) {
+  const float norms = xx_hat + zz_hat;
+  float sq = norms - 2.0f * dot_hat;
+  sq = sq > kCostSnap * norms ? sq : 0.0f;
+  return cost == kEuclidean ? sqrtf(sq) : sq;
+}
+
+// Bracketed Newton state for Σ_i σ(u + ℓ_i) = μN (one sample).
+struct NewtonState {
+  float u;
+  float lo;
+  float hi;
+};
+
+// Start: bracket [logit μ − max ℓ, logit μ − min ℓ], u₀ = logit μ − mean ℓ clamped into it.
+GSP_HD NewtonState newton_start(float logit_mu, float ell_min, float ell_max, float ell_mean) {
+  NewtonState s;
+  s.lo = logit_mu - ell_max;
+  s.hi = logit_mu - ell_min;
+  s.u = nan_min(nan_max(logit_mu - ell_mean, s.lo), s.hi);
+  return s;
+}
+
+// One iteration from residual = Σσ − μN and slope = Σσ(1 − σ) at s.u. Moves s.u to the
+// Newton step, or to the bracket midpoint when the step leaves the bracket or is not finite.
+// Returns true when the sample has converged (the caller stops; s.u already holds the final u).
+// tol_target = tol·μN; tol is the relative tolerance on the step and the bracket.
+GSP_HD bool newton_iterate(NewtonState& s, float residual, float slope, float tol_target, float tol) {
+  if (residual > 0.0f) s.hi = s.u;
+  if (residual < 0.0f) s.lo = s.u;
+  const float u_newton = s.u - residual / slope;
+  const bool inside = u_newton >= s.lo && u_newton <= s.hi;  // false for NaN steps
+  const float u_next = inside ? u_newton : 0.5f * (s.lo + s.hi);
+  const float scale = fmaxf(fabsf(s.u), 1.0f);
+  const bool done = fabsf(residual) <= tol_target || fabsf(u_next - s.u) <= tol * scale ||
+                    (s.hi - s.lo) <= tol * scale || !is_finite(residual);
+  s.u = u_next;
+  return done;
+}
+
+}  // namespace gsp
