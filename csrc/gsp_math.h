@@ -49,7 +49,7 @@ GSP_HD bool norm_projects(float divisor, int normalize) {
 GSP_HD float cost_from_dot(float xx_hat, float zz_hat, float dot_hat, int cost) {
   const float norms = xx_hat + zz_hat;
   float sq = norms - 2.0f * dot_hat;
-  sq = sq > kCostSnap * norms ? sq : 0.0f;
+  sq = sq <= kCostSnap * norms ? 0.0f : sq;  // NaN stays NaN
   return cost == kEuclidean ? sqrtf(sq) : sq;
 }
 
@@ -74,14 +74,16 @@ GSP_HD NewtonState newton_start(float logit_mu, float ell_min, float ell_max, fl
 // Returns true when the sample has converged (the caller stops; s.u already holds the final u).
 // tol_target = tol·μN; tol is the relative tolerance on the step and the bracket.
 GSP_HD bool newton_iterate(NewtonState& s, float residual, float slope, float tol_target, float tol) {
+  // A small (or non-finite) residual stops here, before any step: on a plateau of Σσ the
+  // slope can vanish, and a bisection from an exact root would leave it.
+  if (fabsf(residual) <= tol_target || !is_finite(residual)) return true;
   if (residual > 0.0f) s.hi = s.u;
   if (residual < 0.0f) s.lo = s.u;
   const float u_newton = s.u - residual / slope;
   const bool inside = u_newton >= s.lo && u_newton <= s.hi;  // false for NaN steps
   const float u_next = inside ? u_newton : 0.5f * (s.lo + s.hi);
   const float scale = fmaxf(fabsf(s.u), 1.0f);
-  const bool done = fabsf(residual) <= tol_target || fabsf(u_next - s.u) <= tol * scale ||
-                    (s.hi - s.lo) <= tol * scale || !is_finite(residual);
+  const bool done = fabsf(u_next - s.u) <= tol * scale || (s.hi - s.lo) <= tol * scale;
   s.u = u_next;
   return done;
 }

@@ -108,6 +108,9 @@ def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
         s = torch.sigmoid(ell + u.unsqueeze(-1))  # [B, N]
         mass = s.sum(-1)
         residual = mass - target  # [B]
+        checking = not compiling and (it + 1) % check_every == 0
+        if checking:  # a small residual freezes u where it is, before any step
+            active = active & (residual.abs() > tol * target) & torch.isfinite(residual)
         slope = mass - (s * s).sum(-1)  # Σ σ(1 − σ)
         above = residual > 0
         hi = torch.where(above, u, hi)
@@ -118,13 +121,11 @@ def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
         u_next = torch.where(inside, u_newton, 0.5 * (lo + hi))
         step = (u_next - u).abs()
         u = torch.where(active, u_next, u)
-        if compiling or (it + 1) % check_every != 0:
-            continue
-        scale = tol * u.abs().clamp_min(1.0)
-        done = (residual.abs() <= tol * target) | (step <= scale) | (hi - lo <= scale)
-        active = active & ~(done | ~torch.isfinite(residual))
-        if not bool(active.any()):
-            break
+        if checking:  # a vanishing step or bracket freezes u after the step
+            scale = tol * u.abs().clamp_min(1.0)
+            active = active & (step > scale) & (hi - lo > scale)
+            if not bool(active.any()):
+                break
     return u
 
 

@@ -1,0 +1,667 @@
+"""The `triton` backend: GSP forward in one fused launch, backward in one launch plus one GEMM.
+
+Math and symbols: SPEC.md. Layout of the work:
+
+- Forward (``_gsp_forward_kernel``), one program per sample:
+  1. for each tile of features and of prototypes, the raw products x·z over D tiles
+     (``tl.dot``), with |x|² and |z|² from the same loaded tiles. Normalization is a per-row
+     scale, so x̂·ẑ = (x·z) / (d_x d_z) and |x̂|² = |x|² / d_x²: no normalized copy is made.
+     Snapped costs give logits −γc, written to a per-sample scratch [N, M], and ℓ by an
+     online logsumexp over prototype tiles (scratch [N]).
+  2. the root u, in registers (ℓ of the whole sample is one vector): bracketed Newton with
+     the rules of ``_reference.solve_newton``, or the paper's fixed point; μ = 1 is exact
+     (σ ≡ 1, u = +inf).
+  3. pooled = Σ w_i x_i (x re-read, mostly from L2), then attr and weights from the logits
+     scratch. Why keep the logits rather than recompute them: recomputing doubles the
+     dominant GEMM (float32 with tf32x3 is compute-bound), while the scratch is 4·M bytes
+     per feature, written and read back by the same program while it is still in L2.
+- Backward (``_gsp_backward_kernel``), one program per sample: pass 1 recomputes the raw
+  products (scratch [N, M]: cheaper than saving [B, N, M] in the forward, which the op's
+  contract does not allow anyway), ℓ and ā (online, together), x·gy, and the sums for ē;
+  pass 2 forms W per tile, overwrites the scratch with V = W / (d_x d_z), and writes
+  grad_x = x (S − r·[projects]) / d_x² − V z + w gy, with S = Σ_k W and r = x̂·gx̂ =
+  |x̂|² S − Σ_k W (x̂·ẑ), so the normalization backward needs no extra pass over D.
+  The prototype gradient's batch reduction Σ_b Σ_i W_ki x̂_i = d_z (Vᵀ x) is one GEMM over
+  all B·N features, ``_coef_x_kernel``: a split-K Triton GEMM rather than torch.matmul,
+  because it reads x through its strides (a channels-first map needs no copy), keeps half
+  inputs in half (no float32 copy of x), and uses the same ``precision`` (cuBLAS float32
+  without TF32 runs on CUDA cores, ~2.5× slower than tf32x3 on an H200). The splits and the
+  per-sample column sums of W are reduced by ``sum(0)`` in a fixed order: no atomics, so the
+  backward is deterministic. The normalization backward for the prototypes (M×D) is torch.
+  Launches: the backward kernel, the GEMM, and small torch ops on [S, M, D] / [B, M] / [M, D].
+
+Precision of the products (``precision``), in SPEC.md's terms (‖out − ref‖ / ‖ref‖):
+
+- float32 inputs, "ieee": exact float32 products, ≲ 1e-5 (no tensor cores: slowest).
+- "tf32x3" (``auto`` for float32): three TF32 products recover ~float32 accuracy, ≈ ieee,
+  at 3× the TF32 tensor-core work.
+- "tf32": one TF32 product (10-bit mantissa). The cost then carries ~2⁻¹⁰ relative error
+  in |x̂|² + |ẑ|² − 2 x̂·ẑ, so errors are ≲ 1e-2 and grow with gamma (logits are −γc). Its
+  cancellation noise for an exact match is ~1e-3 of |x̂|² + |ẑ|², so the snap threshold is
+  ``TF32_COST_SNAP`` = 1e-3 instead of ``COST_SNAP`` (an exact match still costs 0; costs
+  under ~0.045 for unit-norm vectors become 0, within the TF32 noise at that distance).
+- bfloat16 / float16 inputs with prototypes of the same dtype: the cost products run
+  natively on the raw inputs (normalization is folded in afterwards), and products of two
+  half values are exact in the float32 accumulator: ieee-accurate at half-precision tensor
+  core speed, whatever ``precision`` says. Mixed dtypes are upcast to float32 in registers
+  and use ``precision``. The backward's float32 V times the prototypes (V·z) and x (Vᵀx)
+  uses ``precision``; with bfloat16 operands it is two exact-product bfloat16 dots instead,
+  V = hi + lo (V to ~16 bits, ≪ the 2e-2 tolerance of bfloat16 inputs).
+
+The interpreter (TRITON_INTERPRET=1, CPU tensors) computes every precision exactly, so
+TF32 errors only show on a GPU; its tl.dot misreads bfloat16, so bfloat16 dots take the
+same values through float32 there (``_INTERPRETED``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _reference
+
+# How the kernels were built: triton.jit picks the interpreter at decoration time.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TF32_COST_SNAP = 1e-3
+# The solve holds ℓ of one sample in registers: N up to this.
+MAX_N = 4096
+# Tests may set this to a dict with any of BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages
+# to force tiling at small sizes.
+BLOCK_OVERRIDE: dict | None = None
+
+_NORMALIZE_CODES = {"lipschitz": 0, "l2": 1, "none": 2}
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _row_divisor(sum_sq, NORMALIZE: tl.constexpr):
+    """d = max(1, |v|) (lipschitz), max(|v|, eps) (l2) or 1 (none), from |v|²."""
+    if NORMALIZE == 0:
+        return tl.maximum(tl.sqrt(sum_sq), 1.0)
+    elif NORMALIZE == 1:
+        return tl.maximum(tl.sqrt(sum_sq), 1e-12)
+    else:
+        return tl.full(sum_sq.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _raw_products(
+    x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, gy_sample,
+    rows, protos, N, M, D,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, WITH_GY: tl.constexpr,
+):
+    """x·z [BLOCK_N, BLOCK_M], |x|² [BLOCK_N], |z|² [BLOCK_M] and x·gy [BLOCK_N] over D tiles."""
+    row_ok = rows < N
+    proto_ok = protos < M
+    dots = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    x_sq = tl.zeros((BLOCK_N,), tl.float32)
+    z_sq = tl.zeros((BLOCK_M,), tl.float32)
+    x_gy = tl.zeros((BLOCK_N,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        x_tile = tl.load(  # [BLOCK_N, BLOCK_D]
+            x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        )
+        z_tile = tl.load(  # [BLOCK_D, BLOCK_M]: zᵀ
+            z_ptr + cols[:, None] * stride_zd + protos[None, :] * stride_zm,
+            mask=col_ok[:, None] & proto_ok[None, :], other=0.0,
+        )
+        x_f32 = x_tile.to(tl.float32)
+        z_f32 = z_tile.to(tl.float32)
+        if CAST_F32:
+            dots = tl.dot(x_f32, z_f32, dots, input_precision=PRECISION)
+        else:
+            dots = tl.dot(x_tile, z_tile, dots, input_precision=PRECISION)
+        x_sq += tl.sum(x_f32 * x_f32, 1)
+        z_sq += tl.sum(z_f32 * z_f32, 0)
+        if WITH_GY:
+            gy = tl.load(gy_sample + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+            x_gy += tl.sum(x_f32 * gy[None, :], 1)
+    return dots, x_sq, z_sq, x_gy
+
+
+@triton.jit
+def _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr):
+    """Costs c and x̂·ẑ [BLOCK_N, BLOCK_M], and 1/d_z, from raw products and squared norms."""
+    inv_dx = 1.0 / _row_divisor(x_sq, NORMALIZE)  # [BLOCK_N]
+    inv_dz = 1.0 / _row_divisor(z_sq, NORMALIZE)  # [BLOCK_M]
+    xh_sq = x_sq * inv_dx * inv_dx
+    zh_sq = z_sq * inv_dz * inv_dz
+    xz = dots * inv_dx[:, None] * inv_dz[None, :]
+    norms = xh_sq[:, None] + zh_sq[None, :]
+    sq = norms - 2.0 * xz
+    sq = tl.where(sq <= snap * norms, 0.0, sq)  # NaN stays NaN
+    if EUCLIDEAN:
+        cost = tl.sqrt(sq)
+    else:
+        cost = sq
+    return cost, xz, inv_dz
+
+
+@triton.jit
+def _sigmoid(t):
+    """Logistic sigmoid without overflow: exp of −|t| only."""
+    decay = tl.exp(-tl.abs(t))
+    return tl.where(t >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
+
+
+@triton.jit
+def _split_bf16_dot(v, other, acc, NATIVE_BF16: tl.constexpr):
+    """acc + v @ other for float32 v and bfloat16 other as two bfloat16 products, v = hi + lo:
+    v keeps ~16 significant bits, other is exact, the accumulation is float32."""
+    v_hi = v.to(tl.bfloat16)
+    v_lo = (v - v_hi.to(tl.float32)).to(tl.bfloat16)
+    if NATIVE_BF16:
+        acc = tl.dot(v_hi, other, acc)
+        acc = tl.dot(v_lo, other, acc)
+    else:  # the interpreter's tl.dot misreads bfloat16: the same values through float32
+        acc = tl.dot(v_hi.to(tl.float32), other.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(v_lo.to(tl.float32), other.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _plan_sigma(u, ell, GAP: tl.constexpr):
+    """σ_i = σ(u + ℓ_i); exactly 1 for μ = 1."""
+    if GAP:
+        return tl.full(ell.shape, 1.0, tl.float32)
+    else:
+        return _sigmoid(u + ell)
+
+
+@triton.jit
+def _solve_newton(ell, ok, target, logit_mu, n_float, tol, max_iter):
+    """Bracketed Newton for Σ σ(u + ℓ_i) = μN, the rules of _reference.solve_newton."""
+    lo = logit_mu - tl.max(tl.where(ok, ell, -float("inf")), 0)
+    hi = logit_mu - tl.min(tl.where(ok, ell, float("inf")), 0)
+    u = tl.minimum(tl.maximum(logit_mu - tl.sum(tl.where(ok, ell, 0.0), 0) / n_float, lo), hi)
+    it = tl.zeros((), tl.int32)
+    active = max_iter > 0
+    while active:
+        s = tl.where(ok, _sigmoid(u + ell), 0.0)
+        residual = tl.sum(s, 0) - target
+        slope = tl.sum(s * (1.0 - s), 0)
+        # A small or non-finite residual stops before any step: on a plateau of Σσ the slope
+        # can vanish, and a bisection from an exact root would leave it.
+        settled = (tl.abs(residual) <= tol * target) | (residual != residual) | (tl.abs(residual) == float("inf"))
+        hi = tl.where(residual > 0, u, hi)
+        lo = tl.where(residual < 0, u, lo)
+        u_newton = u - residual / slope
+        inside = (u_newton >= lo) & (u_newton <= hi)  # False for NaN/inf steps too
+        u_next = tl.where(inside, u_newton, 0.5 * (lo + hi))
+        u_next = tl.where(settled, u, u_next)
+        step = tl.abs(u_next - u)
+        u = u_next
+        scale = tol * tl.maximum(tl.abs(u), 1.0)
+        done = settled | (step <= scale) | ((hi - lo) <= scale)
+        it += 1
+        active = (done == 0) & (it < max_iter)
+    return u
+
+
+@triton.jit
+def _solve_fixed_point(ell, ok, log_mu, log_target, max_iter):
+    """The paper's iteration in the log domain: u ← u + log(μN) − log Σ σ(u + ℓ_i)."""
+    u = log_mu + tl.zeros((), tl.float32)
+    for _ in range(max_iter):
+        t = u + ell
+        log_sigma = tl.minimum(t, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(t)))
+        log_sigma = tl.where(ok, log_sigma, -float("inf"))
+        top = tl.max(log_sigma, 0)
+        log_mass = top + tl.log(tl.sum(tl.exp(log_sigma - top), 0))
+        u = u + (log_target - log_mass)
+    return u
+
+
+@triton.jit(do_not_specialize=["max_iter"])
+def _gsp_forward_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd,
+    z_ptr, stride_zm, stride_zd,
+    pooled_ptr, attr_ptr, weights_ptr, u_ptr,
+    logits_ptr, ell_ptr,  # scratch: [B, N, M], [B, N] float32
+    N, M, D,
+    gamma, snap, inv_total, target, logit_mu, log_mu, log_target, tol, max_iter,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ALL_N: tl.constexpr,
+    NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr, NEWTON: tl.constexpr, GAP: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program per sample: costs, ℓ, u, then pooled [D], attr [M], weights [N], u."""
+    sample = tl.program_id(0).to(tl.int64)
+    x_sample = x_ptr + sample * stride_xb
+    logits_sample = logits_ptr + sample * N * M
+    ell_sample = ell_ptr + sample * N
+
+    # 1. logits −γc to scratch, ℓ by online logsumexp over prototype tiles.
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+        running_sum = tl.zeros((BLOCK_N,), tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            protos = m0 + tl.arange(0, BLOCK_M)
+            proto_ok = protos < M
+            dots, x_sq, z_sq, _ = _raw_products(
+                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, x_sample,
+                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False,
+            )
+            cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+            logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))  # [BLOCK_N, BLOCK_M]
+            tl.store(
+                logits_sample + rows[:, None] * M + protos[None, :], logits,
+                mask=row_ok[:, None] & proto_ok[None, :],
+            )
+            new_max = tl.maximum(running_max, tl.max(logits, 1))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
+                tl.exp(logits - new_max[:, None]), 1
+            )
+            running_max = new_max
+        tl.store(ell_sample + rows, running_max + tl.log(running_sum), mask=row_ok)
+    tl.debug_barrier()  # scratch written by other threads of this program
+
+    # 2. the root u, with ℓ of the whole sample in registers.
+    all_rows = tl.arange(0, BLOCK_ALL_N)
+    all_ok = all_rows < N
+    ell_all = tl.load(ell_sample + all_rows, mask=all_ok, other=0.0)  # [BLOCK_ALL_N]
+    if GAP:
+        u = float("inf") + tl.zeros((), tl.float32)
+    elif NEWTON:
+        u = _solve_newton(ell_all, all_ok, target, logit_mu, N * 1.0, tol, max_iter)
+    else:
+        u = _solve_fixed_point(ell_all, all_ok, log_mu, log_target, max_iter)
+    tl.store(u_ptr + sample, u)
+    weight_sum = tl.sum(tl.where(all_ok, _plan_sigma(u, ell_all, GAP), 0.0), 0) * inv_total
+
+    # 3. pooled = Σ_i w_i x_i over D tiles.
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        pooled = tl.zeros((BLOCK_D,), tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < N
+            ell = tl.load(ell_sample + rows, mask=row_ok, other=0.0)
+            w = tl.where(row_ok, _plan_sigma(u, ell, GAP) * inv_total, 0.0)  # [BLOCK_N]
+            x_tile = tl.load(
+                x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+            ).to(tl.float32)
+            pooled += tl.sum(w[:, None] * x_tile, 0)
+        tl.store(pooled_ptr + sample * D + cols, pooled.to(pooled_ptr.dtype.element_ty), mask=col_ok)
+
+    # 4. attr_k = Σ_i w_i A_ki from the logits scratch; weights on the first prototype tile.
+    for m0 in range(0, M, BLOCK_M):
+        protos = m0 + tl.arange(0, BLOCK_M)
+        proto_ok = protos < M
+        attr = tl.zeros((BLOCK_M,), tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < N
+            ell = tl.load(ell_sample + rows, mask=row_ok, other=0.0)
+            w = tl.where(row_ok, _plan_sigma(u, ell, GAP) * inv_total, 0.0)
+            tl.store(weights_ptr + sample * N + rows, w.to(weights_ptr.dtype.element_ty), mask=row_ok & (m0 == 0))
+            logits = tl.load(
+                logits_sample + rows[:, None] * M + protos[None, :],
+                mask=row_ok[:, None] & proto_ok[None, :], other=-float("inf"),
+            )
+            assign = tl.exp(logits - ell[:, None])  # A_ki laid out [i, k]
+            attr += tl.sum(w[:, None] * assign, 0)
+        if not NEWTON:
+            attr = attr / weight_sum  # the paper's final update: the attribute sums to 1
+        tl.store(attr_ptr + sample * M + protos, attr.to(attr_ptr.dtype.element_ty), mask=proto_ok)
+
+
+@triton.jit
+def _gsp_backward_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd,
+    z_ptr, stride_zm, stride_zd,
+    u_ptr, grad_pooled_ptr, grad_attr_ptr, grad_weights_ptr,  # [B], [B, D], [B, M], [B, N] contiguous
+    grad_x_ptr, stride_gb, stride_gn, stride_gd,
+    coef_ptr, rows_ptr, z_sq_ptr, col_sum_ptr,  # scratch: [B, N, M], [B, 4, N], [B, M], [B, M] float32
+    N, M, D,
+    gamma, snap, inv_total,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr, GAP: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, F32_PRECISION: tl.constexpr,
+    SPLIT_BF16: tl.constexpr, NATIVE_BF16: tl.constexpr,
+):
+    """One program per sample: grad_x, V = W / (d_x d_z) [N, M] and the column sums of W [M]."""
+    sample = tl.program_id(0).to(tl.int64)
+    x_sample = x_ptr + sample * stride_xb
+    coef_sample = coef_ptr + sample * N * M
+    ell_row = rows_ptr + sample * 4 * N  # rows scratch: ℓ, ā, e, |x|²
+    abar_row = ell_row + N
+    e_row = ell_row + 2 * N
+    x_sq_row = ell_row + 3 * N
+    z_sq_sample = z_sq_ptr + sample * M
+    col_sum_sample = col_sum_ptr + sample * M
+    grad_pooled_sample = grad_pooled_ptr + sample * D
+    grad_attr_sample = grad_attr_ptr + sample * M
+    u = tl.load(u_ptr + sample)
+
+    # Pass 1: raw products to scratch; ℓ and ā online; e_i; Σ h and Σ h e for ē.
+    h_sum = tl.zeros((), tl.float32)
+    he_sum = tl.zeros((), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+        running_sum = tl.zeros((BLOCK_N,), tl.float32)
+        running_ga = tl.zeros((BLOCK_N,), tl.float32)
+        x_sq = tl.zeros((BLOCK_N,), tl.float32)
+        x_gy = tl.zeros((BLOCK_N,), tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            protos = m0 + tl.arange(0, BLOCK_M)
+            proto_ok = protos < M
+            dots, x_sq, z_sq, x_gy = _raw_products(
+                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_sample,
+                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, True,
+            )
+            tl.store(coef_sample + rows[:, None] * M + protos[None, :], dots, mask=row_ok[:, None] & proto_ok[None, :])
+            tl.store(z_sq_sample + protos, z_sq, mask=proto_ok & (n0 == 0))
+            cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+            logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))
+            ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)  # [BLOCK_M]
+            new_max = tl.maximum(running_max, tl.max(logits, 1))
+            rescale = tl.exp(running_max - new_max)
+            unnormalized = tl.exp(logits - new_max[:, None])
+            running_sum = running_sum * rescale + tl.sum(unnormalized, 1)
+            running_ga = running_ga * rescale + tl.sum(unnormalized * ga[None, :], 1)
+            running_max = new_max
+        ell = running_max + tl.log(running_sum)
+        abar = running_ga / running_sum  # ā_i = Σ_k A_ki ga_k
+        grad_w = tl.load(grad_weights_ptr + sample * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+        e = (x_gy + abar + grad_w) * inv_total
+        sigma = _plan_sigma(u, ell, GAP)
+        h = tl.where(row_ok, sigma * (1.0 - sigma), 0.0)
+        h_sum += tl.sum(h, 0)
+        he_sum += tl.sum(h * e, 0)
+        tl.store(ell_row + rows, ell, mask=row_ok)
+        tl.store(abar_row + rows, abar, mask=row_ok)
+        tl.store(e_row + rows, e, mask=row_ok)
+        tl.store(x_sq_row + rows, x_sq, mask=row_ok)
+    e_bar = tl.where(h_sum > 0, he_sum / tl.maximum(h_sum, 1.1754943508222875e-38), 0.0)
+    tl.debug_barrier()
+
+    # Pass 2, per feature tile: W and its sums over prototypes, V to scratch, then grad_x.
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        ell = tl.load(ell_row + rows, mask=row_ok, other=0.0)
+        abar = tl.load(abar_row + rows, mask=row_ok, other=0.0)
+        e = tl.load(e_row + rows, mask=row_ok, other=0.0)
+        x_sq = tl.load(x_sq_row + rows, mask=row_ok, other=0.0)
+        sigma = _plan_sigma(u, ell, GAP)
+        w = tl.where(row_ok, sigma * inv_total, 0.0)
+        grad_ell = sigma * (1.0 - sigma) * (e - e_bar)
+        coef_sum = tl.zeros((BLOCK_N,), tl.float32)  # S_i = Σ_k W_ki
+        coef_dot = tl.zeros((BLOCK_N,), tl.float32)  # Σ_k W_ki x̂_i·ẑ_k
+        inv_dx = 1.0 / _row_divisor(x_sq, NORMALIZE)
+        for m0 in range(0, M, BLOCK_M):
+            protos = m0 + tl.arange(0, BLOCK_M)
+            proto_ok = protos < M
+            tile_ok = row_ok[:, None] & proto_ok[None, :]
+            tile_ptrs = coef_sample + rows[:, None] * M + protos[None, :]
+            dots = tl.load(tile_ptrs, mask=tile_ok, other=0.0)
+            z_sq = tl.load(z_sq_sample + protos, mask=proto_ok, other=0.0)
+            cost, xz, inv_dz = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+            ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)
+            assign = tl.where(tile_ok, tl.exp(-gamma * cost - ell[:, None]), 0.0)
+            grad_cost = -gamma * assign * (grad_ell[:, None] + w[:, None] * (ga[None, :] - abar[:, None]))
+            if EUCLIDEAN:
+                coef = tl.where(cost > 0, grad_cost / tl.where(cost > 0, cost, 1.0), 0.0)
+            else:
+                coef = 2.0 * grad_cost
+            coef_sum += tl.sum(coef, 1)
+            coef_dot += tl.sum(coef * xz, 1)
+            previous = tl.load(col_sum_sample + protos, mask=proto_ok & (n0 > 0), other=0.0)
+            tl.debug_barrier()  # every thread has read the products and column sums it overwrites
+            tl.store(col_sum_sample + protos, previous + tl.sum(coef, 0), mask=proto_ok)
+            tl.store(tile_ptrs, coef * inv_dx[:, None] * inv_dz[None, :], mask=tile_ok)
+        tl.debug_barrier()  # V and the column sums, read below and by the next tile
+
+        # r_i = x̂·gx̂; grad_x = x (S − r·[projects]) / d_x² − V z + w gy.
+        radial = x_sq * inv_dx * inv_dx * coef_sum - coef_dot
+        if NORMALIZE == 0:
+            radial = tl.where(inv_dx < 1.0, radial, 0.0)
+        elif NORMALIZE == 2:
+            radial = radial * 0.0
+        x_scale = (coef_sum - radial) * inv_dx * inv_dx  # [BLOCK_N]
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            coef_z = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+            for m0 in range(0, M, BLOCK_M):
+                protos = m0 + tl.arange(0, BLOCK_M)
+                proto_ok = protos < M
+                v_tile = tl.load(
+                    coef_sample + rows[:, None] * M + protos[None, :],
+                    mask=row_ok[:, None] & proto_ok[None, :], other=0.0,
+                )
+                z_tile = tl.load(  # [BLOCK_M, BLOCK_D]
+                    z_ptr + protos[:, None] * stride_zm + cols[None, :] * stride_zd,
+                    mask=proto_ok[:, None] & col_ok[None, :], other=0.0,
+                )
+                if SPLIT_BF16:
+                    coef_z = _split_bf16_dot(v_tile, z_tile, coef_z, NATIVE_BF16)
+                else:
+                    coef_z = tl.dot(v_tile, z_tile.to(tl.float32), coef_z, input_precision=F32_PRECISION)
+            x_tile = tl.load(
+                x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+            ).to(tl.float32)
+            gy = tl.load(grad_pooled_sample + cols, mask=col_ok, other=0.0).to(tl.float32)
+            grad_x = x_tile * x_scale[:, None] - coef_z + w[:, None] * gy[None, :]
+            tl.store(
+                grad_x_ptr + sample * stride_gb + rows[:, None] * stride_gn + cols[None, :] * stride_gd,
+                grad_x.to(grad_x_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & col_ok[None, :],
+            )
+
+
+@triton.jit
+def _coef_x_kernel(
+    coef_ptr, x_ptr, stride_xb, stride_xn, stride_xd, partial_ptr,  # V [B*N, M]; partials [S, M, D]
+    total_rows, N, M, D, rows_per_split,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Split-K Vᵀ x over all B·N features: one [BLOCK_M, BLOCK_D] tile of one split's partial.
+
+    x is read through its strides (feature r = b·N + i), so a channels-first map needs no
+    copy; the splits are summed in a fixed order afterwards, so the result is deterministic.
+    """
+    protos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(2)
+    proto_ok = protos < M
+    col_ok = cols < D
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, total_rows)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for k0 in range(row_start, row_end, BLOCK_K):
+        feature = k0 + tl.arange(0, BLOCK_K)
+        feature_ok = feature < row_end
+        sample = (feature // N).to(tl.int64)
+        row = feature % N
+        v_t = tl.load(  # [BLOCK_M, BLOCK_K]: Vᵀ
+            coef_ptr + feature[None, :].to(tl.int64) * M + protos[:, None],
+            mask=proto_ok[:, None] & feature_ok[None, :], other=0.0,
+        )
+        x_tile = tl.load(  # [BLOCK_K, BLOCK_D]
+            x_ptr + (sample * stride_xb + row * stride_xn)[:, None] + cols[None, :] * stride_xd,
+            mask=feature_ok[:, None] & col_ok[None, :], other=0.0,
+        )
+        if SPLIT_BF16:
+            acc = _split_bf16_dot(v_t, x_tile, acc, NATIVE_BF16)
+        else:
+            acc = tl.dot(v_t, x_tile.to(tl.float32), acc, input_precision=PRECISION)
+    tl.store(
+        partial_ptr + (split * M + protos[:, None]).to(tl.int64) * D + cols[None, :], acc,
+        mask=proto_ok[:, None] & col_ok[None, :],
+    )
+
+
+# ----------------------------------------------------------------------------- host glue
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
+    """Constexpr block sizes and launch parameters for a (N, M, D) bucket (powers of two).
+
+    tl.dot needs every tile dim >= 16; 64 feature rows let Hopper use wgmma and bound how
+    often each program re-reads the prototypes (once per feature tile). The forward keeps
+    M <= 128 in one prototype tile; the backward, with about twice as many live
+    [BLOCK_N, BLOCK_M] float32 tiles, takes 64 prototypes at a time. D goes 32 (float32)
+    or 64 (half) per step. Chosen from register/spill counts of sm_90 builds (ptxas -v):
+    to be tuned on the GPU.
+    """
+    block_m = min(max(m, 16), 64 if backward else 128)
+    block_n = min(max(n, 16), 64)
+    block_d = min(max(d, 16), 64 if half else 32)
+    num_warps = 8 if block_n * block_m >= 64 * 64 else 4
+    return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 2}
+
+
+def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False) -> dict:
+    """The cached table entry for this shape's bucket, then the test override if any."""
+    config = _tile_config(_next_pow2(n), _next_pow2(m), _next_pow2(d), half, backward)
+    if BLOCK_OVERRIDE:
+        config = {**config, **BLOCK_OVERRIDE}
+    return config
+
+
+@functools.lru_cache(maxsize=256)
+def _split_k_config(total_rows: int, m: int, d: int, programs_wanted: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_K, BLOCK_M, BLOCK_D, rows per split, splits) for the prototype-gradient GEMM:
+    enough splits of the B·N features to give about `programs_wanted` programs."""
+    block_k, block_m, block_d = 64, min(max(_next_pow2(m), 16), 64), min(max(_next_pow2(d), 16), 64)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(d, block_d)
+    splits = max(1, min(triton.cdiv(programs_wanted, tiles), triton.cdiv(total_rows, block_k)))
+    rows_per_split = triton.cdiv(triton.cdiv(total_rows, splits), block_k) * block_k
+    return block_k, block_m, block_d, rows_per_split, triton.cdiv(total_rows, rows_per_split)
+
+
+@functools.lru_cache(maxsize=16)
+def _programs_wanted(device: torch.device) -> int:
+    """Two programs per SM on a GPU; a few on the interpreter (to exercise the split)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _resolve_precision(x: torch.Tensor, prototypes: torch.Tensor, precision: str) -> tuple[bool, str, str, float]:
+    """(cast cost operands to float32, cost-dot precision, float32-dot precision, snap)."""
+    f32_precision = "tf32x3" if precision == "auto" else precision
+    native_half = x.dtype == prototypes.dtype and x.dtype in _HALF_DTYPES
+    # The interpreter's tl.dot reads bfloat16 as raw integers; exact products either way.
+    native_half = native_half and not (_INTERPRETED and x.dtype == torch.bfloat16)
+    if native_half:  # exact products of half values; the precision flag does not apply
+        return False, "tf32", f32_precision, _reference.COST_SNAP
+    snap = TF32_COST_SNAP if f32_precision == "tf32" else _reference.COST_SNAP
+    return True, f32_precision, f32_precision, snap
+
+
+def availability(device: torch.device) -> str | None:
+    """cuda: triton imported; cpu: only through the interpreter (TRITON_INTERPRET=1 at import)."""
+    if device.type == "cuda":
+        if _INTERPRETED:
+            return "TRITON_INTERPRET=1 was set when gsp_kernels._triton was imported: kernels run on the CPU only"
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu":
+        if _INTERPRETED:
+            return None
+        return "triton on CPU needs TRITON_INTERPRET=1 set before gsp_kernels._triton is imported"
+    return f"triton does not run on {device.type}"
+
+
+def unsupported(x, prototypes, solver, normalize, cost, precision) -> str | None:
+    """float64 and N > MAX_N are not computed here (auto then uses the reference)."""
+    if x.dtype == torch.float64 or prototypes.dtype == torch.float64:
+        return "float64 inputs are computed by the reference backend"
+    if x.shape[1] > MAX_N:
+        return f"N={x.shape[1]} > {MAX_N} (the solve holds one sample's features in registers)"
+    return None
+
+
+def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision="auto"):
+    """Fused forward: pooled [B, D], attr [B, M], weights [B, N] in x's dtype, u [B] float32."""
+    batch, n, d = x.shape
+    m = prototypes.shape[0]
+    gap = mu >= 1.0
+    cast_f32, dot_precision, _, snap = _resolve_precision(x, prototypes, precision)
+    config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES)
+    pooled = x.new_empty((batch, d))
+    attr = x.new_empty((batch, m))
+    weights = x.new_empty((batch, n))
+    u = torch.empty((batch,), dtype=torch.float32, device=x.device)
+    logits = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)
+    ell = torch.empty((batch, n), dtype=torch.float32, device=x.device)
+    logit_mu = 0.0 if gap else math.log(mu) - math.log1p(-mu)
+    _gsp_forward_kernel[(batch,)](
+        x, *x.stride(), prototypes, *prototypes.stride(),
+        pooled, attr, weights, u, logits, ell,
+        n, m, d,
+        float(gamma), snap, 1.0 / (n * mu), mu * n,
+        logit_mu, math.log(mu), math.log(mu * n), float(tol), int(max_iter),
+        BLOCK_ALL_N=_next_pow2(max(n, 16)),
+        NORMALIZE=_NORMALIZE_CODES[normalize], EUCLIDEAN=cost == "euclidean", NEWTON=solver == "newton",
+        GAP=gap, CAST_F32=cast_f32, PRECISION=dot_precision, **config,
+    )
+    return pooled, attr, weights, u
+
+
+def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision="auto"):
+    """grad_x (x's strides and dtype) from one launch; grad_prototypes from one GEMM over the batch."""
+    batch, n, d = x.shape
+    m = prototypes.shape[0]
+    cast_f32, dot_precision, f32_precision, snap = _resolve_precision(x, prototypes, precision)
+    config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES, backward=True)
+    native_bf16 = not _INTERPRETED
+    grad_x = torch.empty_like(x)
+    coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # raw x·z, then V
+    row_scratch = torch.empty((batch, 4, n), dtype=torch.float32, device=x.device)
+    z_sq = torch.empty((batch, m), dtype=torch.float32, device=x.device)
+    col_sum = torch.empty((batch, m), dtype=torch.float32, device=x.device)
+    _gsp_backward_kernel[(batch,)](
+        x, *x.stride(), prototypes, *prototypes.stride(),
+        u.to(torch.float32), grad_pooled.contiguous(), grad_attr.contiguous(), grad_weights.contiguous(),
+        grad_x, *grad_x.stride(),
+        coef, row_scratch, z_sq, col_sum,
+        n, m, d,
+        float(gamma), snap, 1.0 / (n * mu),
+        NORMALIZE=_NORMALIZE_CODES[normalize], EUCLIDEAN=cost == "euclidean", GAP=mu >= 1.0,
+        CAST_F32=cast_f32, PRECISION=dot_precision, F32_PRECISION=f32_precision,
+        SPLIT_BF16=prototypes.dtype == torch.bfloat16, NATIVE_BF16=native_bf16, **config,
+    )
+    # Σ_b Σ_i W_ki x̂_i = d_z,k Σ_b Σ_i V_ki x_i: one split-K GEMM over all B·N features.
+    block_k, block_m, block_d, rows_per_split, splits = _split_k_config(
+        batch * n, m, d, _programs_wanted(x.device)
+    )
+    partials = torch.empty((splits, m, d), dtype=torch.float32, device=x.device)
+    _coef_x_kernel[(triton.cdiv(m, block_m), triton.cdiv(d, block_d), splits)](
+        coef, x, *x.stride(), partials,
+        batch * n, n, m, d, rows_per_split,
+        BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d,
+        SPLIT_BF16=x.dtype == torch.bfloat16, NATIVE_BF16=native_bf16, PRECISION=f32_precision,
+        num_warps=4, num_stages=3,
+    )
+    coef_x = partials.sum(0)  # [M, D]
+    z_hat, z_div = _reference.normalize_rows(prototypes.to(torch.float32), normalize)  # [M, D], [M, 1]
+    grad_z_hat = z_hat * col_sum.sum(0).unsqueeze(-1) - z_div * coef_x
+    grad_z = _reference.normalize_rows_backward(grad_z_hat, z_hat, z_div, normalize)
+    return grad_x, grad_z.to(prototypes.dtype)

@@ -1,0 +1,417 @@
+"""The `triton` backend against the float64 reference (SPEC.md's tolerances), on the CPU through
+the Triton interpreter and, marked `gpu`, on a CUDA device at training sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracles import random_inputs
+
+from gsp_kernels import _triton, gsp_pool
+from gsp_kernels.ops import _gsp_pool_op
+
+# ‖out − ref‖ / ‖ref‖ per input dtype (SPEC.md "Oracles for tests").
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+TF32_TOL = 1e-2
+# Small tiles so that N, M and D span several tiles at interpreter-friendly sizes.
+SMALL_TILES = {"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 16}
+OUTPUT_NAMES = ("pooled", "attr", "weights", "grad_x", "grad_prototypes")
+
+
+@pytest.fixture
+def tiles(monkeypatch):
+    """Force a block-size table for one test: tiles(SMALL_TILES)."""
+
+    def apply(override):
+        monkeypatch.setattr(_triton, "BLOCK_OVERRIDE", override)
+
+    return apply
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str, floor: float = 1e-6) -> None:
+    """‖out − ref‖ ≤ tol·‖ref‖ + floor (the floor covers references that are exactly zero,
+    e.g. the prototype gradient with a single feature)."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out64).all(), f"{what}: non-finite values"
+    err = (out64 - ref64).norm().item()
+    scale = ref64.norm().item()
+    relative = err / max(scale, 1e-300)
+    assert err <= tol * scale + floor, f"{what}: error {err:.3e} vs norm {scale:.3e} (relative {relative:.2e})"
+
+
+def outputs_and_grads(x, prototypes, backend, cotangent_dtype=None, **options):
+    """(pooled, attr, weights, grad_x, grad_prototypes) with random cotangents on all three outputs,
+    drawn in `cotangent_dtype` (default x's) so that both sides of a comparison see the same values."""
+    x = x.detach().requires_grad_()
+    prototypes = prototypes.detach().requires_grad_()
+    outputs = gsp_pool(x, prototypes, backend=backend, return_weights=True, **options)
+    generator = torch.Generator().manual_seed(0)
+    cotangent_dtype = cotangent_dtype or x.dtype
+    cotangents = [torch.randn(out.shape, generator=generator).to(cotangent_dtype).to(out) for out in outputs]
+    grad_x, grad_z = torch.autograd.grad(outputs, (x, prototypes), cotangents)
+    return (*outputs, grad_x, grad_z)
+
+
+def check_against_reference(x, prototypes, tol, **options):
+    """Triton on (x, prototypes) vs the float64 reference on the same (rounded) values."""
+    got = outputs_and_grads(x, prototypes, "triton", **options)
+    options.pop("precision", None)
+    want = outputs_and_grads(x.double(), prototypes.double(), "reference", cotangent_dtype=x.dtype, **options)
+    for name, out, ref in zip(OUTPUT_NAMES, got, want):
+        assert out.dtype == (prototypes.dtype if name == "grad_prototypes" else x.dtype), name
+        assert_close(out, ref, tol, name)
+    assert got[3].stride() == x.stride(), "grad_x must keep x's layout"
+    return got
+
+
+def inputs(batch, n, m, d, seed=0, dtype=torch.float32, device="cpu", near_fraction=0.3):
+    x, prototypes = random_inputs(batch, n, m, d, seed, near_fraction)
+    return x.to(device, dtype), prototypes.to(device, dtype)
+
+
+# (shape B, N, M, D; options; small tiles?) on the CPU interpreter, float32 (tolerance TOL,
+# except where the float32 reference itself misses the float64 one by more).
+CPU_CASES = {
+    "small": ((2, 7, 5, 9), {}, False),
+    "ones": ((1, 1, 1, 1), {}, False),
+    "one_feature": ((2, 1, 7, 3), {"gamma": 3.0}, False),
+    # With M = 1 the prototype gradient is a sum of cancelling terms: the float32 reference
+    # itself is off by 1.5e-5 here.
+    "one_prototype": ((2, 5, 1, 3), {"normalize": "l2"}, False, 1e-4),
+    "one_dim": ((2, 6, 4, 1), {"normalize": "none", "cost": "sqeuclidean"}, False),
+    "primes_l2_sq": (
+        (3, 31, 7, 63),
+        {"normalize": "l2", "cost": "sqeuclidean", "transport_ratio": 0.5, "gamma": 10.0},
+        False,
+    ),
+    "tiled_none": ((2, 40, 20, 70), {"normalize": "none", "gamma": 2.0}, True),
+    "tiled_large": ((2, 63, 33, 130), {"precision": "ieee"}, True),
+    "tiled_tf32x3": ((2, 40, 20, 70), {"precision": "tf32x3", "cost": "sqeuclidean"}, True),
+    "gamma_100": ((2, 31, 7, 33), {"gamma": 100.0}, False),
+    "gap": ((2, 15, 6, 17), {"transport_ratio": 1.0}, False),
+    "gap_tiled": ((2, 40, 20, 33), {"transport_ratio": 1.0, "normalize": "l2"}, True),
+    # μN = 0.6: a few features carry the mass, the float32 reference is off by 1.3e-5 too.
+    "small_mu": ((2, 31, 7, 33), {"transport_ratio": 0.02, "gamma": 20.0}, False, 3e-5),
+    "fixed_point": ((2, 15, 6, 17), {"solver": "fixed_point", "transport_ratio": 0.5}, False),
+    "fixed_point_tiled": ((2, 40, 20, 33), {"solver": "fixed_point", "max_iter": 30}, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CPU_CASES))
+def test_matches_reference(case, tiles):
+    shape, options, small_tiles, *tol = CPU_CASES[case]
+    if small_tiles:
+        tiles(SMALL_TILES)
+    near = 0.8 if options.get("gamma", 5.0) >= 100 else 0.3
+    x, prototypes = inputs(*shape, seed=len(case), near_fraction=near)
+    check_against_reference(x, prototypes, tol[0] if tol else TOL[torch.float32], **options)
+
+
+@pytest.mark.parametrize("normalize", ["lipschitz", "l2", "none"])
+@pytest.mark.parametrize("cost", ["euclidean", "sqeuclidean"])
+def test_feature_equal_to_prototype(normalize, cost):
+    """An exact match costs exactly 0 (COST_SNAP) and its euclidean backward coefficient is 0.
+
+    The other features are far from the prototypes: near misses at gamma = 20 amplify the
+    float32 cancellation in the cost past 1e-5 in the float32 reference as well."""
+    x, prototypes = inputs(2, 9, 5, 11, seed=3, near_fraction=0.0)
+    x[0, 3] = prototypes[2]
+    x[1, 0] = prototypes[0]
+    x[1, 8] = prototypes[0]
+    check_against_reference(x, prototypes, TOL[torch.float32], normalize=normalize, cost=cost, gamma=20.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_channels_first_map(dtype, small_tiles, tiles):
+    """A [B, D, H, W] map is read through its strides; grad_x keeps that layout."""
+    if small_tiles:
+        tiles(SMALL_TILES)
+    x, prototypes = inputs(2, 35, 6, 33, seed=5, dtype=dtype)
+    x_map = x.transpose(1, 2).reshape(2, 33, 5, 7)  # contiguous NCHW
+    got = check_against_reference(x_map, prototypes, TOL[dtype], gamma=8.0)
+    assert got[2].shape == (2, 5, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_half_inputs(dtype, small_tiles, tiles):
+    if small_tiles:
+        tiles(SMALL_TILES)
+    x, prototypes = inputs(2, 31, 7, 63 if not small_tiles else 40, seed=7, dtype=dtype)
+    check_against_reference(x, prototypes, TOL[dtype], gamma=10.0)
+
+
+def test_mixed_dtypes():
+    """bfloat16 features with float32 prototypes: upcast in registers, gradients in each dtype."""
+    x, prototypes = inputs(2, 15, 6, 17, seed=8)
+    check_against_reference(x.bfloat16(), prototypes, TOL[torch.bfloat16])
+
+
+def test_tf32_precision():
+    """The interpreter computes TF32 exactly, so this checks the tf32 path and its larger snap."""
+    x, prototypes = inputs(2, 31, 7, 33, seed=9)
+    x[0, 4] = prototypes[1]
+    check_against_reference(x, prototypes, TF32_TOL, precision="tf32")
+
+
+def test_backward_is_deterministic(tiles):
+    tiles(SMALL_TILES)
+    x, prototypes = inputs(3, 40, 20, 33, seed=10)
+    first = outputs_and_grads(x, prototypes, "triton")
+    second = outputs_and_grads(x, prototypes, "triton")
+    for name, a, b in zip(OUTPUT_NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("solver", ["newton", "fixed_point"])
+def test_non_finite_feature_poisons_only_its_sample(bad, solver):
+    """The NaN policy of ops.gsp_pool: the bad sample's pooled vector is not finite, the other
+    samples' outputs and grad_x are bitwise unchanged (one program per sample; the prototype
+    gradient sums over the batch, so it is poisoned as in the reference)."""
+    x, prototypes = inputs(3, 7, 5, 4, seed=29)
+    clean = outputs_and_grads(x, prototypes, "triton", solver=solver)
+    x[1, 2, 0] = bad
+    poisoned = outputs_and_grads(x, prototypes, "triton", solver=solver)
+    assert not torch.isfinite(poisoned[0][1]).all()
+    for name, a, b in zip(OUTPUT_NAMES[:4], clean, poisoned):
+        assert torch.equal(a[0::2], b[0::2]), name
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
+def test_nan_prototype_poisons_everything():
+    x, prototypes = inputs(3, 7, 5, 4, seed=30)
+    prototypes[3, 1] = float("nan")
+    for out in gsp_pool(x, prototypes, backend="triton", return_weights=True):
+        assert torch.isnan(out).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("normalize", ["lipschitz", "l2", "none"])
+def test_huge_gamma_is_finite(normalize):
+    """gamma = 1000: exp(−γc) underflows float32, the log-domain kernels do not (the Newton
+    slope underflows to 0 and the infinite step bisects)."""
+    x, prototypes = inputs(2, 11, 6, 5, seed=31)
+    outputs = outputs_and_grads(x, prototypes, "triton", gamma=1000.0, normalize=normalize)
+    for name, out in zip(OUTPUT_NAMES, outputs):
+        assert torch.isfinite(out).all(), name
+    torch.testing.assert_close(outputs[2].sum(-1), torch.ones(2), rtol=0, atol=1e-5)
+
+
+def test_unsupported_and_availability():
+    x, prototypes = inputs(1, 4, 3, 5)
+    assert _triton.availability(torch.device("cpu")) is None  # conftest sets TRITON_INTERPRET=1
+    assert _triton.unsupported(x, prototypes, "newton", "lipschitz", "euclidean", "auto") is None
+    assert "float64" in _triton.unsupported(x.double(), prototypes, "newton", "lipschitz", "euclidean", "auto")
+    with pytest.raises(ValueError, match="float64"):
+        gsp_pool(x.double(), prototypes.double(), backend="triton")
+
+
+def test_block_sizes_are_bucketed():
+    """Constexpr tiles come from a cached table keyed by power-of-two buckets: no recompiles for
+    nearby shapes, and every tl.dot dimension is at least 16."""
+    assert _triton._launch_config(196, 128, 512, False) == _triton._launch_config(200, 100, 300, False)
+    for n, m, d in [(1, 1, 1), (49, 32, 2048), (196, 128, 512), (1024, 256, 1024)]:
+        config = _triton._launch_config(n, m, d, True)
+        assert min(config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_D"]) >= 16
+
+
+def test_opcheck():
+    x, prototypes = inputs(2, 5, 3, 4, seed=11)
+    x.requires_grad_()
+    prototypes.requires_grad_()
+    args = (x, prototypes, 0.3, 5.0, "lipschitz", "euclidean", "newton", 64, 1e-6, "auto", "triton")
+    torch.library.opcheck(_gsp_pool_op, args)
+
+
+def test_torch_compile_fullgraph():
+    class Pool(torch.nn.Module):
+        def __init__(self, prototypes):
+            super().__init__()
+            self.prototypes = torch.nn.Parameter(prototypes)
+
+        def forward(self, x):
+            pooled, attr = gsp_pool(x, self.prototypes, backend="triton")
+            return pooled.square().sum() + attr.square().sum()
+
+    x, prototypes = inputs(2, 6, 4, 5, seed=12)
+    module = Pool(prototypes)
+    compiled = torch.compile(module, fullgraph=True)
+    x_eager = x.clone().requires_grad_()
+    x_compiled = x.clone().requires_grad_()
+    eager = module(x_eager)
+    eager.backward()
+    eager_grads = (x_eager.grad, module.prototypes.grad.clone())
+    module.prototypes.grad = None
+    out = compiled(x_compiled)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(x_compiled.grad, eager_grads[0])
+    torch.testing.assert_close(module.prototypes.grad, eager_grads[1])
+
+
+# ----------------------------------------------------------------------------- GPU (training sizes)
+
+GPU_SHAPE = (8, 196, 128, 512)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype, precision, tol",
+    [
+        (torch.float32, "ieee", TOL[torch.float32]),
+        (torch.float32, "tf32x3", TOL[torch.float32]),
+        (torch.float32, "auto", TOL[torch.float32]),
+        (torch.float32, "tf32", TF32_TOL),
+        (torch.bfloat16, "auto", TOL[torch.bfloat16]),
+        (torch.float16, "auto", TOL[torch.float16]),
+    ],
+)
+@pytest.mark.parametrize("options", [{}, {"gamma": 1.0, "normalize": "l2", "cost": "sqeuclidean"}])
+def test_gpu_matches_reference(dtype, precision, tol, options):
+    x, prototypes = inputs(*GPU_SHAPE, seed=20, dtype=dtype, device="cuda")
+    check_against_reference(x, prototypes, tol, precision=precision, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "options, tol",
+    [
+        # Clustered features at gamma = 100: the float32 reference itself is off by 9e-6.
+        ({"gamma": 100.0}, 2e-5),
+        ({"transport_ratio": 1.0}, TOL[torch.float32]),
+        ({"transport_ratio": 0.9, "solver": "fixed_point", "max_iter": 300}, TOL[torch.float32]),
+        ({"normalize": "none", "gamma": 0.5}, TOL[torch.float32]),
+    ],
+)
+def test_gpu_options(options, tol):
+    near = 0.8 if options.get("gamma", 5.0) >= 100 else 0.3
+    x, prototypes = inputs(*GPU_SHAPE, seed=21, device="cuda", near_fraction=near)
+    x[0, :5] = prototypes[:5]
+    check_against_reference(x, prototypes, tol, precision="tf32x3", **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(3, 1024, 256, 2048), (32, 49, 32, 2048), (4, 7, 3, 1)])
+def test_gpu_extreme_shapes(shape):
+    x, prototypes = inputs(*shape, seed=22, device="cuda")
+    check_against_reference(x, prototypes, TOL[torch.float32], precision="tf32x3")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_channels_first_map_and_determinism(dtype):
+    batch, n, m, d = GPU_SHAPE
+    x, prototypes = inputs(batch, n, m, d, seed=23, dtype=dtype, device="cuda")
+    x_map = x.transpose(1, 2).reshape(batch, d, 14, 14)
+    first = check_against_reference(x_map, prototypes, TOL[dtype])
+    second = outputs_and_grads(x_map, prototypes, "triton")
+    for name, a, b in zip(OUTPUT_NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    x, prototypes = inputs(*GPU_SHAPE, seed=24, device="cuda")
+    prototypes.requires_grad_()
+
+    def loss(features):
+        pooled, attr = gsp_pool(features, prototypes, backend="triton")
+        return pooled.square().sum() + attr.square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    x_eager = x.clone().requires_grad_()
+    x_compiled = x.clone().requires_grad_()
+    loss(x_eager).backward()
+    compiled(x_compiled).backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+
+
+
+# ----------------------------------------------------------------------------- GPU code generation on the CPU
+
+SM90 = (("cuda", 90, 32), "sm_90a")
+
+
+def _compile_kernels_for_sm90() -> list[str]:
+    """Compile every kernel variant the glue launches for a typical shape (N=196, M=128,
+    D=512) to an sm_90 cubin, without a GPU: catches errors that the interpreter cannot see
+    (bfloat16 tensor-core dots, loop-carried types, layouts). Returns one line per variant."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    assert not _triton._INTERPRETED
+    pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+    float_args = {"gamma", "snap", "inv_total", "target", "logit_mu", "log_mu", "log_target", "tol"}
+
+    def compile_one(kernel, dtype, f32_pointers, constexprs, num_warps, num_stages):
+        types = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                types[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                types[name] = "*fp32" if name in f32_pointers else pointer[dtype]
+            else:
+                types[name] = "fp32" if name in float_args else "i32"
+        constants = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
+        source = ASTSource(fn=kernel, signature=types, constexprs=constants)
+        compiled = triton.compile(
+            source, target=GPUTarget(*SM90[0]), options={"num_warps": num_warps, "num_stages": num_stages}
+        )
+        assert compiled.asm["cubin"], kernel
+        return f"{kernel.fn.__name__} {dtype} {sorted(constexprs.items())}"
+
+    lines = []
+    n, m, d = 196, 128, 512
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.empty(1, n, d, dtype=dtype)
+        prototypes = torch.empty(m, d, dtype=dtype)
+        for precision in ("auto", "tf32") if dtype == torch.float32 else ("auto",):
+            cast_f32, dot_precision, f32_precision, _ = _triton._resolve_precision(x, prototypes, precision)
+            half = dtype != torch.float32
+            config = dict(_triton._launch_config(n, m, d, half))
+            launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+            for newton, gap in ((True, False), (False, False), (True, True)):
+                constexprs = dict(
+                    config, BLOCK_ALL_N=256, NORMALIZE=0, EUCLIDEAN=True, NEWTON=newton, GAP=gap,
+                    CAST_F32=cast_f32, PRECISION=dot_precision, stride_xd=1, stride_zd=1,
+                )
+                f32_pointers = {"u_ptr", "logits_ptr", "ell_ptr"}
+                lines.append(compile_one(_triton._gsp_forward_kernel, dtype, f32_pointers, constexprs, **launch))
+            config = dict(_triton._launch_config(n, m, d, half, backward=True))
+            launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+            constexprs = dict(
+                config, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=cast_f32, PRECISION=dot_precision,
+                F32_PRECISION=f32_precision, SPLIT_BF16=dtype == torch.bfloat16, NATIVE_BF16=True,
+            )
+            f32_pointers = {"u_ptr", "coef_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr"}
+            lines.append(compile_one(_triton._gsp_backward_kernel, dtype, f32_pointers, constexprs, **launch))
+            block_k, block_m, block_d, _, _ = _triton._split_k_config(256 * n, m, d, 264)
+            constexprs = dict(
+                BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_BF16=dtype == torch.bfloat16,
+                NATIVE_BF16=True, PRECISION=f32_precision,
+            )
+            lines.append(compile_one(_triton._coef_x_kernel, dtype, {"coef_ptr", "partial_ptr"}, constexprs, 4, 3))
+    return lines
+
+
+def test_kernels_compile_for_sm90():
+    """GPU code generation without a GPU, in a process where triton.jit is not the interpreter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    if torch.cuda.is_available():
+        pytest.skip("the gpu tests compile and run the kernels for real")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    script = "import test_triton; print('\\n'.join(test_triton._compile_kernels_for_sm90()))"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("\n") >= 20, result.stdout
