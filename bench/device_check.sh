@@ -2,10 +2,11 @@
 # One call on the GPU machine: build, sanitize, test, check and benchmark; logs and JSON go
 # to OUTDIR (at most 8 files, so the device tool can bring them all back); a short table is
 # printed last. Budget: well under 8 minutes on one H200.
-#   usage: bench/device_check.sh OUTDIR [--quick]
+#   usage: bench/device_check.sh OUTDIR
+#   GSP_BENCH_ARGS   arguments of `gsp-kernels bench` (default: both default shapes, all baselines)
+#   GSP_SKIP_TRAINING_STEP=1  skip the ResNet-50 training-step benchmark
 set -uo pipefail
-out=${1:?usage: bench/device_check.sh OUTDIR [--quick]}
-quick=${2:-}
+out=${1:?usage: bench/device_check.sh OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 export GSP_CUDA_ARCHS=${GSP_CUDA_ARCHS:-90-real;90-virtual}
@@ -30,23 +31,25 @@ env_log=$out/env_build.log
 run_step build "$env_log" 300 $py -m pip install --no-build-isolation --no-deps -e .
 run_step info "$env_log" 60 $py -m gsp_kernels info
 
-san_log=$out/sanitizer.log
-if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
-  run_step memcheck "$san_log" 120 compute-sanitizer --tool memcheck --error-exitcode 3 $py bench/sanitizer_case.py
-  run_step racecheck "$san_log" 120 compute-sanitizer --tool racecheck --error-exitcode 3 $py bench/sanitizer_case.py
-fi
-
 test_log=$out/tests.log
 run_step "pytest -m gpu" "$test_log" 240 $py -m pytest python_tests -m gpu -q -rfE --timeout 120 -p no:cacheprovider
 
 check_log=$out/check.log
-run_step check "$check_log" 120 $py -m gsp_kernels check --json "$out/check.json"
+run_step check "$check_log" 120 $py -m gsp_kernels check
 
 bench_log=$out/bench.log
-bench_args=(--json "$out/bench.json")
-[ "$quick" = "--quick" ] && bench_args+=(--quick)
-run_step bench "$bench_log" 240 $py -m gsp_kernels bench "${bench_args[@]}"
-if [ "$quick" != "--quick" ]; then
+read -r -a bench_args <<<"${GSP_BENCH_ARGS:---shapes 64x49x512x64,256x196x512x128}"
+run_step bench "$bench_log" 300 $py -m gsp_kernels bench "${bench_args[@]}" --json "$out/bench.json"
+san_log=$out/sanitizer.log
+if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
+  # Only this project's kernels (CUDA and Triton names contain "gsp"): torch's stay unchecked.
+  for tool in memcheck racecheck; do
+    run_step "$tool" "$san_log" 120 compute-sanitizer --tool "$tool" --kernel-name kns=gsp \
+      --error-exitcode 3 $py bench/sanitizer_case.py
+  done
+fi
+
+if [ "${GSP_SKIP_TRAINING_STEP:-0}" != "1" ]; then
   run_step training-step "$bench_log" 150 $py -m gsp_kernels.training.bench_step --json "$out/train_step.json"
 fi
 
