@@ -28,7 +28,8 @@ def check_close(x, prototypes, got, mu, **options):
     """Outputs against the float64 reference (the same loss, through autograd of gsp_pool)."""
     ref = run_reference(x, prototypes, mu, **options)
     for name, g, r in zip(("pooled", "attr", "weights", "grad_x", "grad_z"), got, ref):
-        err = (g.double().reshape(r.shape) - r).norm() / r.norm().clamp_min(1e-30)
+        # Absolute floor: some references are exactly 0 (mu = 1 leaves the prototypes no gradient).
+        err = (g.double().reshape(r.shape) - r).norm() / r.norm().clamp_min(1e-3)
         assert err < 3e-2, f"{name}: rel err {err.item():.2e}"
 
 

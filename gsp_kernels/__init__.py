@@ -2,13 +2,29 @@
 
 Public names:
     gsp_pool: the op (SPEC.md), differentiable, dispatcher-registered.
-    backend_status, available_backends: which backends run here, and why the others do not.
+    GSP, GSPOutput, GSPNet, replace_global_pool: the pooling layer for metric learning.
+    ZeroShotPredictionLoss (alias ZeroShotLoss): the paper's zero-shot prediction regularizer.
+    backend_status, available_backends, BackendStatus: which backends run here, and why not.
     build_info: how the native extension ``gsp_kernels._C`` was built (or why it is absent).
 """
 
 from ._build import build_info
 from .backends import BackendStatus, available_backends, backend_status
+from .losses import ZeroShotLoss, ZeroShotPredictionLoss
+from .nn import GSP, GSPNet, GSPOutput, replace_global_pool
 from .ops import gsp_pool
 
-__all__ = ["gsp_pool", "backend_status", "available_backends", "BackendStatus", "build_info"]
+__all__ = [
+    "gsp_pool",
+    "GSP",
+    "GSPOutput",
+    "GSPNet",
+    "replace_global_pool",
+    "ZeroShotPredictionLoss",
+    "ZeroShotLoss",
+    "backend_status",
+    "available_backends",
+    "BackendStatus",
+    "build_info",
+]
 __version__ = "0.1.0"

@@ -36,10 +36,11 @@ Precision of the products (``precision``), in SPEC.md's terms (‖out − ref‖
 - "tf32x3" (``auto`` for float32): three TF32 products recover ~float32 accuracy, ≈ ieee,
   at 3× the TF32 tensor-core work.
 - "tf32": one TF32 product (10-bit mantissa). The cost then carries ~2⁻¹⁰ relative error
-  in |x̂|² + |ẑ|² − 2 x̂·ẑ, so errors are ≲ 1e-2 and grow with gamma (logits are −γc). Its
-  cancellation noise for an exact match is ~1e-3 of |x̂|² + |ẑ|², so the snap threshold is
-  ``TF32_COST_SNAP`` = 1e-3 instead of ``COST_SNAP`` (an exact match still costs 0; costs
-  under ~0.045 for unit-norm vectors become 0, within the TF32 noise at that distance).
+  in |x̂|² + |ẑ|² − 2 x̂·ẑ, so errors are ≲ 1e-2 and grow with gamma (logits are −γc).
+  Its cancellation noise for an exact match is ~1e-3 of |x̂|² + |ẑ|², above ``COST_SNAP``:
+  an exact match then costs ~0.03 instead of 0, and gradients of features within a few
+  hundredths of a prototype are off by up to ~10% at gamma 20. A larger snap would zero
+  genuine costs of clustered features instead; use tf32 only where that error is acceptable.
 - bfloat16 / float16 inputs with prototypes of the same dtype: the cost products run
   natively on the raw inputs (normalization is folded in afterwards), and products of two
   half values are exact in the float32 accumulator: ieee-accurate at half-precision tensor
@@ -67,7 +68,6 @@ from . import _reference
 
 # How the kernels were built: triton.jit picks the interpreter at decoration time.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-TF32_COST_SNAP = 1e-3
 # The solve holds ℓ of one sample in registers: N up to this.
 MAX_N = 4096
 # Tests may set this to a dict with any of BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages
@@ -572,8 +572,7 @@ def _resolve_precision(x: torch.Tensor, prototypes: torch.Tensor, precision: str
     native_half = native_half and not (_INTERPRETED and x.dtype == torch.bfloat16)
     if native_half:  # exact products of half values; the precision flag does not apply
         return False, "tf32", f32_precision, _reference.COST_SNAP
-    snap = TF32_COST_SNAP if f32_precision == "tf32" else _reference.COST_SNAP
-    return True, f32_precision, f32_precision, snap
+    return True, f32_precision, f32_precision, _reference.COST_SNAP
 
 
 def availability(device: torch.device) -> str | None:

@@ -1,0 +1,93 @@
+"""Where the time goes: per-kernel CUDA time of one forward+backward, per backend and dtype.
+
+    python bench/profile_backends.py [--shape 256x196x512x128] [--iters 5]
+
+Prints, for each kernel backend and dtype, the wall time of one forward+backward (CUDA events)
+and the CUDA kernels that take it, in µs per iteration, largest first. Also re-runs the Triton
+forward on a bfloat16 channels-first map several times and reports whether it is bitwise
+stable (a moving result is a race).
+"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gsp_kernels import available_backends, gsp_pool
+
+
+def make_inputs(shape, dtype, channels_first=False):
+    batch, n, d, m = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, n, d, device="cuda", generator=gen).to(dtype)
+    z = torch.randn(m, d, device="cuda", generator=gen).to(dtype)
+    if channels_first:
+        side = int(round(n**0.5))
+        x = x.transpose(1, 2).reshape(batch, d, side, n // side)
+    return x.requires_grad_(), z.requires_grad_()
+
+
+def step(x, z, backend):
+    pooled, attr = gsp_pool(x, z, backend=backend)
+    (pooled.float().sum() + attr.float().square().sum()).backward()
+
+
+def profile_backend(shape, dtype, backend, iters):
+    x, z = make_inputs(shape, dtype)
+    for _ in range(3):
+        step(x, z, backend)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        step(x, z, backend)
+    end.record()
+    torch.cuda.synchronize()
+    wall_us = start.elapsed_time(end) * 1e3 / iters
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step(x, z, backend)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    kernels.sort(key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)
+    print(f"\n== {backend} {str(dtype)[6:]} {'x'.join(map(str, shape))}: {wall_us:.0f} µs per fwd+bwd (events)")
+    for e in kernels[:10]:
+        us = getattr(e, "self_device_time_total", 0) / iters
+        if us > 0:
+            print(f"  {us:9.1f} µs  x{e.count // iters:<3d} {e.key[:110]}")
+
+
+def triton_stability(shape, runs=6):
+    import gsp_kernels._triton as tri
+
+    for channels_first in (False, True):
+        for override in ({}, {"num_stages": 1}):
+            tri.BLOCK_OVERRIDE = dict(override) or None
+            x, z = make_inputs(shape, torch.bfloat16, channels_first)
+            first = [t.float() for t in gsp_pool(x.detach(), z.detach(), backend="triton", return_weights=True)]
+            worst = 0.0
+            for _ in range(runs - 1):
+                again = gsp_pool(x.detach(), z.detach(), backend="triton", return_weights=True)
+                worst = max(worst, *((a.float() - b).abs().max().item() for a, b in zip(again, first)))
+            layout = "NCHW" if channels_first else "BND"
+            print(f"triton bf16 {layout} override={override}: max |run - run0| over {runs} runs = {worst:.3e}")
+    tri.BLOCK_OVERRIDE = None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="256x196x512x128", help="BxNxDxM")
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    backends = [b for b in available_backends("cuda") if b != "reference"]
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, backends {backends}")
+    if "triton" in backends:
+        triton_stability((8, 196, 512, 128))
+    for backend in backends:
+        for dtype in (torch.float32, torch.bfloat16):
+            profile_backend(shape, dtype, backend, args.iters)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The `gsp-kernels` command (also `python -m gsp_kernels`): check, bench, info, train, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+from . import __version__
+from ._build import build_info
+from .backends import BACKENDS, backend_status
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _device(args) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _write_json(path: str, payload) -> None:
+    """JSON to `path`, or to stdout for '-'."""
+    text = json.dumps(payload, indent=2, default=str)
+    if path == "-":
+        print(text)
+        return
+    with open(path, "w") as handle:
+        handle.write(text + "\n")
+
+
+def cmd_check(args) -> int:
+    """Compare every available backend with the float64 reference; 1 if any comparison fails."""
+    from .check import DTYPES, format_table, rows_as_dicts, run_check
+
+    dtypes = _csv(args.dtypes) if args.dtypes else None
+    unknown = [d for d in dtypes or [] if d not in DTYPES]
+    if unknown:
+        raise SystemExit(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
+    backends = _csv(args.backends) if args.backends else None
+    rows = run_check(backends=backends, dtypes=dtypes, device=_device(args), seed=args.seed)
+    failed = [row for row in rows if row.status == "FAIL"]
+    if args.json:
+        _write_json(args.json, {"passed": not failed, "rows": rows_as_dicts(rows)})
+    if args.json != "-":
+        print(format_table(rows))
+        skipped = sum(row.status == "skipped" for row in rows)
+        print(f"\n{len(rows) - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped")
+    return 1 if failed else 0
+
+
+def cmd_bench(args) -> int:
+    """Time backends and baselines; table on stdout, JSON report with --json."""
+    from .benchmark import DEFAULT_SHAPES, QUICK_SHAPES, Shape, format_report, run_bench
+
+    shapes = tuple(Shape.parse(s) for s in _csv(args.shapes)) if args.shapes else None
+    shapes = shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    # torch.compile costs tens of seconds per graph on a CPU: --quick leaves it out unless asked.
+    baselines = _csv(args.baselines) if args.baselines is not None else (["paper"] if args.quick else ["paper", "compile"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run_bench(
+        shapes=shapes,
+        dtypes=_csv(args.dtypes) if args.dtypes else None,
+        backends=_csv(args.backends) if args.backends else None,
+        baselines=tuple(baselines),
+        device=_device(args),
+        warmup=2,
+        repeats=args.repeats or (5 if args.quick else 9),
+        newton_iterations=args.newton_iterations,
+        peak_tflops=[float(v) for v in _csv(args.peak_tflops)] if args.peak_tflops else None,
+        peak_gbps=args.peak_gbps,
+        training_step=args.training_step,
+    )
+    if args.json:
+        _write_json(args.json, report)
+    print(format_report(report))
+    return 0
+
+
+def cmd_info(args) -> int:
+    """Versions, GPU, native build and backend availability."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError as exc:
+        triton_version = f"not importable ({exc})"
+    device = _device(args)
+    info = {
+        "gsp_kernels": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "build_info": build_info(),
+        "device": str(device),
+        "backends": {name: {"available": s.available, "reason": s.reason} for name, s in backend_status(device).items()},
+    }
+    if args.json:
+        _write_json(args.json, info)
+        return 0
+    for key in ("gsp_kernels", "python", "torch", "torch_cuda", "triton", "gpu"):
+        print(f"{key:12} {info[key] if info[key] is not None else 'none'}")
+    print("build_info   " + ", ".join(f"{k}={v}" for k, v in info["build_info"].items()))
+    print(f"backends on {device}:")
+    for name in BACKENDS:
+        status = info["backends"][name]
+        print(f"  {name:10} {'available' if status['available'] else 'unavailable'}: {status['reason']}")
+    return 0
+
+
+def _add_training_commands(subparsers) -> None:
+    """`train` and `demo` from gsp_kernels.training.cli, or stubs that say why they are missing."""
+    try:
+        from .training.cli import register
+    except ImportError as exc:
+        reason = (
+            f"unavailable: {exc}. Install the training extra: pip install -e \".[train]\" "
+            "(or pip install 'gsp-kernels[train]')"
+        )
+
+        def unavailable(args) -> int:
+            print(f"gsp-kernels {args.command}: {reason}", file=sys.stderr)
+            return 2
+
+        for name, help_text in (("train", "train a metric-learning model with GSP"), ("demo", "end-to-end demo")):
+            stub = subparsers.add_parser(name, help=f"{help_text} ({reason})")
+            stub.set_defaults(func=unavailable)
+        return
+    register(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="gsp-kernels", description="Generalized Sum Pooling kernels: checks, benchmarks, demo.")
+    parser.add_argument("--version", action="version", version=f"gsp-kernels {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    check = subparsers.add_parser("check", help="compare every available backend with the float64 reference")
+    check.add_argument("--backends", help="comma-separated backends (default: all available here)")
+    check.add_argument("--dtypes", help="comma-separated dtypes (default: float64,float32,bfloat16,float16)")
+    check.add_argument("--device", help="device to run the backends on (default: cuda if present, else cpu)")
+    check.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    check.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-' for stdout only)")
+    check.set_defaults(func=cmd_check)
+
+    bench = subparsers.add_parser("bench", help="time backends against the paper's algorithm and torch.compile")
+    bench.add_argument("--quick", action="store_true", help="small shapes, few repeats, no torch.compile baseline")
+    bench.add_argument("--shapes", help="comma-separated BxNxDxM (default: 64x49x512x64,256x196x512x128)")
+    bench.add_argument("--backends", help="comma-separated backends (default: all available here)")
+    bench.add_argument("--baselines", help="comma-separated from paper,compile (default: both; --quick: paper)")
+    bench.add_argument("--dtypes", help="comma-separated dtypes (default: float32, plus bfloat16 on a GPU)")
+    bench.add_argument("--device", help="device (default: cuda if present, else cpu)")
+    bench.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's); 1 is steadier on a busy machine")
+    bench.add_argument("--repeats", type=int, help="timed repeats per measurement on the CPU (default 9; --quick 5)")
+    bench.add_argument("--newton-iterations", type=int, default=20,
+                       help="fixed Newton steps of the torch.compile baseline (default 20)")
+    bench.add_argument("--peak-tflops", help="FP32[,TF32[,BF16]] peaks for the roofline floor (default: H200 "
+                       "67,495,990 on an H200, else measured)")
+    bench.add_argument("--peak-gbps", type=float, help="memory bandwidth for the floor (H200 default 4300)")
+    bench.add_argument("--training-step", action="store_true",
+                       help="also time a training step (gsp_kernels.training.bench_step)")
+    bench.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    bench.set_defaults(func=cmd_bench)
+
+    info = subparsers.add_parser("info", help="versions, GPU, native build, backend availability")
+    info.add_argument("--device", help="device whose backends to report (default: cuda if present, else cpu)")
+    info.add_argument("--json", metavar="PATH", help="write as JSON ('-' for stdout)")
+    info.set_defaults(func=cmd_info)
+
+    _add_training_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `gsp-kernels` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

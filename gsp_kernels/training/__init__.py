@@ -1,0 +1,1 @@
+"""Metric learning with GSP: datasets, models, training loop, demo, training-step benchmark."""

@@ -1,0 +1,94 @@
+"""The `gsp-kernels` command: check, info, bench --quick, and the training stubs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gsp_kernels import cli
+from gsp_kernels.benchmark import PHASES, Shape, cost_model
+from gsp_kernels.check import Case, run_check
+
+
+def test_check_passes_for_the_reference():
+    small = (
+        Case(2, 13, 10, 5, gamma=5.0, transport_ratio=0.3, clustered=False),
+        Case(2, 21, 17, 6, gamma=20.0, transport_ratio=0.7, clustered=True),
+        Case(2, 9, 12, 4, gamma=2.0, transport_ratio=1.0, clustered=False),
+    )
+    rows = run_check(backends=["reference"], cases=small, device="cpu")
+    assert {row.dtype for row in rows} == {"float64", "float32", "bfloat16", "float16"}
+    assert all(row.status == "pass" for row in rows), [r for r in rows if r.status != "pass"]
+
+
+def test_check_command_exit_code_and_json(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    code = cli.main(["check", "--backends", "reference", "--dtypes", "float32,bfloat16", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["passed"] is True
+    assert {"backend", "dtype", "precision", "case", "errors", "status", "tolerance"} <= set(report["rows"][0])
+    assert "passed, 0 failed" in capsys.readouterr().out
+
+
+def test_info_lists_backends(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    for name in ("reference", "triton", "cuda", "build_info", "torch"):
+        assert name in text
+
+
+def test_bench_quick_json_fields(tmp_path):
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--quick", "--backends", "reference", "--shapes", "4x9x16x5", "--repeats", "2", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert {"device", "torch", "timer", "peaks", "rows", "overhead", "params"} <= set(report)
+    names = {row["name"] for row in report["rows"]}
+    assert {"reference", "paper"} <= names
+    for row in report["rows"]:
+        assert {"shape", "dtype", "ms", "speedup_vs_paper", "peak_memory_mb", "tflops", "gbps", "floor_ms"} <= set(row)
+        assert all(row["ms"][phase] > 0 for phase in PHASES)
+    paper = next(row for row in report["rows"] if row["name"] == "paper")
+    assert paper["speedup_vs_paper"]["fwd_bwd"] == pytest.approx(1.0)
+    assert report["overhead"][0]["backend"] in names
+    assert report["overhead"][0]["gsp_pool_us"] > 0
+
+
+def test_cost_model_matches_spec():
+    model = cost_model(Shape(64, 49, 512, 64), torch.float32)
+    assert model["flops"]["fwd"] == 2 * 64 * 49 * 64 * 512
+    assert model["flops"]["bwd"] == 3 * model["flops"]["fwd"]
+    assert model["bytes"]["fwd"] == 64 * 49 * 512 * 4
+
+
+def test_shape_parsing():
+    assert Shape.parse("64x49x512x64") == Shape(64, 49, 512, 64)
+    with pytest.raises(ValueError):
+        Shape.parse("64x49x512")
+
+
+def test_training_subcommands_are_registered():
+    parser = cli.build_parser()
+    for name in ("train", "demo"):
+        args = parser.parse_args([name])
+        assert callable(args.func)
+
+
+@pytest.mark.slow
+def test_python_dash_m_runs_info():
+    result = subprocess.run([sys.executable, "-m", "gsp_kernels", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "backends on" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_compile_baseline_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--backends", "reference", "--shapes", "2x5x8x3", "--baselines", "compile", "--repeats", "2",
+                     "--newton-iterations", "4", "--json", str(out)])
+    assert code == 0
+    row = next(r for r in json.loads(out.read_text())["rows"] if r["name"] == "compiled-reference")
+    assert row["ms"]["fwd_bwd"] is not None, row["note"]
