@@ -3,8 +3,10 @@
 # to OUTDIR (at most 8 files, so the device tool can bring them all back); a short table is
 # printed last. Budget: well under 8 minutes on one H200.
 #   usage: bench/device_check.sh OUTDIR
-#   GSP_BENCH_ARGS   arguments of `gsp-kernels bench` (default: both default shapes, all baselines)
+#   GSP_BENCH_ARGS          arguments of the first `gsp-kernels bench` (default: target shape, paper baseline)
+#   GSP_COMPILE_BENCH_ARGS  arguments of the second, with torch.compile ("" skips it)
 #   GSP_SKIP_TRAINING_STEP=1  skip the ResNet-50 training-step benchmark
+#   GSP_RUN_CHECK=1         also run `gsp-kernels check` (the GPU tests cover the same ground)
 set -uo pipefail
 out=${1:?usage: bench/device_check.sh OUTDIR}
 mkdir -p "$out"
@@ -34,12 +36,11 @@ run_step info "$env_log" 60 $py -m gsp_kernels info
 test_log=$out/tests.log
 run_step "pytest -m gpu" "$test_log" 240 $py -m pytest python_tests -m gpu -q -rfE --timeout 120 -p no:cacheprovider
 
-check_log=$out/check.log
-run_step check "$check_log" 120 $py -m gsp_kernels check
-
 bench_log=$out/bench.log
-read -r -a bench_args <<<"${GSP_BENCH_ARGS:---shapes 64x49x512x64,256x196x512x128}"
-run_step bench "$bench_log" 300 $py -m gsp_kernels bench "${bench_args[@]}" --json "$out/bench.json"
+# Every backend and the paper's algorithm side by side at the target shape; later the same with
+# the torch.compile baseline added (its compilation is slow, so it runs last).
+read -r -a bench_args <<<"${GSP_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper}"
+run_step bench "$bench_log" 120 $py -m gsp_kernels bench "${bench_args[@]}" --json "$out/bench.json"
 san_log=$out/sanitizer.log
 if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
   # Only this project's kernels (CUDA and Triton names contain "gsp"): torch's stay unchecked.
@@ -51,6 +52,14 @@ fi
 
 if [ "${GSP_SKIP_TRAINING_STEP:-0}" != "1" ]; then
   run_step training-step "$bench_log" 150 $py -m gsp_kernels.training.bench_step --json "$out/train_step.json"
+fi
+
+if [ -n "${GSP_COMPILE_BENCH_ARGS-x}" ]; then
+  read -r -a compile_args <<<"${GSP_COMPILE_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper,compile}"
+  run_step bench-compile "$bench_log" 150 $py -m gsp_kernels bench "${compile_args[@]}" --json "$out/bench_compile.json"
+fi
+if [ "${GSP_RUN_CHECK:-0}" = "1" ]; then
+  run_step check "$out/check.log" 120 $py -m gsp_kernels check
 fi
 
 stamp "done"
