@@ -88,8 +88,10 @@ def _check(x, z, grads, mu=0.3, gamma=5.0, normalize="lipschitz", cost="euclidea
             assert o.double().norm().item() <= 1e-4, f"{name}: expected ~0"
             continue
         # Float32 cancellation in |x̂|² + |ẑ|² − 2x̂·ẑ depends on the summation order, so a kernel
-        # may sit a few times above the float32 reference's own error (seen on the H200: 9x).
-        bound = max(TOL[x.dtype], PRECISION_TOL.get(precision, 0.0), 16.0 * rel_err(r32, r64))
+        # may sit a few times above the float32 reference's own error (seen on the H200: 9x for
+        # exact products; 17x for 3xTF32, whose dropped lo·lo term leaves ~2⁻²¹ per product).
+        allowance = 32.0 if precision == "tf32x3" else 16.0
+        bound = max(TOL[x.dtype], PRECISION_TOL.get(precision, 0.0), allowance * rel_err(r32, r64))
         err = rel_err(o.reshape(r64.shape), r64)
         assert err <= bound, f"{name}: rel err {err:.2e} > {bound:.2e}"
     return out
