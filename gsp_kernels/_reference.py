@@ -53,15 +53,19 @@ def normalize_rows(v: Tensor, mode: str) -> tuple[Tensor, Tensor]:
 
 
 def normalize_rows_backward(grad_vh: Tensor, vh: Tensor, divisor: Tensor, mode: str) -> Tensor:
-    """Gradient through normalize_rows: (g − (v̂·g) v̂) / |v| where the divisor is the norm."""
+    """Gradient through normalize_rows: (g − (v̂·g) v̂) / |v| where the divisor is the norm.
+
+    One pass over the rows: the radial coefficient is per row, zero where v passes through.
+    """
     if mode == "none":
         return grad_vh
     if mode == "lipschitz":
         projects = divisor > 1.0  # [..., 1]: normalized rows; the others pass through
     else:
         projects = divisor > L2_EPS
-    radial = (vh * grad_vh).sum(-1, keepdim=True) * vh
-    return torch.where(projects, grad_vh - radial, grad_vh) / divisor
+    radial = (vh * grad_vh).sum(-1, keepdim=True)  # [..., 1]: v̂·g
+    radial = torch.where(projects, radial, torch.zeros_like(radial))
+    return torch.addcmul(grad_vh, vh, radial, value=-1.0).div_(divisor)
 
 
 def cost_snap(dtype: torch.dtype) -> float:
@@ -226,10 +230,13 @@ def gsp_backward(
         coef = torch.where(c > 0, grad_cost / torch.where(c > 0, c, 1.0), 0.0)  # W: [B, N, M]
     else:
         coef = 2.0 * grad_cost
-    grad_xh = xh * coef.sum(-1, keepdim=True) - torch.matmul(coef, zh)  # [B, N, D]
+    # In-place updates of fresh GEMM outputs: each [B, N, D] pass is a full memory sweep.
+    grad_xh = torch.matmul(coef, zh).neg_().addcmul_(xh, coef.sum(-1, keepdim=True))  # [B, N, D]
     coef_flat = coef.reshape(-1, coef.shape[-1])  # [B*N, M]
-    grad_zh = zh * coef_flat.sum(0).unsqueeze(-1) - coef_flat.t() @ xh.reshape(-1, xh.shape[-1])  # [M, D]
+    grad_zh = torch.addmm(
+        zh * coef_flat.sum(0).unsqueeze(-1), coef_flat.t(), xh.reshape(-1, xh.shape[-1]), alpha=-1.0
+    )  # [M, D]
     grad_x = normalize_rows_backward(grad_xh, xh, x_div, normalize)
-    grad_x = grad_x + weights.unsqueeze(-1) * grad_pooled.unsqueeze(1)
+    grad_x.baddbmm_(weights.unsqueeze(-1), grad_pooled.unsqueeze(1))  # + w_i gy: [B, N, D]
     grad_z = normalize_rows_backward(grad_zh, zh, z_div, normalize)
     return grad_x, grad_z

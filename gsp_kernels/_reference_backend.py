@@ -46,6 +46,8 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
         normalize,
         cost,
     )
+    if grad_x.dtype == x.dtype and grad_x.stride() == x.stride():
+        return grad_x, grad_z.to(prototypes.dtype)  # already x's layout: no copy
     grad_x_out = torch.empty_like(x)
     grad_x_out.copy_(grad_x)
     return grad_x_out, grad_z.to(prototypes.dtype)
