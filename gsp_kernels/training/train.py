@@ -234,7 +234,7 @@ def train(config: TrainConfig) -> dict:
         objective.train()
         sums = {"loss": 0.0, "metric": 0.0, "zero_shot": 0.0}
         bar = _progress(loader, f"{config.pooling} epoch {epoch + 1}/{config.epochs}", config.progress and rank == 0)
-        for images, labels in bar:
+        for step, (images, labels) in enumerate(bar, start=1):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
                 loss, metric, zero_shot_value = trainer(images, labels)
@@ -246,7 +246,7 @@ def train(config: TrainConfig) -> dict:
             sums["metric"] += float(metric)
             sums["zero_shot"] += float(zero_shot_value) if zero_shot_value is not None else 0.0
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{sums['loss'] / (bar.n + 1):.4f}")
+                bar.set_postfix(loss=f"{sums['loss'] / step:.4f}")  # running mean (tqdm's n lags)
         history.append({key: value / len(sampler) for key, value in sums.items()})
         if checkpoint_path is not None and rank == 0:
             checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
