@@ -111,6 +111,7 @@ class ZeroShotPredictionLoss(nn.Module):
         return F.cross_entropy(logits, test_labels)  # logits [m, num_classes]
 
     def forward(self, attributes: Tensor, labels: Tensor) -> Tensor:
+        """attributes [B, M], labels [B] -> weight · mean of the two halves' cross-entropies."""
         self._check(attributes, labels)
         half = attributes.shape[0] // 2
         first_attr, second_attr = attributes[:half], attributes[half:]

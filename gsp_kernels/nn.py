@@ -197,6 +197,7 @@ class GSPNet(nn.Module):
         return self.trunk.forward_features(images) if self.use_forward_features else self.trunk(images)
 
     def forward(self, images: Tensor, return_weights: bool = False) -> GSPOutput:
+        """Images -> ``GSPOutput`` of the GSP head on the backbone map."""
         return self.gsp(self.features(images), return_weights=return_weights)
 
 

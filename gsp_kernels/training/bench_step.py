@@ -119,6 +119,7 @@ def training_step_rows(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: print the rows and optionally write them as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", nargs="*", default=None, help="default: every backend available on the device")

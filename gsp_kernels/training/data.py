@@ -217,6 +217,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.seed, self.rank, self.epoch = seed, rank, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that, with the seed and the rank, fixes the batch order."""
         self.epoch = epoch
 
     def __len__(self) -> int:

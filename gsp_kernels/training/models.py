@@ -40,6 +40,7 @@ class GlobalAveragePoolHead(nn.Module):
         self.projection = nn.Linear(in_channels, embedding_dim)
 
     def forward(self, feature_map: Tensor, return_weights: bool = False) -> GSPOutput:
+        """``[B, C, H, W]`` -> ``GSPOutput`` with the averaged map's embedding (uniform weights)."""
         embedding = self.projection(feature_map.mean(dim=(2, 3)))  # [B, E]
         weights = None
         if return_weights:
@@ -57,6 +58,7 @@ class EmbeddingModel(nn.Module):
         self.head = head
 
     def forward(self, images: Tensor, return_weights: bool = False) -> GSPOutput:
+        """Images -> ``GSPOutput`` of the pooling head on the trunk's map."""
         return self.head(self.trunk(images), return_weights=return_weights)
 
 

@@ -123,6 +123,7 @@ class TrainingObjective(nn.Module):
         self.zero_shot_loss = zero_shot_loss
 
     def forward(self, images: Tensor, labels: Tensor):
+        """-> (total loss, metric loss detached, zero-shot loss detached or None)."""
         output = self.model(images)
         metric = self.metric_loss(output.embedding.float(), labels)
         if self.zero_shot_loss is None:
