@@ -48,9 +48,10 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train one model and print its summary table (rank 0 under torchrun)."""
-    from .train import summary_table, train
+    from .train import shutdown_distributed, summary_table, train
 
     result = train(_config_from_args(args))
+    shutdown_distributed()  # on success only: a barrier after a failed rank would hang
     if result["recall_at_1"] is None:
         return 0  # not rank 0
     print(summary_table(result))

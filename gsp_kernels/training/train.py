@@ -80,6 +80,13 @@ def init_distributed() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def shutdown_distributed() -> None:
+    """Tear down the process group ``init_distributed`` started, after every rank is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
     if config.device != "auto":
         return torch.device(config.device)
@@ -261,6 +268,7 @@ def train(config: TrainConfig) -> dict:
             }
             torch.save(state, checkpoint_path)
     seconds = time.perf_counter() - started
+    del trainer  # release DDP's reducer while the process group is still up
     result = {"config": config, "epochs": history, "seconds": seconds, "model": model, "recall_at_1": None, "map_at_r": None}
     if rank == 0:
         embeddings = compute_embeddings(model, test_set, device, amp=config.amp)
