@@ -2,13 +2,16 @@
 
     python bench/profile_backends.py [--shape 256x196x512x128] [--iters 5]
 
-Prints, for each kernel backend and dtype, the wall time of one forward+backward (CUDA events)
-and the CUDA kernels that take it, in µs per iteration, largest first. Also re-runs the Triton
+Prints, for each kernel backend and dtype, the wall time of one forward+backward (CUDA events),
+the CPU time to issue it (no synchronization), the CUDA kernels that take the GPU time and the
+host-side operations that take the CPU time, in µs per iteration, largest first: when the issue
+time reaches the wall time, the step is bound by the host. Also re-runs the Triton
 forward on a bfloat16 channels-first map several times and reports whether it is bitwise
 stable (a moving result is a race).
 """
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -44,17 +47,28 @@ def profile_backend(shape, dtype, backend, iters):
     end.record()
     torch.cuda.synchronize()
     wall_us = start.elapsed_time(end) * 1e3 / iters
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    torch.cuda.synchronize()
+    issue_start = time.perf_counter()
+    for _ in range(iters):
+        step(x, z, backend)
+    issue_us = (time.perf_counter() - issue_start) * 1e6 / iters
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             step(x, z, backend)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
-    kernels.sort(key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)
-    print(f"\n== {backend} {str(dtype)[6:]} {'x'.join(map(str, shape))}: {wall_us:.0f} µs per fwd+bwd (events)")
+    events = prof.key_averages()
+    kernels = sorted((e for e in events if getattr(e, "self_device_time_total", 0) > 0),
+                     key=lambda e: e.self_device_time_total, reverse=True)
+    host_ops = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: e.self_cpu_time_total, reverse=True)
+    print(f"\n== {backend} {str(dtype)[6:]} {'x'.join(map(str, shape))}: {wall_us:.0f} µs per fwd+bwd (events), "
+          f"{issue_us:.0f} µs to issue it (CPU, no sync)")
+    print("  GPU kernels:")
     for e in kernels[:10]:
-        us = getattr(e, "self_device_time_total", 0) / iters
-        if us > 0:
-            print(f"  {us:9.1f} µs  x{e.count // iters:<3d} {e.key[:110]}")
+        print(f"  {e.self_device_time_total / iters:9.1f} µs  x{e.count // iters:<3d} {e.key[:110]}")
+    print("  host operations (self CPU time under the profiler, which adds its own per-op cost):")
+    for e in host_ops[:12]:
+        print(f"  {e.self_cpu_time_total / iters:9.1f} µs  x{e.count // iters:<3d} {e.key[:110]}")
 
 
 def triton_stability(shape, runs=6):

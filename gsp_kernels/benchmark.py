@@ -1,7 +1,7 @@
 """`gsp-kernels bench`: forward, backward and forward+backward times of every backend.
 
 Each row is one implementation at one shape and dtype: the available backends through
-``gsp_pool``, plus two baselines measured in the same run: the paper's algorithm
+``gsp_pool`` (a backend may be named with a product precision, ``cuda@tf32x3``), plus two baselines measured in the same run: the paper's algorithm
 (``_paper.paper_gsp``, 100 fixed-point iterations, eager) and ``torch.compile`` of the
 reference's forward and analytic backward with a fixed Newton iteration count.
 
@@ -11,6 +11,10 @@ that a busy machine slows them alike. Small inputs rotate through several input 
 call does not find its inputs in cache. Costs follow SPEC.md's model: forward 2·B·N·M·D
 flops, backward 3x that; bytes B·N·D·sizeof(x) forward, twice that backward (read x, write
 grad_x).
+
+On a GPU each row also reports ``host f+b ms``: the CPU time to issue one forward+backward
+(Python, dispatcher, autograd and launches, with no synchronization). When it reaches the
+GPU median, the call is bound by the host, not by its kernels.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from . import _paper, _reference
 from .backends import available_backends, get_backend
-from .ops import gsp_pool
+from .ops import PRECISIONS, gsp_pool
 
 TRANSPORT_RATIO = 0.3
 GAMMA = 5.0
@@ -38,6 +42,8 @@ H200_PEAK_TFLOPS = {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0}
 H200_PEAK_GBPS = 4300.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 PHASES = ("fwd", "bwd", "fwd_bwd")
+# Calls issued back to back for the host-side time (few enough not to fill the launch queue).
+HOST_TIMED_CALLS = 5
 # Bytes of one input set below which the benchmark rotates several sets (cache-cold inputs).
 ROTATE_BELOW_BYTES = 64 * 2**20
 MAX_INPUT_SETS = 8
@@ -319,10 +325,20 @@ class BenchRow:
     ms_min: dict[str, float | None] = field(default_factory=dict)  # fastest sample (CPU only)
     speedup_vs_paper: dict[str, float | None] = field(default_factory=dict)
     peak_memory_mb: float | None = None
+    host_ms: float | None = None  # CPU time to issue one forward+backward (GPU only)
     tflops: dict[str, float | None] = field(default_factory=dict)
     gbps: dict[str, float | None] = field(default_factory=dict)
     floor_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     note: str = ""
+
+
+def parse_backend_spec(spec: str) -> tuple[str, str]:
+    """'cuda' -> ('cuda', 'auto'); 'cuda@tf32x3' -> ('cuda', 'tf32x3')."""
+    backend, _, precision = spec.partition("@")
+    precision = precision or "auto"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision in backend spec {spec!r} must be one of {PRECISIONS}")
+    return backend, precision
 
 
 def build_candidates(
@@ -330,9 +346,12 @@ def build_candidates(
 ) -> tuple[list[Candidate], list[BenchRow]]:
     """Candidates for the backends and baselines, plus rows for those that could not be built."""
     candidates, failed = [], []
-    for backend in backends:
-        op = lambda x, z, backend=backend: gsp_pool(x, z, transport_ratio=TRANSPORT_RATIO, gamma=GAMMA, backend=backend)  # noqa: E731
-        candidates.append(autograd_candidate(backend, "backend", op, inputs))
+    for spec in backends:
+        backend, precision = parse_backend_spec(spec)
+        op = lambda x, z, backend=backend, precision=precision: gsp_pool(  # noqa: E731
+            x, z, transport_ratio=TRANSPORT_RATIO, gamma=GAMMA, precision=precision, backend=backend
+        )
+        candidates.append(autograd_candidate(spec, "backend", op, inputs))
     if "paper" in baselines:
         op = lambda x, z: _paper.paper_gsp(x, z, TRANSPORT_RATIO, GAMMA, PAPER_ITERATIONS)  # noqa: E731
         candidates.append(autograd_candidate("paper", "baseline", op, inputs, f"{PAPER_ITERATIONS} iterations, eager"))
@@ -344,14 +363,35 @@ def build_candidates(
     return candidates, failed
 
 
-def time_candidates(
-    candidates: list[Candidate], device: torch.device, n_sets: int, warmup: int, repeats: int
-) -> tuple[list[dict[str, float | None]], list[dict[str, float | None]], list[float | None], list[str]]:
-    """Median ms per phase, fastest ms per phase (CPU only: a loaded machine only adds time),
-    peak extra memory (MB, GPU) and error notes for each candidate."""
+def host_issue_ms(fn: Callable[[int], object], device: torch.device, n_sets: int) -> float:
+    """CPU ms to issue one call of fn, HOST_TIMED_CALLS back to back without synchronizing."""
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for i in range(HOST_TIMED_CALLS):
+        fn(i % n_sets)
+    issued = time.perf_counter()
+    torch.cuda.synchronize(device)
+    return (issued - start) / HOST_TIMED_CALLS * 1e3
+
+
+@dataclass
+class Timings:
+    """What ``time_candidates`` measured, one entry per candidate."""
+
+    median_ms: list[dict[str, float | None]]
+    fastest_ms: list[dict[str, float | None]]  # CPU only: a loaded machine only adds time
+    peak_memory_mb: list[float | None]  # GPU only
+    host_ms: list[float | None]  # GPU only: issue time of one forward+backward
+    errors: list[str]
+
+
+def time_candidates(candidates: list[Candidate], device: torch.device, n_sets: int, warmup: int, repeats: int) -> Timings:
+    """Median (and on the CPU fastest) ms per phase, peak extra memory, host issue time and
+    error notes for each candidate."""
     timings = [dict.fromkeys(PHASES) for _ in candidates]
     fastest = [dict.fromkeys(PHASES) for _ in candidates]
     memory: list[float | None] = [None] * len(candidates)
+    host: list[float | None] = [None] * len(candidates)
     errors = [""] * len(candidates)
     if device.type == "cpu":
         for phase in PHASES:
@@ -368,7 +408,7 @@ def time_candidates(
                         timings[j][phase], fastest[j][phase] = statistics.median(samples), min(samples)
                     except Exception as exc:
                         errors[j] = f"{phase} failed: {type(exc).__name__}: {exc}"
-        return timings, fastest, memory, errors
+        return Timings(timings, fastest, memory, host, errors)
     for j, candidate in enumerate(candidates):
         try:
             for phase in PHASES:
@@ -380,9 +420,10 @@ def time_candidates(
             candidate.fwd_bwd(0)
             torch.cuda.synchronize(device)
             memory[j] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            host[j] = host_issue_ms(candidate.fwd_bwd, device, n_sets)
         except Exception as exc:  # e.g. out of memory: report, keep going
             errors[j] = f"failed: {type(exc).__name__}: {exc}"
-    return timings, fastest, memory, errors
+    return Timings(timings, fastest, memory, host, errors)
 
 
 def bench_shape(
@@ -400,12 +441,16 @@ def bench_shape(
     dtype = DTYPES[dtype_name]
     inputs = make_input_sets(shape, dtype, device)
     candidates, failed = build_candidates(backends, baselines, inputs, newton_iterations)
-    timings, fastest, memory, errors = time_candidates(candidates, device, inputs.count, warmup, repeats)
+    measured = time_candidates(candidates, device, inputs.count, warmup, repeats)
     model = cost_model(shape, dtype)
-    paper = next((t for c, t in zip(candidates, timings) if c.name == "paper"), None)
+    paper = next((t for c, t in zip(candidates, measured.median_ms) if c.name == "paper"), None)
     rows = []
-    for candidate, ms, ms_min, peak_mb, error in zip(candidates, timings, fastest, memory, errors):
-        row = BenchRow(candidate.name, candidate.kind, vars(shape).copy(), dtype_name, ms, ms_min, peak_memory_mb=peak_mb)
+    for candidate, ms, ms_min, peak_mb, host_ms, error in zip(
+        candidates, measured.median_ms, measured.fastest_ms, measured.peak_memory_mb, measured.host_ms, measured.errors
+    ):
+        row = BenchRow(
+            candidate.name, candidate.kind, vars(shape).copy(), dtype_name, ms, ms_min, peak_memory_mb=peak_mb, host_ms=host_ms
+        )
         row.note = "; ".join(filter(None, [candidate.note, error, f"{inputs.count} input sets"]))
         for phase in PHASES:
             t = ms[phase]
@@ -520,11 +565,11 @@ def run_bench(
         "peaks": {"fp32_tflops": peaks.fp32_tflops, "tensor_core_tflops": peaks.tensor_core_tflops,
                   "gbps": peaks.gbps, "source": peaks.source},
         "rows": [vars(row) for row in rows],
-        "overhead": dispatch_overhead(backends, device),
+        "overhead": dispatch_overhead(list(dict.fromkeys(parse_backend_spec(b)[0] for b in backends)), device),
         "training_step": None,
     }
     if training_step:
-        step_rows, reason = training_step_rows(device, backends)
+        step_rows, reason = training_step_rows(device, list(dict.fromkeys(parse_backend_spec(b)[0] for b in backends)))
         report["training_step"] = step_rows if step_rows is not None else {"unavailable": reason}
     return report
 
@@ -554,7 +599,7 @@ def render_table(headers: list[str], lines: list[list[str]]) -> str:
 
 def format_report(report: dict) -> str:
     """The readable tables: timings per row, overhead, training step."""
-    headers = ["impl", "shape", "dtype", "fwd ms", "bwd ms", "f+b ms", "f+b min ms", "x paper f+b", "peak MB",
+    headers = ["impl", "shape", "dtype", "fwd ms", "bwd ms", "f+b ms", "f+b min ms", "host f+b ms", "x paper f+b", "peak MB",
                "TFLOP/s f+b", "GB/s f+b", "floor f+b ms fp32/tc", "note"]
     lines = []
     for row in report["rows"]:
@@ -563,7 +608,7 @@ def format_report(report: dict) -> str:
         floor_text = f"{floor['fp32']:.3g}/{floor['tensor_core']:.3g}" if floor else "-"
         lines.append([
             row["name"], shape, row["dtype"], *(_fmt(row["ms"][p]) for p in PHASES), _fmt(row["ms_min"].get("fwd_bwd")),
-            _fmt(row["speedup_vs_paper"].get("fwd_bwd"), ".2f"), _fmt(row["peak_memory_mb"], ".1f"),
+            _fmt(row.get("host_ms")), _fmt(row["speedup_vs_paper"].get("fwd_bwd"), ".2f"), _fmt(row["peak_memory_mb"], ".1f"),
             _fmt(row["tflops"].get("fwd_bwd")), _fmt(row["gbps"].get("fwd_bwd")), floor_text, row["note"],
         ])
     parts = [

@@ -55,9 +55,23 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """Time backends and baselines; table on stdout, JSON report with --json."""
-    from .benchmark import DEFAULT_SHAPES, QUICK_SHAPES, Shape, format_report, run_bench
+    """Time backends and baselines; table on stdout, JSON report with --json, PNG with --plot.
 
+    With --from-json, no measuring: the tables (and --plot's PNG) of a saved report."""
+    from .benchmark import DEFAULT_SHAPES, QUICK_SHAPES, Shape, run_bench
+
+    if args.plot:
+        from .bench_plot import require_matplotlib
+
+        try:
+            require_matplotlib()  # before measuring, not after minutes of it
+        except ImportError as exc:
+            print(f"gsp-kernels bench --plot: {exc}", file=sys.stderr)
+            return 2
+    if args.from_json:
+        with open(args.from_json) as handle:
+            report = json.load(handle)
+        return _bench_output(report, args)
     shapes = tuple(Shape.parse(s) for s in _csv(args.shapes)) if args.shapes else None
     shapes = shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     # torch.compile costs tens of seconds per graph on a CPU: --quick leaves it out unless asked.
@@ -79,7 +93,19 @@ def cmd_bench(args) -> int:
     )
     if args.json:
         _write_json(args.json, report)
+    return _bench_output(report, args)
+
+
+def _bench_output(report: dict, args) -> int:
+    """The bench tables on stdout, and the PNG for --plot."""
+    from .benchmark import format_report
+
     print(format_report(report))
+    if args.plot:
+        from .bench_plot import plot_report
+
+        plot_report(report, args.plot)
+        print(f"\nplot: {args.plot}")
     return 0
 
 
@@ -154,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = subparsers.add_parser("bench", help="time backends against the paper's algorithm and torch.compile")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats, no torch.compile baseline")
     bench.add_argument("--shapes", help="comma-separated BxNxDxM (default: 64x49x512x64,256x196x512x128)")
-    bench.add_argument("--backends", help="comma-separated backends (default: all available here)")
+    bench.add_argument("--backends", help="comma-separated backends (default: all available here); "
+                       "name@precision times a product precision, e.g. cuda,cuda@tf32x3")
     bench.add_argument("--baselines", help="comma-separated from paper,compile (default: both; --quick: paper)")
     bench.add_argument("--dtypes", help="comma-separated dtypes (default: float32, plus bfloat16 on a GPU)")
     bench.add_argument("--device", help="device (default: cuda if present, else cpu)")
@@ -168,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--training-step", action="store_true",
                        help="also time a training step (gsp_kernels.training.bench_step)")
     bench.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    bench.add_argument("--plot", metavar="PATH", help="also draw the forward+backward times as a PNG (needs matplotlib)")
+    bench.add_argument("--from-json", metavar="PATH",
+                       help="measure nothing: print the tables (and --plot) of a report saved with --json; "
+                       "the measuring options are ignored")
     bench.set_defaults(func=cmd_bench)
 
     info = subparsers.add_parser("info", help="versions, GPU, native build, backend availability")

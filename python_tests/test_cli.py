@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gsp_kernels import cli
-from gsp_kernels.benchmark import PHASES, Shape, cost_model
+from gsp_kernels.benchmark import PHASES, Shape, cost_model, parse_backend_spec
 from gsp_kernels.check import Case, run_check
 
 
@@ -55,6 +55,23 @@ def test_bench_quick_json_fields(tmp_path):
     assert paper["speedup_vs_paper"]["fwd_bwd"] == pytest.approx(1.0)
     assert report["overhead"][0]["backend"] in names
     assert report["overhead"][0]["gsp_pool_us"] > 0
+
+
+def test_bench_backend_with_precision(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--backends", "reference,reference@ieee", "--baselines", "", "--shapes", "3x5x7x2"]
+    assert cli.main([*args, "--repeats", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["name"] for row in report["rows"]] == ["reference", "reference@ieee"]
+    assert all(row["ms"]["fwd_bwd"] > 0 and row["host_ms"] is None for row in report["rows"])  # host time: GPU only
+    assert [o["backend"] for o in report["overhead"]] == ["reference"]  # one overhead row per backend
+
+
+def test_backend_spec_parsing():
+    assert parse_backend_spec("cuda") == ("cuda", "auto")
+    assert parse_backend_spec("triton@tf32x3") == ("triton", "tf32x3")
+    with pytest.raises(ValueError, match="precision"):
+        parse_backend_spec("cuda@fast")
 
 
 def test_cost_model_matches_spec():
