@@ -25,10 +25,11 @@ Math and symbols: SPEC.md. Layout of the work:
   all B·N features, ``_coef_x_kernel``: a split-K Triton GEMM rather than torch.matmul,
   because it reads x through its strides (a channels-first map needs no copy), keeps half
   inputs in half (no float32 copy of x), and uses the same ``precision`` (cuBLAS float32
-  without TF32 runs on CUDA cores, ~2.5× slower than tf32x3 on an H200). The splits and the
-  per-sample column sums of W are reduced by ``sum(0)`` in a fixed order: no atomics, so the
-  backward is deterministic. The normalization backward for the prototypes (M×D) is torch.
-  Launches: the backward kernel, the GEMM, and small torch ops on [S, M, D] / [B, M] / [M, D].
+  without TF32 runs on CUDA cores, ~2.5× slower than tf32x3 on an H200).
+  ``_prototype_grad_kernel`` (a program per prototype) then sums the splits and the
+  per-sample column sums of W in a fixed order (no atomics: the backward is deterministic)
+  and applies the prototypes' normalization backward. Launches: the backward kernel, the GEMM
+  and that epilogue, no torch ops.
 
 Precision of the products (``precision``), in SPEC.md's terms (‖out − ref‖ / ‖ref‖):
 
@@ -512,6 +513,54 @@ def _coef_x_kernel(
     )
 
 
+@triton.jit
+def _prototype_grad_kernel(
+    partial_ptr, splits,  # Σ_i V_ki x_i per split of the features: [S, M, D] float32
+    col_sum_ptr, batch,  # Σ_i W_ki per sample: [B, M] float32
+    z_ptr, stride_zm, stride_zd, grad_z_ptr,  # prototypes [M, D]; grad_z [M, D] contiguous, z's dtype
+    M, D,
+    BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, NORMALIZE: tl.constexpr,
+):
+    """One program per prototype k: gẑ_k = ẑ_k Σ_b Σ_i W_ki − d_z Σ_s partial_s,k (= Σ W x̂),
+    then the normalization backward (gẑ − (ẑ·gẑ) ẑ [projects]) / d_z; every sum in a fixed order."""
+    k = tl.program_id(0).to(tl.int64)
+    col_total = tl.zeros((BLOCK_B,), tl.float32)
+    for b0 in range(0, batch, BLOCK_B):
+        samples = b0 + tl.arange(0, BLOCK_B)
+        col_total += tl.load(col_sum_ptr + samples.to(tl.int64) * M + k, mask=samples < batch, other=0.0)
+    w_total = tl.sum(col_total, 0)
+    z_sq = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        z = tl.load(z_ptr + k * stride_zm + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32)
+        z_sq += z * z
+    divisor = _row_divisor(tl.sum(z_sq, 0), NORMALIZE)
+    # Pass 1: the radial part ẑ·gẑ; pass 2 recomputes gẑ (cheaper than a scratch row) and writes.
+    radial = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        z_hat = tl.load(z_ptr + k * stride_zm + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32) / divisor
+        coef_x = tl.zeros((BLOCK_D,), tl.float32)
+        for split in range(0, splits):
+            coef_x += tl.load(partial_ptr + (split * M + k) * D + cols, mask=cols < D, other=0.0)
+        radial += z_hat * (z_hat * w_total - divisor * coef_x)
+    if NORMALIZE == 0:
+        radial_sum = tl.where(divisor > 1.0, tl.sum(radial, 0), 0.0)
+    elif NORMALIZE == 1:
+        radial_sum = tl.where(divisor > 1e-12, tl.sum(radial, 0), 0.0)
+    else:
+        radial_sum = 0.0
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        z_hat = tl.load(z_ptr + k * stride_zm + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32) / divisor
+        coef_x = tl.zeros((BLOCK_D,), tl.float32)
+        for split in range(0, splits):
+            coef_x += tl.load(partial_ptr + (split * M + k) * D + cols, mask=cols < D, other=0.0)
+        grad_z_hat = z_hat * w_total - divisor * coef_x
+        grad_z = (grad_z_hat - radial_sum * z_hat) / divisor
+        tl.store(grad_z_ptr + k * D + cols, grad_z.to(grad_z_ptr.dtype.element_ty), mask=cols < D)
+
+
 # ----------------------------------------------------------------------------- host glue
 
 
@@ -662,8 +711,10 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
         SPLIT_BF16=x.dtype == torch.bfloat16, NATIVE_BF16=native_bf16, PRECISION=f32_precision,
         num_warps=4, num_stages=3,
     )
-    coef_x = partials.sum(0)  # [M, D]
-    z_hat, z_div = _reference.normalize_rows(prototypes.to(torch.float32), normalize)  # [M, D], [M, 1]
-    grad_z_hat = z_hat * col_sum.sum(0).unsqueeze(-1) - z_div * coef_x
-    grad_z = _reference.normalize_rows_backward(grad_z_hat, z_hat, z_div, normalize)
-    return grad_x, grad_z.to(prototypes.dtype)
+    grad_z = torch.empty((m, d), dtype=prototypes.dtype, device=x.device)
+    _prototype_grad_kernel[(m,)](
+        partials, splits, col_sum, batch, prototypes, *prototypes.stride(), grad_z, m, d,
+        BLOCK_D=min(_next_pow2(d), 512), BLOCK_B=min(_next_pow2(batch), 256), NORMALIZE=_NORMALIZE_CODES[normalize],
+        num_warps=4,
+    )
+    return grad_x, grad_z

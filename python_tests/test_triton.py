@@ -7,7 +7,7 @@ import pytest
 import torch
 from oracles import random_inputs
 
-from gsp_kernels import _triton, gsp_pool
+from gsp_kernels import _reference, _triton, gsp_pool
 from gsp_kernels.ops import _gsp_pool_op
 
 # ‖out − ref‖ / ‖ref‖ per input dtype (SPEC.md "Oracles for tests").
@@ -331,6 +331,30 @@ def test_gpu_torch_compile_fullgraph():
 
 
 
+@pytest.mark.parametrize("normalize", ["lipschitz", "l2", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prototype_gradient_epilogue(normalize, dtype):
+    """The epilogue kernel against the same formula in torch (reference helpers), with more
+    samples and columns than one block, prototype rows inside and outside the unit ball (and
+    one zero row), and a strided prototype view."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    splits, batch, m, d = 3, 300, 5, 530  # batch > BLOCK_B (256), d > BLOCK_D (512)
+    generator = torch.Generator().manual_seed(7)
+    partials = torch.randn(splits, m, d, generator=generator).to(device)
+    col_sum = torch.randn(batch, m, generator=generator).to(device)
+    storage = torch.randn(d, m, generator=generator) * torch.tensor([2.0, 0.01, 1.0, 0.0, 5.0])  # |z| vs 1
+    prototypes = storage.to(device=device, dtype=dtype).t()  # [M, D], strides (1, M)
+    grad_z = torch.empty(m, d, dtype=dtype, device=device)
+    _triton._prototype_grad_kernel[(m,)](
+        partials, splits, col_sum, batch, prototypes, *prototypes.stride(), grad_z, m, d,
+        BLOCK_D=512, BLOCK_B=256, NORMALIZE=_triton._NORMALIZE_CODES[normalize],
+    )
+    z_hat, z_div = _reference.normalize_rows(prototypes.double(), normalize)
+    grad_z_hat = z_hat * col_sum.double().sum(0).unsqueeze(-1) - z_div * partials.double().sum(0)
+    expected = _reference.normalize_rows_backward(grad_z_hat, z_hat, z_div, normalize)
+    assert_close(grad_z, expected, 1e-5 if dtype == torch.float32 else 1e-2, f"grad_z {normalize} {dtype}", floor=0.0)
+
+
 # ----------------------------------------------------------------------------- GPU code generation on the CPU
 
 SM90 = (("cuda", 90, 32), "sm_90a")
@@ -396,6 +420,10 @@ def _compile_kernels_for_sm90() -> list[str]:
                 NATIVE_BF16=True, PRECISION=f32_precision,
             )
             lines.append(compile_one(_triton._coef_x_kernel, dtype, {"coef_ptr", "partial_ptr"}, constexprs, 4, 3))
+        for normalize in range(3):
+            constexprs = dict(BLOCK_D=512, BLOCK_B=256, NORMALIZE=normalize)
+            f32_pointers = {"partial_ptr", "col_sum_ptr"}
+            lines.append(compile_one(_triton._prototype_grad_kernel, dtype, f32_pointers, constexprs, 4, 1))
     return lines
 
 
