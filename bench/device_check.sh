@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build, sanitize, test, check and benchmark; logs and JSON go
-# to OUTDIR (at most 8 files, so the device tool can bring them all back); a short table is
-# printed last. Budget: well under 8 minutes on one H200.
+# One call on the GPU machine: build, test, sanitize, benchmark, profile and sweep; logs and
+# JSON go to OUTDIR (at most 8 files, so the device tool can bring them all back); a short
+# table is printed last. Budget: under 8 minutes on one H200 (~4.5 without the sweep).
 #   usage: bench/device_check.sh OUTDIR
-#   GSP_BENCH_ARGS          arguments of the first `gsp-kernels bench` (default: target shape, paper baseline)
+#   GSP_BENCH_ARGS          arguments of the first `gsp-kernels bench` (default: target shape, paper
+#                           baseline, every backend plus cuda@tf32x3 and triton@ieee)
 #   GSP_COMPILE_BENCH_ARGS  arguments of the second, with torch.compile ("" skips it)
 #   GSP_SKIP_TRAINING_STEP=1  skip the ResNet-50 training-step benchmark
 #   GSP_RUN_CHECK=1         also run `gsp-kernels check` (the GPU tests cover the same ground)
+#   GSP_SKIP_PROFILE=1      skip bench/profile_backends.py (per-kernel GPU time, host-side time)
+#   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's tile-config sweep (default 120; 0 skips it)
+# Files: env_build.log, tests.log (tests and sanitizers), bench.log (benchmarks, training step,
+# profile, sweep table), bench.json, bench_compile.json, train_step.json, sweep.json, check.log.
 set -uo pipefail
 out=${1:?usage: bench/device_check.sh OUTDIR}
 mkdir -p "$out"
@@ -39,9 +44,9 @@ run_step "pytest -m gpu" "$test_log" 240 $py -m pytest python_tests -m gpu -q -r
 bench_log=$out/bench.log
 # Every backend and the paper's algorithm side by side at the target shape; later the same with
 # the torch.compile baseline added (its compilation is slow, so it runs last).
-read -r -a bench_args <<<"${GSP_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper}"
+read -r -a bench_args <<<"${GSP_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper --backends cuda,cuda@tf32x3,triton,triton@ieee,reference}"
 run_step bench "$bench_log" 120 $py -m gsp_kernels bench "${bench_args[@]}" --json "$out/bench.json"
-san_log=$out/sanitizer.log
+san_log=$test_log
 if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
   # Only this project's kernels (CUDA and Triton names contain "gsp"): torch's stay unchecked.
   for tool in memcheck racecheck; do
@@ -54,9 +59,17 @@ if [ "${GSP_SKIP_TRAINING_STEP:-0}" != "1" ]; then
   run_step training-step "$bench_log" 150 $py -m gsp_kernels.training.bench_step --json "$out/train_step.json"
 fi
 
+if [ "${GSP_SKIP_PROFILE:-0}" != "1" ]; then
+  run_step profile "$bench_log" 120 $py bench/profile_backends.py
+fi
+
 if [ -n "${GSP_COMPILE_BENCH_ARGS-x}" ]; then
   read -r -a compile_args <<<"${GSP_COMPILE_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper,compile}"
   run_step bench-compile "$bench_log" 150 $py -m gsp_kernels bench "${compile_args[@]}" --json "$out/bench_compile.json"
+fi
+if [ "${GSP_SWEEP_BUDGET_S:-120}" != "0" ]; then
+  run_step sweep "$bench_log" $(( ${GSP_SWEEP_BUDGET_S:-120} + 90 )) $py bench/sweep_triton.py \
+    --budget-s "${GSP_SWEEP_BUDGET_S:-120}" --json "$out/sweep.json"
 fi
 if [ "${GSP_RUN_CHECK:-0}" = "1" ]; then
   run_step check "$out/check.log" 120 $py -m gsp_kernels check

@@ -1,0 +1,72 @@
+"""bench/sweep_triton.py in smoke mode (on the CPU through the Triton interpreter; conftest sets
+TRITON_INTERPRET=1 when there is no GPU): every config gives a deterministic, accurate row."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gsp_kernels import _triton
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "sweep_triton.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("sweep_triton", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_smoke_sweep(sweep, tmp_path):
+    device = torch.device("cuda" if torch.cuda.is_available() and not _triton._INTERPRETED else "cpu")
+    if _triton.availability(device) is not None:
+        pytest.skip(_triton.availability(device))
+    out = tmp_path / "sweep.json"
+    returned = sweep.main(["--smoke", "--json", str(out)])
+    assert _triton.BLOCK_OVERRIDE is None, "the sweep must reset the override"
+
+    report = json.loads(out.read_text())
+    assert report["rows"] == json.loads(json.dumps(returned["rows"]))  # the file is the final report
+    for key in ("device", "torch", "triton", "date", "shape"):
+        assert report[key], key
+    assert report["shape"] == {"B": 2, "N": 9, "D": 20, "M": 7}
+    assert not report["budget_reached"] and report["not_run"] == []
+
+    problem = sweep.Problem(2, 9, 20, 7, 5.0, 0.3, "lipschitz", "euclidean", "newton")
+    for kernel in ("forward", "backward"):
+        expected = sweep.smoke_configs(problem, kernel)
+        assert len(expected) == 2 and expected[0] != expected[1]
+        rows = [r for r in report["rows"] if r["kernel"] == kernel]
+        assert sorted(sweep.config_key(r["config"]) for r in rows) == sorted(sweep.config_key(c) for c in expected)
+        default = sweep.default_config(problem, kernel, "float32")
+        assert [r["config"] for r in rows if r["is_default"]] == [default]
+        assert report["defaults"][f"{kernel} float32 auto"] == default
+        outputs = sweep.FORWARD_OUTPUTS if kernel == "forward" else sweep.BACKWARD_OUTPUTS
+        for row in rows:
+            what = f"{kernel} {sweep.config_key(row['config'])}"
+            assert row["error"] is None, what
+            assert (row["dtype"], row["precision"]) == ("float32", "auto"), what
+            assert row["deterministic"] is True and row["det_runs"] >= 2, what
+            assert set(row["rel_err"]) == set(outputs), what
+            assert all(0.0 <= err < 1e-5 for err in row["rel_err"].values()), (what, row["rel_err"])
+            assert row["accurate"] is True and row["ms"] > 0, what
+
+    # Each kernel's summary names a best config and a speedup measured against the default.
+    summary = {(s["kernel"], s["dtype"], s["precision"]): s for s in report["summary"]}
+    assert set(summary) == {("forward", "float32", "auto"), ("backward", "float32", "auto")}
+    for s in summary.values():
+        assert s["best"] is not None and s["speedup_over_default"] > 0
+        assert s["default_ms"] > 0 and s["best_ms"] <= s["default_ms"]
