@@ -514,6 +514,16 @@ def _coef_x_kernel(
 
 
 @triton.jit
+def _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, divisor, w_total):
+    """ẑ_k and gẑ_k = ẑ_k Σ W − d_z Σ_s partial_s,k on the columns `cols` [BLOCK_D]."""
+    z_hat = tl.load(z_row + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32) / divisor
+    coef_x = tl.zeros(cols.shape, tl.float32)
+    for split in range(0, splits):
+        coef_x += tl.load(partial_ptr + (split * M + k) * D + cols, mask=cols < D, other=0.0)
+    return z_hat, z_hat * w_total - divisor * coef_x
+
+
+@triton.jit
 def _prototype_grad_kernel(
     partial_ptr, splits,  # Σ_i V_ki x_i per split of the features: [S, M, D] float32
     col_sum_ptr, batch,  # Σ_i W_ki per sample: [B, M] float32
@@ -529,21 +539,19 @@ def _prototype_grad_kernel(
         samples = b0 + tl.arange(0, BLOCK_B)
         col_total += tl.load(col_sum_ptr + samples.to(tl.int64) * M + k, mask=samples < batch, other=0.0)
     w_total = tl.sum(col_total, 0)
+    z_row = z_ptr + k * stride_zm
     z_sq = tl.zeros((BLOCK_D,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        z = tl.load(z_ptr + k * stride_zm + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32)
+        z = tl.load(z_row + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32)
         z_sq += z * z
     divisor = _row_divisor(tl.sum(z_sq, 0), NORMALIZE)
     # Pass 1: the radial part ẑ·gẑ; pass 2 recomputes gẑ (cheaper than a scratch row) and writes.
     radial = tl.zeros((BLOCK_D,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        z_hat = tl.load(z_ptr + k * stride_zm + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32) / divisor
-        coef_x = tl.zeros((BLOCK_D,), tl.float32)
-        for split in range(0, splits):
-            coef_x += tl.load(partial_ptr + (split * M + k) * D + cols, mask=cols < D, other=0.0)
-        radial += z_hat * (z_hat * w_total - divisor * coef_x)
+        z_hat, grad_z_hat = _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, divisor, w_total)
+        radial += z_hat * grad_z_hat
     if NORMALIZE == 0:
         radial_sum = tl.where(divisor > 1.0, tl.sum(radial, 0), 0.0)
     elif NORMALIZE == 1:
@@ -552,11 +560,7 @@ def _prototype_grad_kernel(
         radial_sum = 0.0
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        z_hat = tl.load(z_ptr + k * stride_zm + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32) / divisor
-        coef_x = tl.zeros((BLOCK_D,), tl.float32)
-        for split in range(0, splits):
-            coef_x += tl.load(partial_ptr + (split * M + k) * D + cols, mask=cols < D, other=0.0)
-        grad_z_hat = z_hat * w_total - divisor * coef_x
+        z_hat, grad_z_hat = _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, divisor, w_total)
         grad_z = (grad_z_hat - radial_sum * z_hat) / divisor
         tl.store(grad_z_ptr + k * D + cols, grad_z.to(grad_z_ptr.dtype.element_ty), mask=cols < D)
 

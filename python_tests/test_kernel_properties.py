@@ -1,0 +1,95 @@
+"""Kernel backends on random shapes and parameters (hypothesis): every output and gradient
+within SPEC.md's float32 tolerance of the float64 reference, or, where float32 itself is
+ill-conditioned (features clustered near prototypes, large gamma), within a fixed multiple of
+the float32 reference's own error on the same inputs (an error ratio against an upcast
+reference, as flash-attention tests its kernels). Triton runs through its interpreter on the
+CPU; the CUDA backend only where a GPU is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracles import random_inputs
+from test_triton import OUTPUT_NAMES, SMALL_TILES, outputs_and_grads
+
+from gsp_kernels import _triton, available_backends
+
+FLOAT32_TOL = 1e-5  # SPEC.md: float32 with IEEE products
+# A kernel may lose this many times the float32 reference's error: both round the same
+# cancellation-prone costs (|x̂|² + |ẑ|² − 2 x̂·ẑ), in different orders.
+ERROR_RATIO = 10.0
+
+shapes = st.tuples(
+    st.integers(1, 3),  # B
+    st.integers(1, 37),  # N
+    st.integers(1, 19),  # M
+    st.integers(1, 35),  # D
+)
+parameters = st.fixed_dictionaries(
+    {
+        "transport_ratio": st.sampled_from([0.05, 0.3, 0.9, 1.0]) | st.floats(0.02, 1.0),
+        "gamma": st.sampled_from([0.1, 5.0, 20.0, 100.0]) | st.floats(0.05, 100.0),
+        "normalize": st.sampled_from(["lipschitz", "l2", "none"]),
+        "cost": st.sampled_from(["euclidean", "sqeuclidean"]),
+    }
+)
+
+
+def error_norms(outputs, reference) -> list[float]:
+    """‖out − ref‖ per output in float64; inf where out is not finite."""
+    errors = []
+    for out, ref in zip(outputs, reference):
+        out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+        errors.append((out64 - ref64).norm().item() if torch.isfinite(out64).all() else float("inf"))
+    return errors
+
+
+def check_backend(backend: str, device: str, shape, params, seed: int, near_fraction: float) -> None:
+    """‖out − ref‖ ≤ max(FLOAT32_TOL, ERROR_RATIO · float32 reference's relative error) · ‖ref‖
+    + floor. The gradients' floor is FLOAT32_TOL times the larger gradient norm: a gradient that
+    is exactly zero in exact arithmetic (e.g. the prototypes' when one feature takes all the
+    weight) is float32 noise of terms of that size, not a relative quantity."""
+    x64, prototypes64 = random_inputs(*shape, seed=seed, near_fraction=near_fraction)
+    x, prototypes = x64.float().to(device), prototypes64.float().to(device)
+    got = outputs_and_grads(x, prototypes, backend, precision="ieee", **params)
+    float32_ref = outputs_and_grads(x, prototypes, "reference", **params)
+    exact = outputs_and_grads(x.double(), prototypes.double(), "reference", cotangent_dtype=torch.float32, **params)
+    norms = [ref.detach().double().norm().item() for ref in exact]
+    gradient_scale = max(norms[3], norms[4])  # grad_x, grad_prototypes
+    for index, (name, err, ref_err, norm) in enumerate(
+        zip(OUTPUT_NAMES, error_norms(got, exact), error_norms(float32_ref, exact), norms)
+    ):
+        floor = FLOAT32_TOL * gradient_scale if index >= 3 else 0.0
+        bound = max(FLOAT32_TOL, ERROR_RATIO * ref_err / max(norm, 1e-300)) * norm + floor
+        assert err <= bound, f"{backend} {name}: error {err:.2e} > {bound:.2e} (norm {norm:.2e}, float32 reference's error {ref_err:.2e})"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=shapes,
+    params=parameters,
+    seed=st.integers(0, 2**31 - 1),
+    near_fraction=st.sampled_from([0.0, 0.3, 1.0]),
+    small_tiles=st.booleans(),
+)
+def test_triton_matches_reference(shape, params, seed, near_fraction, small_tiles):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "triton" not in available_backends(device):
+        pytest.skip("triton is not available here")
+    previous = _triton.BLOCK_OVERRIDE
+    _triton.BLOCK_OVERRIDE = SMALL_TILES if small_tiles else None  # several tiles along N, M and D
+    try:
+        check_backend("triton", device, shape, params, seed, near_fraction)
+    finally:
+        _triton.BLOCK_OVERRIDE = previous
+
+
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, params=parameters, seed=st.integers(0, 2**31 - 1), near_fraction=st.sampled_from([0.0, 0.3, 1.0]))
+def test_cuda_matches_reference(shape, params, seed, near_fraction):
+    if "cuda" not in available_backends("cuda"):
+        pytest.skip("the CUDA backend is not built")
+    check_backend("cuda", "cuda", shape, params, seed, near_fraction)
