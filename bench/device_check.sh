@@ -68,7 +68,7 @@ if [ -n "${GSP_COMPILE_BENCH_ARGS-x}" ]; then
   run_step bench-compile "$bench_log" 150 $py -m gsp_kernels bench "${compile_args[@]}" --json "$out/bench_compile.json"
 fi
 if [ "${GSP_SWEEP_BUDGET_S:-120}" != "0" ]; then
-  run_step sweep "$bench_log" $(( ${GSP_SWEEP_BUDGET_S:-120} + 90 )) $py bench/sweep_triton.py \
+  run_step sweep "$bench_log" $(( ${GSP_SWEEP_BUDGET_S:-120} + 60 )) $py bench/sweep_triton.py \
     --budget-s "${GSP_SWEEP_BUDGET_S:-120}" --json "$out/sweep.json"
 fi
 if [ "${GSP_RUN_CHECK:-0}" = "1" ]; then
