@@ -66,7 +66,9 @@ def check_backend(backend: str, device: str, shape, params, seed: int, near_frac
         assert err <= bound, f"{backend} {name}: error {err:.2e} > {bound:.2e} (norm {norm:.2e}, float32 reference's error {ref_err:.2e})"
 
 
-@settings(max_examples=25, deadline=None)
+# derandomize: CI sees the same 25 examples every run (a tolerance test must not flake);
+# explore further by raising max_examples or dropping derandomize locally.
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     shape=shapes,
     params=parameters,
@@ -87,7 +89,7 @@ def test_triton_matches_reference(shape, params, seed, near_fraction, small_tile
 
 
 @pytest.mark.gpu
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(shape=shapes, params=parameters, seed=st.integers(0, 2**31 - 1), near_fraction=st.sampled_from([0.0, 0.3, 1.0]))
 def test_cuda_matches_reference(shape, params, seed, near_fraction):
     if "cuda" not in available_backends("cuda"):
