@@ -182,6 +182,14 @@ def _plan_sigma(u, ell, GAP: tl.constexpr):
 
 
 @triton.jit
+def _tile_weights(ell_sample, rows, N, u, inv_total, GAP: tl.constexpr):
+    """(w_i = σ(u + ℓ_i) / (μN), 0 past N; in-range mask) for the feature rows `rows`, ℓ from scratch."""
+    row_ok = rows < N
+    ell = tl.load(ell_sample + rows, mask=row_ok, other=0.0)
+    return tl.where(row_ok, _plan_sigma(u, ell, GAP) * inv_total, 0.0), row_ok, ell
+
+
+@triton.jit
 def _solve_newton(ell, ok, target, logit_mu, n_float, tol, max_iter):
     """Bracketed Newton for Σ σ(u + ℓ_i) = μN, the rules of _reference.solve_newton."""
     lo = logit_mu - tl.max(tl.where(ok, ell, -float("inf")), 0)
@@ -290,9 +298,7 @@ def _gsp_forward_kernel(
         pooled = tl.zeros((BLOCK_D,), tl.float32)
         for n0 in range(0, N, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
-            row_ok = rows < N
-            ell = tl.load(ell_sample + rows, mask=row_ok, other=0.0)
-            w = tl.where(row_ok, _plan_sigma(u, ell, GAP) * inv_total, 0.0)  # [BLOCK_N]
+            w, row_ok, _ = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)  # [BLOCK_N]
             x_tile = tl.load(
                 x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0,
@@ -307,9 +313,7 @@ def _gsp_forward_kernel(
         attr = tl.zeros((BLOCK_M,), tl.float32)
         for n0 in range(0, N, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
-            row_ok = rows < N
-            ell = tl.load(ell_sample + rows, mask=row_ok, other=0.0)
-            w = tl.where(row_ok, _plan_sigma(u, ell, GAP) * inv_total, 0.0)
+            w, row_ok, ell = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)
             tl.store(weights_ptr + sample * N + rows, w.to(weights_ptr.dtype.element_ty), mask=row_ok & (m0 == 0))
             logits = tl.load(
                 logits_sample + rows[:, None] * M + protos[None, :],

@@ -9,6 +9,7 @@ Re-record the baseline with GSP_PTXAS_WRITE_BASELINE=1.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -23,16 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "csrc" / "ptxas_baseline.json"
 
 
-def find_nvcc() -> str | None:
-    """nvcc the way setup.py finds it (setup.py cannot be imported: it runs setup())."""
-    if os.environ.get("GSP_NO_CUDA") == "1":
-        return None
-    candidates = [os.environ.get("CUDACXX")]
-    if os.environ.get("CUDA_HOME"):
-        candidates.append(str(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"))
-    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    return next((c for c in candidates if c and Path(c).is_file()), None)
+def _load_setup_module():
+    """setup.py as a module (its setup() call only runs as __main__): one nvcc lookup for both."""
+    spec = importlib.util.spec_from_file_location("gsp_kernels_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+find_nvcc = _load_setup_module().find_nvcc
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
