@@ -1,9 +1,10 @@
 """`gsp-kernels bench`: forward, backward and forward+backward times of every backend.
 
 Each row is one implementation at one shape and dtype: the available backends through
-``gsp_pool`` (a backend may be named with a product precision, ``cuda@tf32x3``), plus two baselines measured in the same run: the paper's algorithm
-(``_paper.paper_gsp``, 100 fixed-point iterations, eager) and ``torch.compile`` of the
-reference's forward and analytic backward with a fixed Newton iteration count.
+``gsp_pool`` (a backend may be named with a product precision, ``cuda@tf32x3``), plus two
+baselines measured in the same run: the paper's algorithm (``_paper.paper_gsp``, 100
+fixed-point iterations, eager) and ``torch.compile`` of the reference's forward and analytic
+backward with a fixed Newton iteration count.
 
 Timing: on a GPU ``triton.testing.do_bench`` (median) when triton imports, else CUDA events;
 on the CPU ``time.perf_counter`` medians, with the rows of one shape measured round-robin so
@@ -554,6 +555,7 @@ def run_bench(
                 shape, dtype_name, device, backends, list(baselines), peaks, warmup, repeats, newton_iterations
             )
     log("measuring per-call overhead")
+    backend_names = list(dict.fromkeys(parse_backend_spec(spec)[0] for spec in backends))  # without @precision
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -565,11 +567,11 @@ def run_bench(
         "peaks": {"fp32_tflops": peaks.fp32_tflops, "tensor_core_tflops": peaks.tensor_core_tflops,
                   "gbps": peaks.gbps, "source": peaks.source},
         "rows": [vars(row) for row in rows],
-        "overhead": dispatch_overhead(list(dict.fromkeys(parse_backend_spec(b)[0] for b in backends)), device),
+        "overhead": dispatch_overhead(backend_names, device),
         "training_step": None,
     }
     if training_step:
-        step_rows, reason = training_step_rows(device, list(dict.fromkeys(parse_backend_spec(b)[0] for b in backends)))
+        step_rows, reason = training_step_rows(device, backend_names)
         report["training_step"] = step_rows if step_rows is not None else {"unavailable": reason}
     return report
 
