@@ -75,8 +75,9 @@ def _subtitle(report: dict) -> str:
     return " · ".join(parts) + "\nbar label: forward+backward median · speed-up over the paper's algorithm (same run)"
 
 
-def plot_report(report: dict, path: str) -> None:
-    """Write a PNG of `report` (the dict `gsp-kernels bench --json` writes) to `path`.
+def plot_report(report: dict, path: str):
+    """Write a PNG of `report` (the dict `gsp-kernels bench --json` writes) to `path`; returns
+    the matplotlib Figure.
 
     One panel per (shape, dtype): forward+backward median per implementation on a log time
     axis, with forward and backward as thinner bars and "x.x ms · N.Nx" (speed-up over the
@@ -146,3 +147,4 @@ def plot_report(report: dict, path: str) -> None:
                 color="#444444")
     figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.8 / figure.get_figheight()))
     figure.savefig(path, format="png")
+    return figure

@@ -28,12 +28,30 @@ def h200_report() -> dict:
     return json.loads(H200_REPORT.read_text())
 
 
+def figure_texts(figure) -> list[str]:
+    """Every text drawn on the figure's panels (bar labels, tick labels, titles)."""
+    texts = []
+    for axis in figure.axes:
+        texts += [text.get_text() for text in axis.texts]
+        texts += [label.get_text() for label in axis.get_yticklabels()]
+        texts.append(axis.get_title())
+    return texts
+
+
 def test_plots_the_committed_h200_report(h200_report, tmp_path):
     names = {row["name"] for row in h200_report["rows"]}
     assert {"paper", "compiled-reference", "reference"} <= names
     out = tmp_path / "bench.png"
-    plot_report(h200_report, str(out))
+    figure = plot_report(h200_report, str(out))
     assert_png(out)
+    texts = figure_texts(figure)
+    dtypes = {row["dtype"] for row in h200_report["rows"]}
+    assert len([axis for axis in figure.axes if axis.get_title()]) == len(dtypes)  # one panel per dtype
+    for row in h200_report["rows"]:  # each bar's label: its time and speed-up, from the JSON
+        label = f"{row['ms']['fwd_bwd']:.3g}"
+        speedup = f"{row['speedup_vs_paper']['fwd_bwd']:.1f}x"
+        assert any(label in text and speedup in text for text in texts), (row["name"], row["dtype"], label, speedup)
+    assert "paper (baseline)" in texts and "cuda" in texts
 
 
 def test_failed_rows_still_plot(h200_report, tmp_path):
@@ -43,8 +61,10 @@ def test_failed_rows_still_plot(h200_report, tmp_path):
     report["rows"][0]["note"] = "failed: OutOfMemoryError: CUDA out of memory; 1 input sets"
     report["rows"][1]["ms"]["fwd_bwd"] = None  # only the forward+backward phase missing
     out = tmp_path / "failed.png"
-    plot_report(report, str(out))
+    texts = figure_texts(plot_report(report, str(out)))
     assert_png(out)
+    assert sum(text.startswith("failed") for text in texts) == 2
+    assert any("OutOfMemoryError" in text for text in texts)
 
 
 def test_every_row_failed_or_none_still_plots(h200_report, tmp_path):
