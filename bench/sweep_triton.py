@@ -1,20 +1,25 @@
 """Sweep the Triton GSP kernels' launch configurations: time, bitwise determinism, accuracy.
 
-GPU-time estimate, default sweep (96 configs): ~1-1.5 min on an H200 with 12 precompile processes (compile ~1-3 s per config, 96 x 2 s / 12 = ~16 s, plus ~10 s of process start), then ~0.3 s per config to check and time (do_bench ~0.1-0.3 s): ~30 s; ~4-5 min if compiled serially (--compile-workers 0), which --budget-s 180 cuts short, round-robin over the groups so each keeps its first candidates.
+GPU-time estimate, default sweep (128 configs: 48 forward, 48 backward, 32 coef_x): ~1.5-2 min on an H200 with 12 precompile processes (compile ~1-3 s per config, the small GEMM less, 128 x 2 s / 12 = ~21 s, plus ~10 s of process start), then ~0.3 s per config to check and time (do_bench ~0.1-0.3 s): ~40 s; ~5-6 min if compiled serially (--compile-workers 0), which --budget-s 180 cuts short, round-robin over the groups so each keeps its first candidates.
 
 What it answers, at the target shape B=256 N=196 D=512 M=128 (gamma 5, transport_ratio 0.3,
 lipschitz, euclidean, newton, max_iter / tol from gsp_kernels._reference): which
 (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) is fastest for the forward kernel and for
-the backward, in float32 (precision auto = tf32x3, and ieee) and bfloat16, and whether each
-config is bitwise deterministic and accurate against a float64 reference.
+the backward, which (BLOCK_K, BLOCK_M, BLOCK_D, num_warps, num_stages, programs_wanted) for
+the backward's split-K prototype-gradient GEMM ("coef_x", `_coef_x_kernel`), in float32
+(precision auto = tf32x3, and ieee) and bfloat16, and whether each config is bitwise
+deterministic and accurate against a float64 reference.
 
 How:
 - `_triton.BLOCK_OVERRIDE` is set to the full config around the timed call only (and reset
   to None in a `finally`). It applies to the forward *and* the backward launch, so the two
   are swept separately: forward configs time `_triton.forward` alone; backward configs time
-  `_triton.backward` alone, on a u computed once per group with the default config. The
-  backward's prototype-gradient GEMM (`_coef_x_kernel`, its own fixed config) is included in
-  the backward time but not swept.
+  `_triton.backward` alone, on a u computed once per (dtype, precision) with the default
+  config. The backward's prototype-gradient GEMM (`_coef_x_kernel`) keeps its default config
+  there (included in the backward time) and is swept by the coef_x groups through
+  `_triton.GEMM_OVERRIDE` instead: they time `_triton.backward` the same way, with the
+  backward kernel's default config, so a coef_x speedup is over the whole backward.
+  programs_wanted (the split-K's target program count) is 1, 2 (default) or 4 per SM.
 - Per config: one call (compile, or load from Triton's cache; compile/launch errors such as
   out-of-resources are recorded and the sweep goes on), --det-runs more calls compared with
   torch.equal on every output, ‖out − ref‖/‖ref‖ per output against a float64 reference
@@ -33,9 +38,12 @@ Usage:
   python bench/sweep_triton.py --dry-run                                # list the configs only
   python bench/sweep_triton.py --kernels forward --dtypes bfloat16 --max-configs 6
   python bench/sweep_triton.py --configs 64,128,64,8,1 --configs 32,128,64,4,2   # given configs
+  python bench/sweep_triton.py --kernels coef_x --dtypes bfloat16 --configs 64,128,64,8,3,264
   TRITON_INTERPRET=1 python bench/sweep_triton.py --smoke --json /tmp/s.json   # CPU check
 
-A config is written BLOCK_N,BLOCK_M,BLOCK_D,num_warps,num_stages.
+A config is written BLOCK_N,BLOCK_M,BLOCK_D,num_warps,num_stages (forward, backward) or
+BLOCK_K,BLOCK_M,BLOCK_D,num_warps,num_stages,programs_wanted (coef_x; programs_wanted is a
+count of programs, 264 = 2 per SM on an H200); --configs of one kind select their kernels.
 """
 
 from __future__ import annotations
@@ -69,7 +77,9 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/sweep_triton.py` with
 from gsp_kernels import _reference, _triton
 
 KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_D", "num_warps", "num_stages")
-KERNELS = ("forward", "backward")
+# The backward's split-K GEMM (_coef_x_kernel, through _triton.GEMM_OVERRIDE).
+GEMM_KEYS = ("BLOCK_K", "BLOCK_M", "BLOCK_D", "num_warps", "num_stages", "programs_wanted")
+KERNELS = ("forward", "backward", "coef_x")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # SPEC.md's tolerances on ‖out − ref‖ / ‖ref‖ per input dtype.
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -130,6 +140,23 @@ BACKWARD_CANDIDATES = [
     (128, 64, 0.5, 8, 2),
     (32, 128, 1, 8, 3),
 ]
+# The prototype-gradient GEMM over all B·N features: (BLOCK_K, BLOCK_M, BLOCK_D, num_warps,
+# num_stages, programs_wanted per SM). The default (first) is 64 x 64 x 64, 4 warps, 3 stages,
+# 2 programs per SM (_triton._gemm_config), 16 tiles x 17 splits at the target shape on an H200.
+GEMM_CANDIDATES = [
+    (64, 64, 64, 4, 3, 2),  # default
+    (64, 128, 64, 8, 3, 2),  # one prototype tile at M=128: each x tile read once
+    (64, 64, 64, 4, 3, 1),  # half the splits: fewer partials to write and sum
+    (64, 64, 64, 4, 3, 4),
+    (64, 64, 64, 8, 4, 2),
+    (128, 64, 64, 8, 2, 2),
+    (32, 64, 64, 4, 4, 2),
+    (64, 64, 128, 8, 3, 2),
+    (64, 128, 128, 8, 2, 2),
+    (32, 128, 64, 4, 3, 1),
+    (64, 32, 64, 4, 3, 4),
+    (128, 128, 64, 8, 2, 1),
+]
 # float32 with exact products (CUDA-core FMA, not the default path): the first this many.
 IEEE_CANDIDATES = 8
 
@@ -170,15 +197,20 @@ class Group:
 # ----------------------------------------------------------------------------- configs
 
 
+def config_keys(kernel: str) -> tuple[str, ...]:
+    return GEMM_KEYS if kernel == "coef_x" else KEYS
+
+
 def config_key(config: dict) -> str:
-    return ",".join(str(config[k]) for k in KEYS)
+    return ",".join(str(config[k]) for k in (GEMM_KEYS if "BLOCK_K" in config else KEYS))
 
 
 def parse_config(text: str) -> dict:
     parts = [int(p) for p in text.split(",")]
-    if len(parts) != len(KEYS):
-        raise argparse.ArgumentTypeError(f"a config is {','.join(KEYS)}, got {text!r}")
-    return dict(zip(KEYS, parts))
+    for keys in (KEYS, GEMM_KEYS):
+        if len(parts) == len(keys):
+            return dict(zip(keys, parts))
+    raise argparse.ArgumentTypeError(f"a config is {','.join(KEYS)} or {','.join(GEMM_KEYS)}, got {text!r}")
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -194,7 +226,7 @@ def _pow2(v: int) -> bool:
 
 def config_problem(config: dict, kernel: str, dtype: str) -> str | None:
     """Why a config cannot be launched by these kernels (None if it can)."""
-    for key in ("BLOCK_N", "BLOCK_M", "BLOCK_D"):
+    for key in config_keys(kernel)[:3]:
         if not _pow2(config[key]) or config[key] < 16:  # tl.arange: powers of two; tl.dot: >= 16
             return f"{key}={config[key]} must be a power of two >= 16"
     if not _pow2(config["num_warps"]) or config["num_warps"] > 16:
@@ -202,8 +234,14 @@ def config_problem(config: dict, kernel: str, dtype: str) -> str | None:
     if config["num_stages"] < 1:
         return "num_stages must be >= 1"
     elem = 2 if dtype == "bfloat16" else 4
-    bn, bm, bd = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_D"]
-    per_stage = (bn * bd + bd * bm) * elem  # x and zᵀ tiles of the cost dot
+    if kernel == "coef_x":
+        if config["programs_wanted"] < 1:
+            return "programs_wanted must be >= 1"
+        bk, bm, bd = config["BLOCK_K"], config["BLOCK_M"], config["BLOCK_D"]
+        per_stage = bm * bk * 4 + bk * bd * elem  # Vᵀ (float32, or bfloat16 hi + lo) and x tiles
+    else:
+        bn, bm, bd = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_D"]
+        per_stage = (bn * bd + bd * bm) * elem  # x and zᵀ tiles of the cost dot
     if kernel == "backward":
         per_stage = max(per_stage, (bn * bm + bm * bd) * 4)  # V and z tiles of pass 2 (float32)
     if per_stage * config["num_stages"] > SMEM_LIMIT_BYTES:
@@ -211,11 +249,19 @@ def config_problem(config: dict, kernel: str, dtype: str) -> str | None:
     return None
 
 
-def default_config(problem: Problem, kernel: str, dtype: str) -> dict:
-    """The config the kernels use today at this shape (no override)."""
-    assert not _triton.BLOCK_OVERRIDE, "BLOCK_OVERRIDE must be None outside a measurement"
-    config = _triton._launch_config(problem.n, problem.m, problem.d, dtype == "bfloat16", backward=kernel == "backward")
-    return {k: int(config[k]) for k in KEYS}
+def sweep_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not _triton._INTERPRETED else "cpu")
+
+
+def default_config(problem: Problem, kernel: str, dtype: str, device: torch.device | None = None) -> dict:
+    """The config the kernels use today at this shape (no override) on `device` (default: the
+    sweep's; the GEMM's programs_wanted depends on it)."""
+    assert not _triton.BLOCK_OVERRIDE and not _triton.GEMM_OVERRIDE, "overrides must be None outside a measurement"
+    if kernel == "coef_x":
+        config = _triton._gemm_config(problem.batch * problem.n, problem.m, problem.d, device or sweep_device())
+    else:
+        config = _triton._launch_config(problem.n, problem.m, problem.d, dtype == "bfloat16", backward=kernel == "backward")
+    return {k: int(config[k]) for k in config_keys(kernel)}
 
 
 def candidate_configs(problem: Problem, kernel: str, dtype: str, precision: str, max_configs: int | None,
@@ -223,7 +269,15 @@ def candidate_configs(problem: Problem, kernel: str, dtype: str, precision: str,
     """(default, [default, candidates...]) clipped to the shape, deduplicated, valid."""
     default = default_config(problem, kernel, dtype)
     if given:
-        raw = [dict(c) for c in given]
+        raw = [dict(c) for c in given if set(c) == set(config_keys(kernel))]
+    elif kernel == "coef_x":
+        # programs_wanted per SM: the default's 2 per SM (_triton._programs_wanted) scaled.
+        table = GEMM_CANDIDATES[:IEEE_CANDIDATES] if precision == "ieee" else GEMM_CANDIDATES
+        raw = [
+            {"BLOCK_K": bk, "BLOCK_M": bm, "BLOCK_D": bd, "num_warps": w, "num_stages": s,
+             "programs_wanted": default["programs_wanted"] * per_sm // 2}
+            for bk, bm, bd, w, s, per_sm in table
+        ]
     else:
         table = FORWARD_CANDIDATES if kernel == "forward" else BACKWARD_CANDIDATES
         if precision == "ieee":
@@ -233,7 +287,8 @@ def candidate_configs(problem: Problem, kernel: str, dtype: str, precision: str,
             for bn, bm, df, w, s in table
         ]
     # No tile larger than the padded dimension (those only add masked work).
-    caps = {"BLOCK_N": problem.n, "BLOCK_M": problem.m, "BLOCK_D": problem.d}
+    caps = {"BLOCK_N": problem.n, "BLOCK_M": problem.m, "BLOCK_D": problem.d, "BLOCK_K": problem.batch * problem.n}
+    caps = {key: dim for key, dim in caps.items() if key in config_keys(kernel)}
     configs, seen = [default], {config_key(default)}
     for config in raw:
         for key, dim in caps.items():
@@ -333,8 +388,10 @@ def kernel_call(group: Group, problem: Problem):
 # ----------------------------------------------------------------------------- measurement
 
 
-def set_override(config: dict | None) -> None:
-    _triton.BLOCK_OVERRIDE = dict(config) if config else None
+def set_override(config: dict | None, kernel: str = "forward") -> None:
+    """The config on the hook its kernel reads (GEMM_OVERRIDE for coef_x); None: both off."""
+    _triton.BLOCK_OVERRIDE = dict(config) if config and kernel != "coef_x" else None
+    _triton.GEMM_OVERRIDE = dict(config) if config and kernel == "coef_x" else None
 
 
 def context_ok(device: torch.device) -> bool:
@@ -362,7 +419,7 @@ def measure(group: Group, config: dict, problem: Problem, refs: dict, device: to
         "first_call_s": None, "error": None,
     }
     call = kernel_call(group, problem)
-    set_override(config)
+    set_override(config, group.kernel)
     try:
         start = time.perf_counter()
         first = call()
@@ -410,7 +467,7 @@ def worker_main(job_file: str) -> int:
     """Compile (by launching at a small batch) each job's config into Triton's on-disk cache."""
     spec = json.loads(Path(job_file).read_text())
     problem = Problem(**spec["problem"])
-    device = torch.device("cuda" if torch.cuda.is_available() and not _triton._INTERPRETED else "cpu")
+    device = sweep_device()
     batch = min(problem.batch, WORKER_BATCH)
     tensors = {}
     for job in spec["jobs"]:
@@ -420,7 +477,7 @@ def worker_main(job_file: str) -> int:
             tensors[dtype]["u"] = torch.zeros(batch, device=device)  # any finite u compiles the backward
         group = Group(kernel, dtype, precision, inputs=tensors[dtype])
         start, error, from_triton = time.perf_counter(), None, False
-        set_override(job["config"])
+        set_override(job["config"], kernel)
         try:
             kernel_call(group, problem)()
             synchronize(device)
@@ -529,13 +586,16 @@ def summarize(report: dict) -> list[dict]:
     return summaries
 
 
+def config_header(kernel: str) -> str:
+    return "BLOCK_K,M,D,warps,stages,programs" if kernel == "coef_x" else "BLOCK_N,M,D,warps,stages"
+
+
 def print_report(report: dict) -> None:
     print(f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['shape']} | "
           f"{report['elapsed_s']:.0f} s{' (budget reached)' if report['budget_reached'] else ''}")
-    header = f"{'BLOCK_N,M,D,warps,stages':<26}{'ms':>9}{'x default':>11}{'det':>5}{'max err':>10}  {'acc':<4}note"
     for s in summarize(report):
         print(f"\n== {s['kernel']} {s['dtype']} precision={s['precision']}")
-        print(header)
+        print(f"{config_header(s['kernel']):<34}{'ms':>9}{'x default':>11}{'det':>5}{'max err':>10}  {'acc':<4}note")
         base = s["default"]["ms"] if s["default"] and s["default"]["ms"] else None
         for r in s["rows"]:
             ratio = base / r["ms"] if base and r["ms"] else None
@@ -545,7 +605,7 @@ def print_report(report: dict) -> None:
             elif r["max_rel_err"] is not None:
                 worst = max(r["rel_err"], key=r["rel_err"].get)
                 note += f"worst {worst}"
-            print(f"{config_key(r['config']):<26}{fmt(r['ms'], '.4f'):>9}{fmt(ratio, '.2f'):>11}"
+            print(f"{config_key(r['config']):<34}{fmt(r['ms'], '.4f'):>9}{fmt(ratio, '.2f'):>11}"
                   f"{fmt(r['deterministic']):>5}{fmt(r['max_rel_err'], '.2e'):>10}  {fmt(r['accurate']):<4}{note}")
         best = s["best"]
         if best:
@@ -590,11 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", default="lipschitz", choices=_reference.NORMALIZE_MODES)
     p.add_argument("--cost", default="euclidean", choices=_reference.COST_MODES)
     p.add_argument("--solver", default="newton", choices=_reference.SOLVERS)
-    p.add_argument("--kernels", default="forward,backward", help="comma list of forward, backward")
+    p.add_argument("--kernels", default="forward,backward,coef_x", help="comma list of forward, backward, coef_x")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16")
     p.add_argument("--precisions", default="auto,ieee", help="float32 precisions (bfloat16 always runs auto)")
     p.add_argument("--configs", type=parse_config, action="append", default=None,
-                   help="sweep only these configs (repeatable), BLOCK_N,BLOCK_M,BLOCK_D,num_warps,num_stages")
+                   help="sweep only these configs (repeatable): BLOCK_N,BLOCK_M,BLOCK_D,num_warps,num_stages for "
+                        "forward/backward, BLOCK_K,BLOCK_M,BLOCK_D,num_warps,num_stages,programs_wanted for coef_x")
     p.add_argument("--max-configs", type=int, default=None, help="at most this many configs per group (priority order)")
     p.add_argument("--budget-s", type=float, default=180.0, help="no new config starts after this many seconds")
     p.add_argument("--det-runs", type=int, default=2, help="calls compared bitwise with the first one")
@@ -612,9 +673,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def smoke_configs(problem: Problem, kernel: str) -> list[dict]:
-    """Two configs: the default and one with small D tiles (D spans two tiles)."""
+    """Two configs: the default and one with small D tiles (D spans two tiles); for coef_x
+    also small feature tiles and twice the programs (the features then split in two)."""
     default = default_config(problem, kernel, "float32")
-    return [default, {**default, "BLOCK_D": 16, "num_warps": 2, "num_stages": 2}]
+    small = {**default, "BLOCK_D": 16, "num_warps": 2, "num_stages": 2}
+    if kernel == "coef_x":
+        small.update(BLOCK_K=16, programs_wanted=2 * default["programs_wanted"])
+    return [default, small]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -622,7 +687,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile_worker:
         return worker_main(args.compile_worker)
     t0 = time.monotonic()
-    device = torch.device("cuda" if torch.cuda.is_available() and not _triton._INTERPRETED else "cpu")
+    device = sweep_device()
     unavailable = _triton.availability(device)
     if unavailable:
         raise SystemExit(f"triton backend unavailable on {device}: {unavailable}")
@@ -641,7 +706,12 @@ def main(argv: list[str] | None = None) -> dict:
         if bad:
             raise SystemExit(f"--{name}: unknown {bad}, choose from {list(allowed)}")
 
-    # Groups, most used path first: bfloat16 and float32 auto, forward then backward.
+    if args.configs:  # configs of one kind (5 or 6 numbers) select the kernels that take them
+        kernels = [k for k in kernels if any(set(c) == set(config_keys(k)) for c in args.configs)]
+        if not kernels:
+            raise SystemExit("--configs: none of them fits the --kernels chosen")
+
+    # Groups, most used path first: bfloat16 and float32 auto, forward, backward, then coef_x.
     groups = []
     for dtype in dtypes:
         for precision in (precisions if dtype == "float32" else ["auto"]):
@@ -655,7 +725,7 @@ def main(argv: list[str] | None = None) -> dict:
                         problem, kernel, dtype, precision, args.max_configs, args.configs
                     )
                 groups.append(group)
-    groups.sort(key=lambda g: (g.precision == "ieee", g.dtype != "bfloat16", g.kernel != "forward"))
+    groups.sort(key=lambda g: (g.precision == "ieee", g.dtype != "bfloat16", KERNELS.index(g.kernel)))
     # Round-robin over the groups by candidate rank: a budget cut leaves every group its first ones.
     order = []
     for rank in range(max(len(g.configs) for g in groups)):
@@ -663,9 +733,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.dry_run:
         for group in groups:
-            print(f"{group.key}: default {config_key(group.default)}; {len(group.configs)} configs: "
-                  + " ".join(config_key(c) for c in group.configs))
-        print(f"{len(order)} configs in all")
+            print(f"{group.key}: default {config_key(group.default)}; {len(group.configs)} configs "
+                  f"({config_header(group.kernel)}): " + " ".join(config_key(c) for c in group.configs))
+        per_kernel = ", ".join(f"{k} {sum(len(g.configs) for g in groups if g.kernel == k)}" for k in kernels)
+        print(f"{len(order)} configs in all ({per_kernel})")
         return {"groups": {g.key: g.configs for g in groups}, "order": [(g.key, c) for g, c in order]}
 
     report = {
@@ -692,18 +763,21 @@ def main(argv: list[str] | None = None) -> dict:
         if workers > 0:  # on the CPU only to exercise this path: the interpreter has no cache
             procs = start_precompile(order, problem, workers, Path(scratch))
 
-        # Inputs and the float64 reference, once per dtype; u per group from the default config.
-        tensors, refs = {}, {}
+        # Inputs and the float64 reference, once per dtype; u once per (dtype, precision) from
+        # the default config, for the backward and coef_x groups (both time _triton.backward).
+        tensors, refs, us = {}, {}, {}
         for dtype in dtypes:
             tensors[dtype] = make_tensors(problem, batch, dtype, device, args.seed)
             refs[dtype] = reference_outputs(problem, tensors[dtype])
         for group in groups:
             group.inputs = dict(tensors[group.dtype])
-            if group.kernel == "backward":
-                assert _triton.BLOCK_OVERRIDE is None
-                group.inputs["u"] = _triton.forward(
-                    group.inputs["x"], group.inputs["z"], *forward_args(problem, group.precision)
-                )[3]
+            if group.kernel != "forward":
+                assert _triton.BLOCK_OVERRIDE is None and _triton.GEMM_OVERRIDE is None
+                if (group.dtype, group.precision) not in us:
+                    us[group.dtype, group.precision] = _triton.forward(
+                        group.inputs["x"], group.inputs["z"], *forward_args(problem, group.precision)
+                    )[3]
+                group.inputs["u"] = us[group.dtype, group.precision]
         synchronize(device)
         print(f"inputs and references ready at {time.monotonic() - t0:.1f} s", flush=True)
         if procs:
@@ -742,7 +816,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{fmt(row['ms'], '.4f')} ms det={fmt(row['deterministic'])} err={fmt(row['max_rel_err'], '.1e')} "
                 f"first={fmt(row['first_call_s'], '.2f')} s"
             )
-            print(f"[{report['elapsed_s']:6.1f} s] {group.key:<24} {config_key(config):<18} {status}", flush=True)
+            print(f"[{report['elapsed_s']:6.1f} s] {group.key:<24} {config_key(config):<20} {status}", flush=True)
             if row["error"] and device.type == "cuda" and not context_ok(device):
                 report["aborted"] = f"CUDA context unusable after {group.key} {config_key(config)}: {row['error']}"
                 report["not_run"] = [

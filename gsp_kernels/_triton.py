@@ -74,6 +74,9 @@ MAX_N = 4096
 # Tests may set this to a dict with any of BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages
 # to force tiling at small sizes.
 BLOCK_OVERRIDE: dict | None = None
+# Likewise for the backward's split-K GEMM (``_coef_x_kernel``): any of BLOCK_K, BLOCK_M, BLOCK_D
+# (powers of two >= 16), num_warps, num_stages, programs_wanted (see ``_gemm_config``).
+GEMM_OVERRIDE: dict | None = None
 
 _NORMALIZE_CODES = {"lipschitz": 0, "l2": 1, "none": 2}
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -522,7 +525,7 @@ def _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, d
     """ẑ_k and gẑ_k = ẑ_k Σ W − d_z Σ_s partial_s,k on the columns `cols` [BLOCK_D]."""
     z_hat = tl.load(z_row + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32) / divisor
     coef_x = tl.zeros(cols.shape, tl.float32)
-    for split in range(0, splits):
+    for split in range(splits):
         coef_x += tl.load(partial_ptr + (split * M + k) * D + cols, mask=cols < D, other=0.0)
     return z_hat, z_hat * w_total - divisor * coef_x
 
@@ -606,10 +609,16 @@ def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False) -
 
 
 @functools.lru_cache(maxsize=256)
-def _split_k_config(total_rows: int, m: int, d: int, programs_wanted: int) -> tuple[int, int, int, int, int]:
+def _split_k_config(
+    total_rows: int, m: int, d: int, programs_wanted: int,
+    block_k: int | None = None, block_m: int | None = None, block_d: int | None = None,
+) -> tuple[int, int, int, int, int]:
     """(BLOCK_K, BLOCK_M, BLOCK_D, rows per split, splits) for the prototype-gradient GEMM:
-    enough splits of the B·N features to give about `programs_wanted` programs."""
-    block_k, block_m, block_d = 64, min(max(_next_pow2(m), 16), 64), min(max(_next_pow2(d), 16), 64)
+    enough splits of the B·N features to give about `programs_wanted` programs. Block sizes
+    not given: 64 features, up to 64 prototypes and 64 columns."""
+    block_k = block_k or 64
+    block_m = block_m or min(max(_next_pow2(m), 16), 64)
+    block_d = block_d or min(max(_next_pow2(d), 16), 64)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(d, block_d)
     splits = max(1, min(triton.cdiv(programs_wanted, tiles), triton.cdiv(total_rows, block_k)))
     rows_per_split = triton.cdiv(triton.cdiv(total_rows, splits), block_k) * block_k
@@ -622,6 +631,17 @@ def _programs_wanted(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def _gemm_config(total_rows: int, m: int, d: int, device: torch.device) -> dict:
+    """The split-K GEMM's launch: num_warps 4, num_stages 3, programs_wanted from the device,
+    then the tuning override if any; blocks and split from ``_split_k_config``."""
+    gemm = {"num_warps": 4, "num_stages": 3, "programs_wanted": _programs_wanted(device), **(GEMM_OVERRIDE or {})}
+    block_k, block_m, block_d, rows_per_split, splits = _split_k_config(
+        total_rows, m, d, gemm["programs_wanted"], gemm.get("BLOCK_K"), gemm.get("BLOCK_M"), gemm.get("BLOCK_D")
+    )
+    return {**gemm, "BLOCK_K": block_k, "BLOCK_M": block_m, "BLOCK_D": block_d,
+            "rows_per_split": rows_per_split, "splits": splits}
 
 
 def _resolve_precision(x: torch.Tensor, prototypes: torch.Tensor, precision: str) -> tuple[bool, str, str, float]:
@@ -708,16 +728,15 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
         SPLIT_BF16=prototypes.dtype == torch.bfloat16, NATIVE_BF16=native_bf16, **config,
     )
     # Σ_b Σ_i W_ki x̂_i = d_z,k Σ_b Σ_i V_ki x_i: one split-K GEMM over all B·N features.
-    block_k, block_m, block_d, rows_per_split, splits = _split_k_config(
-        batch * n, m, d, _programs_wanted(x.device)
-    )
+    gemm = _gemm_config(batch * n, m, d, x.device)
+    splits = gemm["splits"]
     partials = torch.empty((splits, m, d), dtype=torch.float32, device=x.device)
-    _coef_x_kernel[(triton.cdiv(m, block_m), triton.cdiv(d, block_d), splits)](
+    _coef_x_kernel[(triton.cdiv(m, gemm["BLOCK_M"]), triton.cdiv(d, gemm["BLOCK_D"]), splits)](
         coef, x, *x.stride(), partials,
-        batch * n, n, m, d, rows_per_split,
-        BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d,
+        batch * n, n, m, d, gemm["rows_per_split"],
+        BLOCK_K=gemm["BLOCK_K"], BLOCK_M=gemm["BLOCK_M"], BLOCK_D=gemm["BLOCK_D"],
         SPLIT_BF16=x.dtype == torch.bfloat16, NATIVE_BF16=native_bf16, PRECISION=f32_precision,
-        num_warps=4, num_stages=3,
+        num_warps=gemm["num_warps"], num_stages=gemm["num_stages"],
     )
     grad_z = torch.empty((m, d), dtype=prototypes.dtype, device=x.device)
     _prototype_grad_kernel[(m,)](

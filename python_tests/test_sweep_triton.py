@@ -36,7 +36,7 @@ def test_smoke_sweep(sweep, tmp_path):
         pytest.skip(_triton.availability(device))
     out = tmp_path / "sweep.json"
     returned = sweep.main(["--smoke", "--json", str(out)])
-    assert _triton.BLOCK_OVERRIDE is None, "the sweep must reset the override"
+    assert _triton.BLOCK_OVERRIDE is None and _triton.GEMM_OVERRIDE is None, "the sweep must reset the overrides"
 
     report = json.loads(out.read_text())
     assert report["rows"] == json.loads(json.dumps(returned["rows"]))  # the file is the final report
@@ -46,7 +46,11 @@ def test_smoke_sweep(sweep, tmp_path):
     assert not report["budget_reached"] and report["not_run"] == []
 
     problem = sweep.Problem(2, 9, 20, 7, 5.0, 0.3, "lipschitz", "euclidean", "newton")
-    for kernel in ("forward", "backward"):
+    # The GEMM's second smoke config splits the 18 features in two and D=20 in two tiles.
+    gemm = sweep.smoke_configs(problem, "coef_x")[1]
+    assert _triton._split_k_config(18, 7, 20, gemm["programs_wanted"], gemm["BLOCK_K"], gemm["BLOCK_M"],
+                                   gemm["BLOCK_D"])[4] == 2 and gemm["BLOCK_D"] == 16
+    for kernel in ("forward", "backward", "coef_x"):
         expected = sweep.smoke_configs(problem, kernel)
         assert len(expected) == 2 and expected[0] != expected[1]
         rows = [r for r in report["rows"] if r["kernel"] == kernel]
@@ -66,7 +70,7 @@ def test_smoke_sweep(sweep, tmp_path):
 
     # Each kernel's summary names a best config and a speedup measured against the default.
     summary = {(s["kernel"], s["dtype"], s["precision"]): s for s in report["summary"]}
-    assert set(summary) == {("forward", "float32", "auto"), ("backward", "float32", "auto")}
+    assert set(summary) == {(kernel, "float32", "auto") for kernel in ("forward", "backward", "coef_x")}
     for s in summary.values():
         assert s["best"] is not None and s["speedup_over_default"] > 0
         assert s["default_ms"] > 0 and s["best_ms"] <= s["default_ms"]
