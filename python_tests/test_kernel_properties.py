@@ -37,6 +37,14 @@ parameters = st.fixed_dictionaries(
         "cost": st.sampled_from(["euclidean", "sqeuclidean"]),
     }
 )
+# What check_backend takes, for every backend's test.
+EXAMPLES = dict(
+    shape=shapes,
+    params=parameters,
+    precision=precisions,
+    seed=st.integers(0, 2**31 - 1),
+    near_fraction=st.sampled_from([0.0, 0.3, 1.0]),
+)
 
 
 def error_norms(outputs, reference) -> list[float]:
@@ -71,14 +79,7 @@ def check_backend(backend: str, device: str, shape, params, precision: str, seed
 # derandomize: CI sees the same 25 examples every run (a tolerance test must not flake);
 # explore further by raising max_examples or dropping derandomize locally.
 @settings(max_examples=25, deadline=None, derandomize=True)
-@given(
-    shape=shapes,
-    params=parameters,
-    precision=precisions,
-    seed=st.integers(0, 2**31 - 1),
-    near_fraction=st.sampled_from([0.0, 0.3, 1.0]),
-    small_tiles=st.booleans(),
-)
+@given(**EXAMPLES, small_tiles=st.booleans())
 def test_triton_matches_reference(shape, params, precision, seed, near_fraction, small_tiles):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if "triton" not in available_backends(device):
@@ -93,13 +94,7 @@ def test_triton_matches_reference(shape, params, precision, seed, near_fraction,
 
 @pytest.mark.gpu
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(
-    shape=shapes,
-    params=parameters,
-    precision=precisions,
-    seed=st.integers(0, 2**31 - 1),
-    near_fraction=st.sampled_from([0.0, 0.3, 1.0]),
-)
+@given(**EXAMPLES)
 def test_cuda_matches_reference(shape, params, precision, seed, near_fraction):
     if "cuda" not in available_backends("cuda"):
         pytest.skip("the CUDA backend is not built")
