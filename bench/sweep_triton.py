@@ -94,51 +94,53 @@ WORKER_BATCH = 16
 
 # Candidates in priority order (a budget-limited run gets the first ones of every group):
 # (BLOCK_N, BLOCK_M, BLOCK_D as a factor of the default's BLOCK_D, num_warps, num_stages).
-# The default (first) is 64 x 128 x {32 fp32, 64 bf16}, 8 warps, 1 stage for the forward and
-# 64 x 64 x {32, 64}, 8 warps, 1 stage for the backward (_triton._tile_config).
+# The default (_triton._tile_config), always measured first, is 64 x 128 x 32 (float32) or
+# 64 x 64 x 64 (half), 8 warps, 3 stages for the forward, 64 x 64 x {32, 64}, 8 warps, 3 stages
+# for the backward. num_stages pipelines the product loops over D only. First come the
+# session-2 defaults (one stage): the measured gain of pipelining.
 FORWARD_CANDIDATES = [
-    (64, 128, 1, 8, 1),  # default
+    (64, 128, 1, 8, 1),  # session-2 default
+    (64, 64, 1, 8, 1),
+    (64, 64, 1, 8, 3),  # half default: 126 registers, two programs per SM
+    (64, 128, 1, 8, 3),  # float32 default
+    (64, 64, 1, 8, 2),
     (64, 128, 1, 8, 2),
-    (32, 128, 1, 4, 1),  # fewer registers: maybe 2 programs per SM, all 256 samples in one wave
-    (64, 64, 1, 4, 1),
-    (64, 128, 1, 4, 1),
-    (64, 128, 2, 8, 1),
-    (64, 128, 1, 8, 3),
-    (32, 128, 2, 4, 1),
-    (32, 128, 1, 4, 2),
-    (64, 64, 1, 4, 2),
-    (128, 128, 1, 8, 1),
-    (64, 64, 2, 4, 1),
-    (32, 64, 1, 4, 1),
-    (128, 64, 1, 8, 1),
-    (64, 128, 0.5, 8, 1),
-    (16, 128, 1, 4, 1),
-    (32, 128, 1, 8, 3),
-    (64, 64, 1, 8, 3),
-    (32, 64, 2, 2, 1),
-    (128, 128, 0.5, 8, 2),
+    (64, 64, 1, 8, 4),
+    (64, 64, 2, 8, 3),
+    (32, 64, 1, 4, 3),  # 144 registers at 4 warps (half): up to three programs per SM
+    (64, 64, 1, 4, 3),
+    (32, 128, 1, 4, 3),
+    (128, 64, 1, 8, 3),
+    (64, 128, 2, 8, 2),
+    (32, 64, 2, 4, 2),
+    (64, 128, 0.5, 8, 4),
+    (16, 128, 1, 4, 3),
+    (128, 128, 0.5, 8, 3),
+    (32, 64, 1, 8, 3),
+    (64, 32, 1, 4, 3),
+    (32, 32, 2, 2, 2),
 ]
 BACKWARD_CANDIDATES = [
-    (64, 64, 1, 8, 1),  # default
+    (64, 64, 1, 8, 1),  # session-2 default
+    (64, 64, 1, 8, 3),  # default
     (64, 64, 1, 8, 2),
-    (32, 64, 1, 4, 1),
-    (64, 64, 1, 4, 1),
-    (64, 128, 1, 8, 1),  # one prototype tile: pass 1 computes x·gy and |x|² once
-    (64, 64, 2, 8, 1),
-    (64, 64, 1, 8, 3),
-    (32, 128, 1, 4, 1),
-    (64, 32, 1, 4, 1),
-    (32, 64, 1, 4, 2),
-    (32, 64, 2, 4, 1),
-    (64, 64, 0.5, 4, 1),
-    (128, 64, 1, 8, 1),
-    (64, 128, 1, 8, 2),
-    (32, 32, 1, 2, 1),
-    (16, 64, 1, 4, 1),
-    (128, 32, 1, 8, 1),
+    (64, 64, 1, 8, 4),
+    (64, 32, 1, 8, 3),  # 138 registers (bfloat16)
+    (32, 32, 1, 4, 3),  # 128 registers at 4 warps (bfloat16): up to four programs per SM
+    (32, 64, 1, 8, 3),
+    (64, 64, 2, 8, 3),
+    (64, 64, 1, 4, 3),
+    (64, 128, 1, 8, 2),  # one prototype tile: pass 1 computes the costs once per feature tile
+    (32, 64, 1, 4, 3),
+    (128, 64, 1, 8, 2),
+    (64, 64, 0.5, 8, 3),
+    (32, 64, 2, 4, 2),
     (64, 32, 2, 4, 2),
-    (128, 64, 0.5, 8, 2),
-    (32, 128, 1, 8, 3),
+    (16, 64, 1, 4, 3),
+    (128, 32, 1, 8, 3),
+    (32, 128, 1, 8, 2),
+    (64, 64, 0.5, 4, 4),
+    (32, 32, 1, 2, 2),
 ]
 # The prototype-gradient GEMM over all B·N features: (BLOCK_K, BLOCK_M, BLOCK_D, num_warps,
 # num_stages, programs_wanted per SM). The default (first) is 64 x 64 x 64, 4 warps, 3 stages,

@@ -4,10 +4,11 @@ Math and symbols: SPEC.md. Layout of the work:
 
 - Forward (``_gsp_forward_kernel``), one program per sample:
   1. for each tile of features and of prototypes, the raw products x·z over D tiles
-     (``tl.dot``), with |x|² and |z|² from the same loaded tiles. Normalization is a per-row
-     scale, so x̂·ẑ = (x·z) / (d_x d_z) and |x̂|² = |x|² / d_x²: no normalized copy is made.
-     Snapped costs give logits −γc, written to a per-sample scratch [N, M], and ℓ by an
-     online logsumexp over prototype tiles (scratch [N]).
+     (``tl.dot``, the loop that ``num_stages`` software-pipelines), with |x|² from a pass of
+     its own over the feature tile and |z|² once per program (scratch [M]). Normalization is
+     a per-row scale, so x̂·ẑ = (x·z) / (d_x d_z) and |x̂|² = |x|² / d_x²: no normalized copy
+     is made. Snapped costs give logits −γc, written to a per-sample scratch [N, M], and ℓ by
+     an online logsumexp over prototype tiles (scratch [N]).
   2. the root u, in registers (ℓ of the whole sample is one vector): bracketed Newton with
      the rules of ``_reference.solve_newton``, or the paper's fixed point; μ = 1 is exact
      (σ ≡ 1, u = +inf).
@@ -17,7 +18,8 @@ Math and symbols: SPEC.md. Layout of the work:
      per feature, written and read back by the same program while it is still in L2.
 - Backward (``_gsp_backward_kernel``), one program per sample: pass 1 recomputes the raw
   products (scratch [N, M]: cheaper than saving [B, N, M] in the forward, which the op's
-  contract does not allow anyway), ℓ and ā (online, together), x·gy, and the sums for ē;
+  contract does not allow anyway), ℓ and ā (online, together), x·gy and |x|² (one pass over
+  the feature tile before its products), and the sums for ē;
   pass 2 forms W per tile, overwrites the scratch with V = W / (d_x d_z), and writes
   grad_x = x (S − r·[projects]) / d_x² − V z + w gy, with S = Σ_k W and r = x̂·gx̂ =
   |x̂|² S − Σ_k W (x̂·ẑ), so the normalization backward needs no extra pass over D.
@@ -97,19 +99,61 @@ def _row_divisor(sum_sq, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(
+    x_sample, stride_xn, stride_xd, gy_sample, rows, N, D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr,
+):
+    """|x|² and x·gy [BLOCK_N] (x·gy only WITH_GY) over D tiles.
+
+    A pass of its own rather than inside the product loop: reductions of the operand tiles
+    there keep a second, blocked copy of each tile live next to the tensor-core operands
+    (~50 more registers per thread in sm_90 builds), and the x tile read here is in L2 for
+    the product loop that follows."""
+    row_ok = rows < N
+    x_sq = tl.zeros((BLOCK_N,), tl.float32)
+    x_gy = tl.zeros((BLOCK_N,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        x_tile = tl.load(  # [BLOCK_N, BLOCK_D]
+            x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        ).to(tl.float32)
+        x_sq += tl.sum(x_tile * x_tile, 1)
+        if WITH_GY:
+            gy = tl.load(gy_sample + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+            x_gy += tl.sum(x_tile * gy[None, :], 1)
+    return x_sq, x_gy
+
+
+@triton.jit
+def _store_prototype_sq(z_ptr, stride_zm, stride_zd, z_sq_out, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """|z_k|² of every prototype to z_sq_out [M] (a program's scratch; barrier before reading)."""
+    for m0 in range(0, M, BLOCK_M):
+        protos = m0 + tl.arange(0, BLOCK_M)
+        proto_ok = protos < M
+        z_sq = tl.zeros((BLOCK_M,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            z_tile = tl.load(  # [BLOCK_M, BLOCK_D]
+                z_ptr + protos[:, None] * stride_zm + cols[None, :] * stride_zd,
+                mask=proto_ok[:, None] & (cols < D)[None, :], other=0.0,
+            ).to(tl.float32)
+            z_sq += tl.sum(z_tile * z_tile, 1)
+        tl.store(z_sq_out + protos, z_sq, mask=proto_ok)
+
+
+@triton.jit
 def _raw_products(
-    x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, gy_sample,
+    x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd,
     rows, protos, N, M, D,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, WITH_GY: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """x·z [BLOCK_N, BLOCK_M], |x|² [BLOCK_N], |z|² [BLOCK_M] and x·gy [BLOCK_N] over D tiles."""
+    """x·z [BLOCK_N, BLOCK_M] over D tiles: the loop the kernel's num_stages software-pipelines."""
     row_ok = rows < N
     proto_ok = protos < M
     dots = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    x_sq = tl.zeros((BLOCK_N,), tl.float32)
-    z_sq = tl.zeros((BLOCK_M,), tl.float32)
-    x_gy = tl.zeros((BLOCK_N,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
@@ -121,18 +165,11 @@ def _raw_products(
             z_ptr + cols[:, None] * stride_zd + protos[None, :] * stride_zm,
             mask=col_ok[:, None] & proto_ok[None, :], other=0.0,
         )
-        x_f32 = x_tile.to(tl.float32)
-        z_f32 = z_tile.to(tl.float32)
         if CAST_F32:
-            dots = tl.dot(x_f32, z_f32, dots, input_precision=PRECISION)
+            dots = tl.dot(x_tile.to(tl.float32), z_tile.to(tl.float32), dots, input_precision=PRECISION)
         else:
             dots = tl.dot(x_tile, z_tile, dots, input_precision=PRECISION)
-        x_sq += tl.sum(x_f32 * x_f32, 1)
-        z_sq += tl.sum(z_f32 * z_f32, 0)
-        if WITH_GY:
-            gy = tl.load(gy_sample + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-            x_gy += tl.sum(x_f32 * gy[None, :], 1)
-    return dots, x_sq, z_sq, x_gy
+    return dots
 
 
 @triton.jit
@@ -241,7 +278,7 @@ def _gsp_forward_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
     z_ptr, stride_zm, stride_zd,
     pooled_ptr, attr_ptr, weights_ptr, u_ptr,
-    logits_ptr, ell_ptr,  # scratch: [B, N, M], [B, N] float32
+    logits_ptr, ell_ptr, z_sq_ptr,  # scratch: [B, N, M], [B, N], [B, M] float32
     N, M, D,
     gamma, snap, inv_total, target, logit_mu, log_mu, log_target, tol, max_iter,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ALL_N: tl.constexpr,
@@ -253,19 +290,25 @@ def _gsp_forward_kernel(
     x_sample = x_ptr + sample * stride_xb
     logits_sample = logits_ptr + sample * N * M
     ell_sample = ell_ptr + sample * N
+    z_sq_sample = z_sq_ptr + sample * M
+    _store_prototype_sq(z_ptr, stride_zm, stride_zd, z_sq_sample, M, D, BLOCK_M, BLOCK_D)
+    tl.debug_barrier()
 
-    # 1. logits −γc to scratch, ℓ by online logsumexp over prototype tiles.
-    for n0 in range(0, N, BLOCK_N):
+    # 1. logits −γc to scratch, ℓ by online logsumexp over prototype tiles. Loops that read
+    # this program's scratch keep one stage (num_stages pipelines the product loops only).
+    for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_N,), tl.float32)
-        for m0 in range(0, M, BLOCK_M):
+        x_sq = _row_stats(x_sample, stride_xn, stride_xd, x_sample, rows, N, D, BLOCK_N, BLOCK_D, False)[0]
+        for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
             protos = m0 + tl.arange(0, BLOCK_M)
             proto_ok = protos < M
-            dots, x_sq, z_sq, _ = _raw_products(
-                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, x_sample,
-                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False,
+            z_sq = tl.load(z_sq_sample + protos, mask=proto_ok, other=0.0)
+            dots = _raw_products(
+                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd,
+                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION,
             )
             cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
             logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))  # [BLOCK_N, BLOCK_M]
@@ -295,11 +338,11 @@ def _gsp_forward_kernel(
     weight_sum = tl.sum(tl.where(all_ok, _plan_sigma(u, ell_all, GAP), 0.0), 0) * inv_total
 
     # 3. pooled = Σ_i w_i x_i over D tiles.
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=1):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         pooled = tl.zeros((BLOCK_D,), tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
             rows = n0 + tl.arange(0, BLOCK_N)
             w, row_ok, _ = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)  # [BLOCK_N]
             x_tile = tl.load(
@@ -310,11 +353,11 @@ def _gsp_forward_kernel(
         tl.store(pooled_ptr + sample * D + cols, pooled.to(pooled_ptr.dtype.element_ty), mask=col_ok)
 
     # 4. attr_k = Σ_i w_i A_ki from the logits scratch; weights on the first prototype tile.
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
         protos = m0 + tl.arange(0, BLOCK_M)
         proto_ok = protos < M
         attr = tl.zeros((BLOCK_M,), tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
             rows = n0 + tl.arange(0, BLOCK_N)
             w, row_ok, ell = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)
             tl.store(weights_ptr + sample * N + rows, w.to(weights_ptr.dtype.element_ty), mask=row_ok & (m0 == 0))
@@ -356,27 +399,31 @@ def _gsp_backward_kernel(
     grad_pooled_sample = grad_pooled_ptr + sample * D
     grad_attr_sample = grad_attr_ptr + sample * M
     u = tl.load(u_ptr + sample)
+    _store_prototype_sq(z_ptr, stride_zm, stride_zd, z_sq_sample, M, D, BLOCK_M, BLOCK_D)
+    tl.debug_barrier()
 
-    # Pass 1: raw products to scratch; ℓ and ā online; e_i; Σ h and Σ h e for ē.
+    # Pass 1: raw products to scratch; ℓ and ā online; e_i; Σ h and Σ h e for ē. Loops that
+    # read this program's scratch keep one stage (num_stages pipelines the product loops only).
     h_sum = tl.zeros((), tl.float32)
     he_sum = tl.zeros((), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_N,), tl.float32)
         running_ga = tl.zeros((BLOCK_N,), tl.float32)
-        x_sq = tl.zeros((BLOCK_N,), tl.float32)
-        x_gy = tl.zeros((BLOCK_N,), tl.float32)
-        for m0 in range(0, M, BLOCK_M):
+        x_sq, x_gy = _row_stats(
+            x_sample, stride_xn, stride_xd, grad_pooled_sample, rows, N, D, BLOCK_N, BLOCK_D, True
+        )
+        for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
             protos = m0 + tl.arange(0, BLOCK_M)
             proto_ok = protos < M
-            dots, x_sq, z_sq, x_gy = _raw_products(
-                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_sample,
-                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, True,
+            z_sq = tl.load(z_sq_sample + protos, mask=proto_ok, other=0.0)
+            dots = _raw_products(
+                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd,
+                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION,
             )
             tl.store(coef_sample + rows[:, None] * M + protos[None, :], dots, mask=row_ok[:, None] & proto_ok[None, :])
-            tl.store(z_sq_sample + protos, z_sq, mask=proto_ok & (n0 == 0))
             cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
             logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))
             ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)  # [BLOCK_M]
@@ -402,7 +449,7 @@ def _gsp_backward_kernel(
     tl.debug_barrier()
 
     # Pass 2, per feature tile: W and its sums over prototypes, V to scratch, then grad_x.
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         ell = tl.load(ell_row + rows, mask=row_ok, other=0.0)
@@ -415,7 +462,7 @@ def _gsp_backward_kernel(
         coef_sum = tl.zeros((BLOCK_N,), tl.float32)  # S_i = Σ_k W_ki
         coef_dot = tl.zeros((BLOCK_N,), tl.float32)  # Σ_k W_ki x̂_i·ẑ_k
         inv_dx = 1.0 / _row_divisor(x_sq, NORMALIZE)
-        for m0 in range(0, M, BLOCK_M):
+        for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
             protos = m0 + tl.arange(0, BLOCK_M)
             proto_ok = protos < M
             tile_ok = row_ok[:, None] & proto_ok[None, :]
@@ -445,11 +492,11 @@ def _gsp_backward_kernel(
         elif NORMALIZE == 2:
             radial = radial * 0.0
         x_scale = (coef_sum - radial) * inv_dx * inv_dx  # [BLOCK_N]
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=1):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < D
             coef_z = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-            for m0 in range(0, M, BLOCK_M):
+            for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
                 protos = m0 + tl.arange(0, BLOCK_M)
                 proto_ok = protos < M
                 v_tile = tl.load(
@@ -584,20 +631,21 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
     """Constexpr block sizes and launch parameters for a (N, M, D) bucket (powers of two).
 
     tl.dot needs every tile dim >= 16; 64 feature rows let Hopper use wgmma and bound how
-    often each program re-reads the prototypes (once per feature tile). The forward keeps
-    M <= 128 in one prototype tile; the backward, with about twice as many live
-    [BLOCK_N, BLOCK_M] float32 tiles, takes 64 prototypes at a time. D goes 32 (float32)
-    or 64 (half) per step. Chosen from register/spill counts of sm_90 builds (ptxas -v):
-    to be tuned on the GPU.
+    often each program re-reads the prototypes (once per feature tile). D goes 32 (float32)
+    or 64 (half) per step. Prototype tiles, from sm_90 builds at N=196, M=128, D=512 with
+    3 stages (``test_triton._compile_kernels_for_sm90``): the half forward takes 64 at a time
+    (126 registers at 8 warps: two programs per SM; 182 with 128), the float32 forward 128
+    (240 registers, one program per SM either way: the x tile is then read once per feature
+    tile), the backward, with about twice as many live [BLOCK_N, BLOCK_M] float32 tiles, 64
+    (181 / 220 registers). num_stages pipelines the loops over D that feed the cost products
+    (x and z only); loops that read a program's own scratch are pinned to one stage in the
+    kernels. To be tuned on the GPU (bench/sweep_triton.py).
     """
-    block_m = min(max(m, 16), 64 if backward else 128)
+    block_m = min(max(m, 16), 64 if backward or half else 128)
     block_n = min(max(n, 16), 64)
     block_d = min(max(d, 16), 64 if half else 32)
     num_warps = 8 if block_n * block_m >= 64 * 64 else 4
-    # num_stages=1: with 2 stages the bfloat16 forward was not bitwise reproducible on the
-    # H200 (1-ulp moves between runs; stable with 1 stage), so these kernels, which re-read
-    # per-program scratch, do not software-pipeline their loops.
-    return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 1}
+    return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 3}
 
 
 def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False) -> dict:
@@ -690,10 +738,11 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
     u = torch.empty((batch,), dtype=torch.float32, device=x.device)
     logits = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)
     ell = torch.empty((batch, n), dtype=torch.float32, device=x.device)
+    z_sq = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     logit_mu = 0.0 if gap else math.log(mu) - math.log1p(-mu)
     _gsp_forward_kernel[(batch,)](
         x, *x.stride(), prototypes, *prototypes.stride(),
-        pooled, attr, weights, u, logits, ell,
+        pooled, attr, weights, u, logits, ell, z_sq,
         n, m, d,
         float(gamma), snap, 1.0 / (n * mu), mu * n,
         logit_mu, math.log(mu), math.log(mu * n), float(tol), int(max_iter),

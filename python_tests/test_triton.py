@@ -358,12 +358,40 @@ def test_prototype_gradient_epilogue(normalize, dtype):
 # ----------------------------------------------------------------------------- GPU code generation on the CPU
 
 SM90 = (("cuda", 90, 32), "sm_90a")
+# A launch at B=256, N=196, D=512, M=128 (contiguous x and prototypes): the integer arguments,
+# so that the builds below get the divisibility-by-16 hints a real launch would (pointers are
+# 16-byte aligned). Without them Triton emits scalar loads, cannot pipeline, and spills.
+TYPICAL_INTS = {
+    "stride_xb": 196 * 512, "stride_xn": 512, "stride_zm": 512, "stride_gb": 196 * 512, "stride_gn": 512,
+    "N": 196, "M": 128, "D": 512, "total_rows": 256 * 196, "batch": 256, "splits": 3,
+}
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG and STACK (bytes of local stack: spills, for these kernels) of a one-kernel cubin."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+    assert tool, "cuobjdump not found (Triton's bundled one or the CUDA toolkit's)"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True, check=True).stdout
+    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK):(\d+)", text)}
 
 
 def _compile_kernels_for_sm90() -> list[str]:
     """Compile every kernel variant the glue launches for a typical shape (N=196, M=128,
     D=512) to an sm_90 cubin, without a GPU: catches errors that the interpreter cannot see
-    (bfloat16 tensor-core dots, loop-carried types, layouts). Returns one line per variant."""
+    (bfloat16 tensor-core dots, loop-carried types, layouts), and reports each build's
+    registers and stack (spills). Returns one line per variant."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -373,21 +401,31 @@ def _compile_kernels_for_sm90() -> list[str]:
     float_args = {"gamma", "snap", "inv_total", "target", "logit_mu", "log_mu", "log_target", "tol"}
 
     def compile_one(kernel, dtype, f32_pointers, constexprs, num_warps, num_stages):
-        types = {}
-        for name in kernel.arg_names:
+        types, hints = {}, {}
+        for index, name in enumerate(kernel.arg_names):
             if name in constexprs:
                 types[name] = "constexpr"
-            elif name.endswith("_ptr"):
+                continue
+            if name.endswith("_ptr"):
                 types[name] = "*fp32" if name in f32_pointers else pointer[dtype]
+                hints[(index,)] = [["tt.divisibility", 16]]
             else:
                 types[name] = "fp32" if name in float_args else "i32"
+                if TYPICAL_INTS.get(name, 1) % 16 == 0:
+                    hints[(index,)] = [["tt.divisibility", 16]]
         constants = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
-        source = ASTSource(fn=kernel, signature=types, constexprs=constants)
+        source = ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=hints)
         compiled = triton.compile(
             source, target=GPUTarget(*SM90[0]), options={"num_warps": num_warps, "num_stages": num_stages}
         )
         assert compiled.asm["cubin"], kernel
-        return f"{kernel.fn.__name__} {dtype} {sorted(constexprs.items())}"
+        usage = _resource_usage(compiled.asm["cubin"])
+        blocks = {key: value for key, value in constexprs.items() if key.startswith("BLOCK")}
+        return (
+            f"{kernel.fn.__name__} {str(dtype).removeprefix('torch.')} warps={num_warps} stages={num_stages} "
+            f"{blocks} registers={usage['REG']} stack={usage['STACK']} "
+            f"smem={compiled.metadata.shared} {sorted((k, v) for k, v in constexprs.items() if k not in blocks)}"
+        )
 
     lines = []
     n, m, d = 196, 128, 512
@@ -404,24 +442,25 @@ def _compile_kernels_for_sm90() -> list[str]:
                     config, BLOCK_ALL_N=256, NORMALIZE=0, EUCLIDEAN=True, NEWTON=newton, GAP=gap,
                     CAST_F32=cast_f32, PRECISION=dot_precision, stride_xd=1, stride_zd=1,
                 )
-                f32_pointers = {"u_ptr", "logits_ptr", "ell_ptr"}
+                f32_pointers = {"u_ptr", "logits_ptr", "ell_ptr", "z_sq_ptr"}
                 lines.append(compile_one(_triton._gsp_forward_kernel, dtype, f32_pointers, constexprs, **launch))
             config = dict(_triton._launch_config(n, m, d, half, backward=True))
             launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             constexprs = dict(
                 config, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=cast_f32, PRECISION=dot_precision,
                 F32_PRECISION=f32_precision, SPLIT_BF16=dtype == torch.bfloat16, NATIVE_BF16=True,
+                stride_xd=1, stride_zd=1, stride_gd=1,
             )
             f32_pointers = {"u_ptr", "coef_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr"}
             lines.append(compile_one(_triton._gsp_backward_kernel, dtype, f32_pointers, constexprs, **launch))
             block_k, block_m, block_d, _, _ = _triton._split_k_config(256 * n, m, d, 264)
             constexprs = dict(
                 BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_BF16=dtype == torch.bfloat16,
-                NATIVE_BF16=True, PRECISION=f32_precision,
+                NATIVE_BF16=True, PRECISION=f32_precision, stride_xd=1,
             )
             lines.append(compile_one(_triton._coef_x_kernel, dtype, {"coef_ptr", "partial_ptr"}, constexprs, 4, 3))
         for normalize in range(3):
-            constexprs = dict(BLOCK_D=512, BLOCK_B=256, NORMALIZE=normalize)
+            constexprs = dict(BLOCK_D=512, BLOCK_B=256, NORMALIZE=normalize, stride_zd=1)
             f32_pointers = {"partial_ptr", "col_sum_ptr"}
             lines.append(compile_one(_triton._prototype_grad_kernel, dtype, f32_pointers, constexprs, 4, 1))
     return lines
@@ -442,4 +481,7 @@ def test_kernels_compile_for_sm90():
     script = "import test_triton; print('\\n'.join(test_triton._compile_kernels_for_sm90()))"
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("\n") >= 20, result.stdout
+    lines = result.stdout.splitlines()
+    assert len(lines) >= 20, result.stdout
+    spilling = [line for line in lines if " stack=0 " not in line]
+    assert not spilling, "Triton kernels that spill in an sm_90 build:\n" + "\n".join(spilling)
