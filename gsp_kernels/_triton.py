@@ -12,10 +12,13 @@ Math and symbols: SPEC.md. Layout of the work:
   2. the root u, in registers (ℓ of the whole sample is one vector): bracketed Newton with
      the rules of ``_reference.solve_newton``, or the paper's fixed point; μ = 1 is exact
      (σ ≡ 1, u = +inf).
-  3. pooled = Σ w_i x_i (x re-read, mostly from L2), then attr and weights from the logits
-     scratch. Why keep the logits rather than recompute them: recomputing doubles the
-     dominant GEMM (float32 with tf32x3 is compute-bound), while the scratch is 4·M bytes
-     per feature, written and read back by the same program while it is still in L2.
+  3. pooled = Σ w_i x_i (x re-read, mostly from L2) as a [16, BLOCK_N] x [BLOCK_N, BLOCK_D]
+     product with w in row 0, so that the x tiles stream through Triton's pipeliner, with
+     float32-accurate products whatever ``precision`` says (tf32x3 for float32 unless ieee;
+     bfloat16 weights as hi + lo). Then attr and weights from the logits scratch. Why keep
+     the logits rather than recompute them: recomputing doubles the dominant GEMM (float32
+     with tf32x3 is compute-bound), while the scratch is 4·M bytes per feature, written and
+     read back by the same program while it is still in L2.
 - Backward (``_gsp_backward_kernel``), one program per sample: pass 1 recomputes the raw
   products (scratch [N, M]: cheaper than saving [B, N, M] in the forward, which the op's
   contract does not allow anyway), ℓ and ā (online, together), x·gy and |x|² (one pass over
@@ -283,7 +286,8 @@ def _gsp_forward_kernel(
     gamma, snap, inv_total, target, logit_mu, log_mu, log_target, tol, max_iter,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ALL_N: tl.constexpr,
     NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr, NEWTON: tl.constexpr, GAP: tl.constexpr,
-    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, POOL_PRECISION: tl.constexpr,
+    SPLIT_BF16: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
     """One program per sample: costs, ℓ, u, then pooled [D], attr [M], weights [N], u."""
     sample = tl.program_id(0).to(tl.int64)
@@ -294,8 +298,9 @@ def _gsp_forward_kernel(
     _store_prototype_sq(z_ptr, stride_zm, stride_zd, z_sq_sample, M, D, BLOCK_M, BLOCK_D)
     tl.debug_barrier()
 
-    # 1. logits −γc to scratch, ℓ by online logsumexp over prototype tiles. Loops that read
-    # this program's scratch keep one stage (num_stages pipelines the product loops only).
+    # 1. logits −γc to scratch, ℓ by online logsumexp over prototype tiles. Loops that store
+    # to this program's scratch keep one stage: a load that the pipeliner issues early could
+    # otherwise pass the barrier that orders it after another thread's store.
     for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -337,27 +342,36 @@ def _gsp_forward_kernel(
     tl.store(u_ptr + sample, u)
     weight_sum = tl.sum(tl.where(all_ok, _plan_sigma(u, ell_all, GAP), 0.0), 0) * inv_total
 
-    # 3. pooled = Σ_i w_i x_i over D tiles.
-    for d0 in tl.range(0, D, BLOCK_D, num_stages=1):
+    # 3. pooled = Σ_i w_i x_i over D tiles, as a product whose first operand holds the weights
+    # in row 0 of [16, BLOCK_N] (tl.dot's smallest tile): the loop over feature tiles is then
+    # one that num_stages pipelines (Triton pipelines loads that feed dots), instead of one
+    # dependent L2 round trip per x tile. float32-accurate products, whatever PRECISION says.
+    weight_row = tl.arange(0, 16)[:, None] == 0  # [16, 1]
+    for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        pooled = tl.zeros((BLOCK_D,), tl.float32)
-        for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
+        pooled_rows = tl.zeros((16, BLOCK_D), tl.float32)
+        for n0 in range(0, N, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
             w, row_ok, _ = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)  # [BLOCK_N]
-            x_tile = tl.load(
+            x_tile = tl.load(  # [BLOCK_N, BLOCK_D]
                 x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-            ).to(tl.float32)
-            pooled += tl.sum(w[:, None] * x_tile, 0)
+            )
+            weights16 = tl.where(weight_row, w[None, :], 0.0)  # [16, BLOCK_N]
+            if SPLIT_BF16:
+                pooled_rows = _split_bf16_dot(weights16, x_tile, pooled_rows, NATIVE_BF16)
+            else:
+                pooled_rows = tl.dot(weights16, x_tile.to(tl.float32), pooled_rows, input_precision=POOL_PRECISION)
+        pooled = tl.sum(pooled_rows, 0)  # row 0
         tl.store(pooled_ptr + sample * D + cols, pooled.to(pooled_ptr.dtype.element_ty), mask=col_ok)
 
     # 4. attr_k = Σ_i w_i A_ki from the logits scratch; weights on the first prototype tile.
-    for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
+    for m0 in range(0, M, BLOCK_M):
         protos = m0 + tl.arange(0, BLOCK_M)
         proto_ok = protos < M
         attr = tl.zeros((BLOCK_M,), tl.float32)
-        for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
+        for n0 in range(0, N, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
             w, row_ok, ell = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)
             tl.store(weights_ptr + sample * N + rows, w.to(weights_ptr.dtype.element_ty), mask=row_ok & (m0 == 0))
@@ -403,7 +417,7 @@ def _gsp_backward_kernel(
     tl.debug_barrier()
 
     # Pass 1: raw products to scratch; ℓ and ā online; e_i; Σ h and Σ h e for ē. Loops that
-    # read this program's scratch keep one stage (num_stages pipelines the product loops only).
+    # store to this program's scratch keep one stage (see the forward).
     h_sum = tl.zeros((), tl.float32)
     he_sum = tl.zeros((), tl.float32)
     for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
@@ -492,10 +506,12 @@ def _gsp_backward_kernel(
         elif NORMALIZE == 2:
             radial = radial * 0.0
         x_scale = (coef_sum - radial) * inv_dx * inv_dx  # [BLOCK_N]
-        for d0 in tl.range(0, D, BLOCK_D, num_stages=1):
+        for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < D
             coef_z = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+            # One stage: at M = 128 this loop has two steps, and pipelining them took the
+            # bfloat16 build from 175 to 232 registers.
             for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
                 protos = m0 + tl.arange(0, BLOCK_M)
                 proto_ok = protos < M
@@ -637,9 +653,10 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
     (126 registers at 8 warps: two programs per SM; 182 with 128), the float32 forward 128
     (240 registers, one program per SM either way: the x tile is then read once per feature
     tile), the backward, with about twice as many live [BLOCK_N, BLOCK_M] float32 tiles, 64
-    (181 / 220 registers). num_stages pipelines the loops over D that feed the cost products
-    (x and z only); loops that read a program's own scratch are pinned to one stage in the
-    kernels. To be tuned on the GPU (bench/sweep_triton.py).
+    (175 / 218 registers). num_stages pipelines the loops that feed tl.dot (the cost products
+    over D, the pooling over N); loops that store to a program's own scratch, and the
+    backward's two-step V·z loop, are pinned to one stage in the kernels. To be tuned on the GPU
+    (bench/sweep_triton.py).
     """
     block_m = min(max(m, 16), 64 if backward or half else 128)
     block_n = min(max(n, 16), 64)
@@ -730,7 +747,7 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
     batch, n, d = x.shape
     m = prototypes.shape[0]
     gap = mu >= 1.0
-    cast_f32, dot_precision, _, snap = _resolve_precision(x, prototypes, precision)
+    cast_f32, dot_precision, f32_precision, snap = _resolve_precision(x, prototypes, precision)
     config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES)
     pooled = x.new_empty((batch, d))
     attr = x.new_empty((batch, m))
@@ -748,7 +765,9 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
         logit_mu, math.log(mu), math.log(mu * n), float(tol), int(max_iter),
         BLOCK_ALL_N=_next_pow2(max(n, 16)),
         NORMALIZE=_NORMALIZE_CODES[normalize], EUCLIDEAN=cost == "euclidean", NEWTON=solver == "newton",
-        GAP=gap, CAST_F32=cast_f32, PRECISION=dot_precision, **config,
+        GAP=gap, CAST_F32=cast_f32, PRECISION=dot_precision,
+        POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
+        SPLIT_BF16=x.dtype == torch.bfloat16, NATIVE_BF16=not _INTERPRETED, **config,
     )
     return pooled, attr, weights, u
 
