@@ -4,25 +4,24 @@ Math and symbols: SPEC.md. Layout of the work:
 
 - Forward (``_gsp_forward_kernel``), one program per sample:
   1. for each tile of features and of prototypes, the raw products x·z over D tiles
-     (``tl.dot``, the loop that ``num_stages`` software-pipelines), with |x|² from a pass of
-     its own over the feature tile and |z|² once per program (scratch [M]). Normalization is
-     a per-row scale, so x̂·ẑ = (x·z) / (d_x d_z) and |x̂|² = |x|² / d_x²: no normalized copy
-     is made. Snapped costs give logits −γc, written to a per-sample scratch [N, M], and ℓ by
-     an online logsumexp over prototype tiles (scratch [N]).
+     (``tl.dot``, the loop that ``num_stages`` software-pipelines), with |x|² and |z|² from the
+     same loaded tiles. Normalization is a per-row scale, so x̂·ẑ = (x·z) / (d_x d_z) and
+     |x̂|² = |x|² / d_x²: no normalized copy is made. Snapped costs give logits −γc, written to
+     a per-sample scratch [N, M], and ℓ by an online logsumexp over prototype tiles (scratch
+     [N]).
   2. the root u, in registers (ℓ of the whole sample is one vector): bracketed Newton with
      the rules of ``_reference.solve_newton``, or the paper's fixed point; μ = 1 is exact
      (σ ≡ 1, u = +inf).
   3. pooled = Σ w_i x_i (x re-read, mostly from L2) as a [16, BLOCK_N] x [BLOCK_N, BLOCK_D]
      product with w in row 0, so that the x tiles stream through Triton's pipeliner, with
      float32-accurate products whatever ``precision`` says (tf32x3 for float32 unless ieee;
-     bfloat16 weights as hi + lo). Then attr and weights from the logits scratch. Why keep
-     the logits rather than recompute them: recomputing doubles the dominant GEMM (float32
-     with tf32x3 is compute-bound), while the scratch is 4·M bytes per feature, written and
-     read back by the same program while it is still in L2.
+     for half inputs, the weights as hi + lo in that dtype). Then attr and weights from the
+     logits scratch. Why keep the logits rather than recompute them: recomputing doubles the
+     dominant GEMM (float32 with tf32x3 is compute-bound), while the scratch is 4·M bytes per
+     feature, written and read back by the same program while it is still in L2.
 - Backward (``_gsp_backward_kernel``), one program per sample: pass 1 recomputes the raw
   products (scratch [N, M]: cheaper than saving [B, N, M] in the forward, which the op's
-  contract does not allow anyway), ℓ and ā (online, together), x·gy and |x|² (one pass over
-  the feature tile before its products), and the sums for ē;
+  contract does not allow anyway), ℓ and ā (online, together), x·gy, and the sums for ē;
   pass 2 forms W per tile, overwrites the scratch with V = W / (d_x d_z), and writes
   grad_x = x (S − r·[projects]) / d_x² − V z + w gy, with S = Σ_k W and r = x̂·gx̂ =
   |x̂|² S − Σ_k W (x̂·ẑ), so the normalization backward needs no extra pass over D.
@@ -102,61 +101,21 @@ def _row_divisor(sum_sq, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(
-    x_sample, stride_xn, stride_xd, gy_sample, rows, N, D,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr,
-):
-    """|x|² and x·gy [BLOCK_N] (x·gy only WITH_GY) over D tiles.
-
-    A pass of its own rather than inside the product loop: reductions of the operand tiles
-    there keep a second, blocked copy of each tile live next to the tensor-core operands
-    (~50 more registers per thread in sm_90 builds), and the x tile read here is in L2 for
-    the product loop that follows."""
-    row_ok = rows < N
-    x_sq = tl.zeros((BLOCK_N,), tl.float32)
-    x_gy = tl.zeros((BLOCK_N,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        x_tile = tl.load(  # [BLOCK_N, BLOCK_D]
-            x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
-            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-        ).to(tl.float32)
-        x_sq += tl.sum(x_tile * x_tile, 1)
-        if WITH_GY:
-            gy = tl.load(gy_sample + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-            x_gy += tl.sum(x_tile * gy[None, :], 1)
-    return x_sq, x_gy
-
-
-@triton.jit
-def _store_prototype_sq(z_ptr, stride_zm, stride_zd, z_sq_out, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """|z_k|² of every prototype to z_sq_out [M] (a program's scratch; barrier before reading)."""
-    for m0 in range(0, M, BLOCK_M):
-        protos = m0 + tl.arange(0, BLOCK_M)
-        proto_ok = protos < M
-        z_sq = tl.zeros((BLOCK_M,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            z_tile = tl.load(  # [BLOCK_M, BLOCK_D]
-                z_ptr + protos[:, None] * stride_zm + cols[None, :] * stride_zd,
-                mask=proto_ok[:, None] & (cols < D)[None, :], other=0.0,
-            ).to(tl.float32)
-            z_sq += tl.sum(z_tile * z_tile, 1)
-        tl.store(z_sq_out + protos, z_sq, mask=proto_ok)
-
-
-@triton.jit
 def _raw_products(
-    x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd,
+    x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, gy_sample,
     rows, protos, N, M, D,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, WITH_GY: tl.constexpr,
 ):
-    """x·z [BLOCK_N, BLOCK_M] over D tiles: the loop the kernel's num_stages software-pipelines."""
+    """x·z [BLOCK_N, BLOCK_M], |x|² [BLOCK_N], |z|² [BLOCK_M] and x·gy [BLOCK_N] over D tiles: the
+    loop that the kernel's num_stages software-pipelines (the x and z tiles are staged in shared
+    memory, so the sums of squares cost no registers next to the tensor-core operands)."""
     row_ok = rows < N
     proto_ok = protos < M
     dots = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    x_sq = tl.zeros((BLOCK_N,), tl.float32)
+    z_sq = tl.zeros((BLOCK_M,), tl.float32)
+    x_gy = tl.zeros((BLOCK_N,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
@@ -168,11 +127,18 @@ def _raw_products(
             z_ptr + cols[:, None] * stride_zd + protos[None, :] * stride_zm,
             mask=col_ok[:, None] & proto_ok[None, :], other=0.0,
         )
+        x_f32 = x_tile.to(tl.float32)
+        z_f32 = z_tile.to(tl.float32)
         if CAST_F32:
-            dots = tl.dot(x_tile.to(tl.float32), z_tile.to(tl.float32), dots, input_precision=PRECISION)
+            dots = tl.dot(x_f32, z_f32, dots, input_precision=PRECISION)
         else:
             dots = tl.dot(x_tile, z_tile, dots, input_precision=PRECISION)
-    return dots
+        x_sq += tl.sum(x_f32 * x_f32, 1)
+        z_sq += tl.sum(z_f32 * z_f32, 0)
+        if WITH_GY:
+            gy = tl.load(gy_sample + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+            x_gy += tl.sum(x_f32 * gy[None, :], 1)
+    return dots, x_sq, z_sq, x_gy
 
 
 @triton.jit
@@ -201,11 +167,12 @@ def _sigmoid(t):
 
 
 @triton.jit
-def _split_bf16_dot(v, other, acc, NATIVE_BF16: tl.constexpr):
-    """acc + v @ other for float32 v and bfloat16 other as two bfloat16 products, v = hi + lo:
-    v keeps ~16 significant bits, other is exact, the accumulation is float32."""
-    v_hi = v.to(tl.bfloat16)
-    v_lo = (v - v_hi.to(tl.float32)).to(tl.bfloat16)
+def _split_half_dot(v, other, acc, NATIVE_BF16: tl.constexpr):
+    """acc + v @ other for float32 v and half-precision other (bfloat16 or float16) as two
+    products in other's dtype, v = hi + lo: v keeps ~16 (bfloat16) or ~22 (float16, for |v| <= 1)
+    significant bits, other is exact, the accumulation is float32."""
+    v_hi = v.to(other.dtype)
+    v_lo = (v - v_hi.to(tl.float32)).to(other.dtype)
     if NATIVE_BF16:
         acc = tl.dot(v_hi, other, acc)
         acc = tl.dot(v_lo, other, acc)
@@ -281,22 +248,19 @@ def _gsp_forward_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
     z_ptr, stride_zm, stride_zd,
     pooled_ptr, attr_ptr, weights_ptr, u_ptr,
-    logits_ptr, ell_ptr, z_sq_ptr,  # scratch: [B, N, M], [B, N], [B, M] float32
+    logits_ptr, ell_ptr,  # scratch: [B, N, M], [B, N] float32
     N, M, D,
     gamma, snap, inv_total, target, logit_mu, log_mu, log_target, tol, max_iter,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ALL_N: tl.constexpr,
     NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr, NEWTON: tl.constexpr, GAP: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr, POOL_PRECISION: tl.constexpr,
-    SPLIT_BF16: tl.constexpr, NATIVE_BF16: tl.constexpr,
+    SPLIT_HALF: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
     """One program per sample: costs, ℓ, u, then pooled [D], attr [M], weights [N], u."""
     sample = tl.program_id(0).to(tl.int64)
     x_sample = x_ptr + sample * stride_xb
     logits_sample = logits_ptr + sample * N * M
     ell_sample = ell_ptr + sample * N
-    z_sq_sample = z_sq_ptr + sample * M
-    _store_prototype_sq(z_ptr, stride_zm, stride_zd, z_sq_sample, M, D, BLOCK_M, BLOCK_D)
-    tl.debug_barrier()
 
     # 1. logits −γc to scratch, ℓ by online logsumexp over prototype tiles. Loops that store
     # to this program's scratch keep one stage: a load that the pipeliner issues early could
@@ -306,14 +270,12 @@ def _gsp_forward_kernel(
         row_ok = rows < N
         running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_N,), tl.float32)
-        x_sq = _row_stats(x_sample, stride_xn, stride_xd, x_sample, rows, N, D, BLOCK_N, BLOCK_D, False)[0]
         for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
             protos = m0 + tl.arange(0, BLOCK_M)
             proto_ok = protos < M
-            z_sq = tl.load(z_sq_sample + protos, mask=proto_ok, other=0.0)
-            dots = _raw_products(
-                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd,
-                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION,
+            dots, x_sq, z_sq, _ = _raw_products(
+                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, x_sample,
+                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False,
             )
             cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
             logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))  # [BLOCK_N, BLOCK_M]
@@ -359,8 +321,8 @@ def _gsp_forward_kernel(
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0,
             )
             weights16 = tl.where(weight_row, w[None, :], 0.0)  # [16, BLOCK_N]
-            if SPLIT_BF16:
-                pooled_rows = _split_bf16_dot(weights16, x_tile, pooled_rows, NATIVE_BF16)
+            if SPLIT_HALF:  # w <= 1 (the weights sum to 1): no float16 overflow
+                pooled_rows = _split_half_dot(weights16, x_tile, pooled_rows, NATIVE_BF16)
             else:
                 pooled_rows = tl.dot(weights16, x_tile.to(tl.float32), pooled_rows, input_precision=POOL_PRECISION)
         pooled = tl.sum(pooled_rows, 0)  # row 0
@@ -413,8 +375,6 @@ def _gsp_backward_kernel(
     grad_pooled_sample = grad_pooled_ptr + sample * D
     grad_attr_sample = grad_attr_ptr + sample * M
     u = tl.load(u_ptr + sample)
-    _store_prototype_sq(z_ptr, stride_zm, stride_zd, z_sq_sample, M, D, BLOCK_M, BLOCK_D)
-    tl.debug_barrier()
 
     # Pass 1: raw products to scratch; ℓ and ā online; e_i; Σ h and Σ h e for ē. Loops that
     # store to this program's scratch keep one stage (see the forward).
@@ -426,18 +386,17 @@ def _gsp_backward_kernel(
         running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_N,), tl.float32)
         running_ga = tl.zeros((BLOCK_N,), tl.float32)
-        x_sq, x_gy = _row_stats(
-            x_sample, stride_xn, stride_xd, grad_pooled_sample, rows, N, D, BLOCK_N, BLOCK_D, True
-        )
+        x_sq = tl.zeros((BLOCK_N,), tl.float32)
+        x_gy = tl.zeros((BLOCK_N,), tl.float32)
         for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
             protos = m0 + tl.arange(0, BLOCK_M)
             proto_ok = protos < M
-            z_sq = tl.load(z_sq_sample + protos, mask=proto_ok, other=0.0)
-            dots = _raw_products(
-                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd,
-                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION,
+            dots, x_sq, z_sq, x_gy = _raw_products(
+                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_sample,
+                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, True,
             )
             tl.store(coef_sample + rows[:, None] * M + protos[None, :], dots, mask=row_ok[:, None] & proto_ok[None, :])
+            tl.store(z_sq_sample + protos, z_sq, mask=proto_ok & (n0 == 0))
             cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
             logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))
             ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)  # [BLOCK_M]
@@ -524,7 +483,7 @@ def _gsp_backward_kernel(
                     mask=proto_ok[:, None] & col_ok[None, :], other=0.0,
                 )
                 if SPLIT_BF16:
-                    coef_z = _split_bf16_dot(v_tile, z_tile, coef_z, NATIVE_BF16)
+                    coef_z = _split_half_dot(v_tile, z_tile, coef_z, NATIVE_BF16)
                 else:
                     coef_z = tl.dot(v_tile, z_tile.to(tl.float32), coef_z, input_precision=F32_PRECISION)
             x_tile = tl.load(
@@ -574,7 +533,7 @@ def _coef_x_kernel(
             mask=feature_ok[:, None] & col_ok[None, :], other=0.0,
         )
         if SPLIT_BF16:
-            acc = _split_bf16_dot(v_t, x_tile, acc, NATIVE_BF16)
+            acc = _split_half_dot(v_t, x_tile, acc, NATIVE_BF16)
         else:
             acc = tl.dot(v_t, x_tile.to(tl.float32), acc, input_precision=PRECISION)
     tl.store(
@@ -650,13 +609,13 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
     often each program re-reads the prototypes (once per feature tile). D goes 32 (float32)
     or 64 (half) per step. Prototype tiles, from sm_90 builds at N=196, M=128, D=512 with
     3 stages (``test_triton._compile_kernels_for_sm90``): the half forward takes 64 at a time
-    (126 registers at 8 warps: two programs per SM; 182 with 128), the float32 forward 128
-    (240 registers, one program per SM either way: the x tile is then read once per feature
+    (122 registers at 8 warps: two programs per SM; 178 with 128), the float32 forward 128
+    (244 registers, one program per SM either way: the x tile is then read once per feature
     tile), the backward, with about twice as many live [BLOCK_N, BLOCK_M] float32 tiles, 64
-    (175 / 218 registers). num_stages pipelines the loops that feed tl.dot (the cost products
+    (175 / 214 registers). num_stages pipelines the loops that feed tl.dot (the cost products
     over D, the pooling over N); loops that store to a program's own scratch, and the
-    backward's two-step V·z loop, are pinned to one stage in the kernels. To be tuned on the GPU
-    (bench/sweep_triton.py).
+    backward's two-step V·z loop, are pinned to one stage in the kernels. To be tuned on the
+    GPU (bench/sweep_triton.py).
     """
     block_m = min(max(m, 16), 64 if backward or half else 128)
     block_n = min(max(n, 16), 64)
@@ -755,11 +714,10 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
     u = torch.empty((batch,), dtype=torch.float32, device=x.device)
     logits = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)
     ell = torch.empty((batch, n), dtype=torch.float32, device=x.device)
-    z_sq = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     logit_mu = 0.0 if gap else math.log(mu) - math.log1p(-mu)
     _gsp_forward_kernel[(batch,)](
         x, *x.stride(), prototypes, *prototypes.stride(),
-        pooled, attr, weights, u, logits, ell, z_sq,
+        pooled, attr, weights, u, logits, ell,
         n, m, d,
         float(gamma), snap, 1.0 / (n * mu), mu * n,
         logit_mu, math.log(mu), math.log(mu * n), float(tol), int(max_iter),
@@ -767,7 +725,7 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
         NORMALIZE=_NORMALIZE_CODES[normalize], EUCLIDEAN=cost == "euclidean", NEWTON=solver == "newton",
         GAP=gap, CAST_F32=cast_f32, PRECISION=dot_precision,
         POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
-        SPLIT_BF16=x.dtype == torch.bfloat16, NATIVE_BF16=not _INTERPRETED, **config,
+        SPLIT_HALF=x.dtype in _HALF_DTYPES, NATIVE_BF16=not _INTERPRETED, **config,
     )
     return pooled, attr, weights, u
 

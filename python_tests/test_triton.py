@@ -442,9 +442,9 @@ def _compile_kernels_for_sm90() -> list[str]:
                     config, BLOCK_ALL_N=256, NORMALIZE=0, EUCLIDEAN=True, NEWTON=newton, GAP=gap,
                     CAST_F32=cast_f32, PRECISION=dot_precision, stride_xd=1, stride_zd=1,
                     POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
-                    SPLIT_BF16=dtype == torch.bfloat16, NATIVE_BF16=True,
+                    SPLIT_HALF=dtype != torch.float32, NATIVE_BF16=True,
                 )
-                f32_pointers = {"u_ptr", "logits_ptr", "ell_ptr", "z_sq_ptr"}
+                f32_pointers = {"u_ptr", "logits_ptr", "ell_ptr"}
                 lines.append(compile_one(_triton._gsp_forward_kernel, dtype, f32_pointers, constexprs, **launch))
             config = dict(_triton._launch_config(n, m, d, half, backward=True))
             launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
