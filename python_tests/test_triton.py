@@ -483,6 +483,7 @@ def test_kernels_compile_for_sm90():
     script = "import test_triton; print('\\n'.join(test_triton._compile_kernels_for_sm90()))"
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    print(result.stdout)  # the register / shared-memory table (pytest -s)
     lines = result.stdout.splitlines()
     assert len(lines) >= 20, result.stdout
     spilling = [line for line in lines if " stack=0 " not in line]
