@@ -10,8 +10,9 @@
 #   GSP_RUN_CHECK=1         also run `gsp-kernels check` (the GPU tests cover the same ground)
 #   GSP_SKIP_PROFILE=1      skip bench/profile_backends.py (per-kernel GPU time, host-side time)
 #   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's tile-config sweep (default 120; 0 skips it)
-# Files: env_build.log, tests.log (tests and sanitizers), bench.log (benchmarks, training step,
-# profile, sweep table), bench.json, bench_compile.json, train_step.json, sweep.json, check.log.
+# Files: env_build.log (environment, build, Triton register report), tests.log (tests and
+# sanitizers), bench.log (benchmarks, training step, profile, sweep table), bench.json,
+# bench_compile.json, train_step.json, sweep.json, check.log.
 set -uo pipefail
 out=${1:?usage: bench/device_check.sh OUTDIR}
 mkdir -p "$out"
@@ -38,8 +39,19 @@ env_log=$out/env_build.log
 run_step build "$env_log" 300 $py -m pip install --no-build-isolation --no-deps -e .
 run_step info "$env_log" 60 $py -m gsp_kernels info
 
+# Registers and shared memory of every Triton kernel variant as this Triton version builds it
+# for sm_90 (CPU-only compiles, in the background during the GPU tests): the occupancy that
+# NOTES.md's predictions assume (measured there with the CI machine's Triton).
+registers_tmp=$(mktemp)
+( cd python_tests && timeout 300 env -u TRITON_INTERPRET $py -c \
+    "import test_triton; print('\n'.join(test_triton._compile_kernels_for_sm90()))" ) >"$registers_tmp" 2>&1 &
+registers_pid=$!
+
 test_log=$out/tests.log
 run_step "pytest -m gpu" "$test_log" 240 $py -m pytest python_tests -m gpu -q -rfE --timeout 120 -p no:cacheprovider
+if wait "$registers_pid"; then record triton-registers ok; else record triton-registers FAIL; fi
+{ echo "== Triton kernels built for sm_90: registers, stack (spills), shared memory =="; grep -v -i warn "$registers_tmp"; } >>"$env_log"
+rm -f "$registers_tmp"
 
 bench_log=$out/bench.log
 # Every backend and the paper's algorithm side by side at the target shape; later the same with
