@@ -5,7 +5,8 @@
 Prints, for each kernel backend and dtype, the wall time of one forward+backward (CUDA events),
 the CPU time to issue it (no synchronization), the CUDA kernels that take the GPU time and the
 host-side operations that take the CPU time, in µs per iteration, largest first: when the issue
-time reaches the wall time, the step is bound by the host. Also re-runs the Triton
+time reaches the wall time, the step is bound by the host (for Triton, the part of the issue
+time spent in Triton's own launcher is shown too). Also re-runs the Triton
 forward on a bfloat16 channels-first map several times and reports whether it is bitwise
 stable (a moving result is a race).
 """
@@ -53,6 +54,7 @@ def profile_backend(shape, dtype, backend, iters):
         step(x, z, backend)
     issue_us = (time.perf_counter() - issue_start) * 1e6 / iters
     torch.cuda.synchronize()
+    launcher = triton_launcher_time(x, z, iters) if backend == "triton" else ""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             step(x, z, backend)
@@ -62,13 +64,39 @@ def profile_backend(shape, dtype, backend, iters):
                      key=lambda e: e.self_device_time_total, reverse=True)
     host_ops = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: e.self_cpu_time_total, reverse=True)
     print(f"\n== {backend} {str(dtype)[6:]} {'x'.join(map(str, shape))}: {wall_us:.0f} µs per fwd+bwd (events), "
-          f"{issue_us:.0f} µs to issue it (CPU, no sync)")
+          f"{issue_us:.0f} µs to issue it (CPU, no sync){launcher}")
     print("  GPU kernels:")
     for e in kernels[:10]:
         print(f"  {e.self_device_time_total / iters:9.1f} µs  x{e.count // iters:<3d} {e.key[:110]}")
     print("  host operations (self CPU time under the profiler, which adds its own per-op cost):")
     for e in host_ops[:12]:
         print(f"  {e.self_cpu_time_total / iters:9.1f} µs  x{e.count // iters:<3d} {e.key[:110]}")
+
+
+def triton_launcher_time(x, z, iters):
+    """', of which N µs in Triton's launcher (k launches)': CPU time inside JITFunction.run per
+    forward+backward, issued without synchronization (the rest of the issue time is torch)."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+    spent, calls = [0.0], [0]
+
+    def timed_run(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+            calls[0] += 1
+
+    JITFunction.run = timed_run
+    try:
+        for _ in range(iters):
+            step(x, z, "triton")
+    finally:
+        JITFunction.run = original
+    torch.cuda.synchronize()
+    return f", of which {spent[0] * 1e6 / iters:.0f} µs in Triton's launcher ({calls[0] // iters} launches)"
 
 
 def triton_stability(shape, runs=6):
