@@ -126,6 +126,7 @@ BACKWARD_CANDIDATES = [
     (64, 64, 1, 8, 2),
     (64, 64, 1, 8, 4),
     (64, 32, 1, 8, 3),  # 138 registers (bfloat16)
+    (64, 32, 0.5, 8, 3),  # 100 registers (bfloat16): two programs per SM, 4x the V·z steps
     (32, 32, 1, 4, 3),  # 128 registers at 4 warps (bfloat16, 4 bytes of spills): four per SM
     (32, 64, 1, 8, 3),
     (64, 64, 2, 8, 3),
@@ -140,7 +141,6 @@ BACKWARD_CANDIDATES = [
     (128, 32, 1, 8, 3),
     (32, 128, 1, 8, 2),
     (64, 64, 0.5, 4, 4),
-    (32, 32, 1, 2, 2),
 ]
 # The prototype-gradient GEMM over all B·N features: (BLOCK_K, BLOCK_M, BLOCK_D, num_warps,
 # num_stages, programs_wanted per SM). The default (first) is 64 x 64 x 64, 4 warps, 3 stages,
