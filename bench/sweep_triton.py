@@ -95,9 +95,10 @@ WORKER_BATCH = 16
 # Candidates in priority order (a budget-limited run gets the first ones of every group):
 # (BLOCK_N, BLOCK_M, BLOCK_D as a factor of the default's BLOCK_D, num_warps, num_stages).
 # The default (_triton._tile_config), always measured first, is 64 x 128 x 32 (float32) or
-# 64 x 64 x 64 (half), 8 warps, 3 stages for the forward, 64 x 64 x {32, 64}, 8 warps, 3 stages
-# for the backward. num_stages pipelines the loops that feed tl.dot. First come the
-# session-2 defaults (one stage): the measured gain of pipelining.
+# 64 x 64 x 64 (half), 8 warps, 3 stages for the forward, 64 x 64 x 32 (float32) or 64 x 32 x 64
+# (half), 8 warps, 3 stages for the backward (whose tiles also set its grad_x GEMM's: BLOCK_N
+# features by BLOCK_D columns, BLOCK_M prototypes per step). num_stages pipelines the loops
+# that feed tl.dot. First come one-stage configs: the measured gain of pipelining.
 FORWARD_CANDIDATES = [
     (64, 128, 1, 8, 1),  # session-2 default
     (64, 64, 1, 8, 1),
@@ -121,26 +122,26 @@ FORWARD_CANDIDATES = [
     (32, 32, 2, 2, 2),
 ]
 BACKWARD_CANDIDATES = [
-    (64, 64, 1, 8, 1),  # session-2 default
-    (64, 64, 1, 8, 3),  # default
+    (64, 64, 1, 8, 1),  # one stage: the measured gain of pipelining
+    (64, 32, 1, 8, 1),
+    (64, 64, 1, 8, 3),  # float32 default; half: 167 registers, one program per SM
+    (64, 32, 1, 8, 3),  # half default: 126 registers, two programs per SM
+    (64, 32, 1, 8, 2),
+    (64, 32, 1, 8, 4),
+    (64, 32, 1, 4, 3),  # 150 registers (half): three 4-warp programs per SM
+    (32, 32, 1, 4, 3),  # 94 registers (half): five per SM
+    (64, 32, 0.5, 8, 3),
     (64, 64, 1, 8, 2),
-    (64, 64, 1, 8, 4),
-    (64, 32, 1, 8, 3),  # 138 registers (bfloat16)
-    (64, 32, 0.5, 8, 3),  # 100 registers (bfloat16): two programs per SM, 4x the V·z steps
-    (32, 32, 1, 4, 3),  # 128 registers at 4 warps (bfloat16, 4 bytes of spills): four per SM
-    (32, 64, 1, 8, 3),
-    (64, 64, 2, 8, 3),
-    (64, 64, 1, 4, 3),
-    (64, 128, 1, 8, 2),  # one prototype tile: pass 1 computes the costs once per feature tile
+    (64, 128, 1, 8, 2),  # one prototype tile: the costs once per feature tile
     (32, 64, 1, 4, 3),
-    (128, 64, 1, 8, 2),
-    (64, 64, 0.5, 8, 3),
-    (32, 64, 2, 4, 2),
-    (64, 32, 2, 4, 2),
-    (16, 64, 1, 4, 3),
     (128, 32, 1, 8, 3),
-    (32, 128, 1, 8, 2),
+    (64, 16, 1, 4, 3),
+    (32, 32, 2, 4, 3),
+    (64, 32, 2, 8, 3),
+    (128, 64, 1, 8, 2),
+    (16, 32, 1, 2, 3),
     (64, 64, 0.5, 4, 4),
+    (32, 64, 2, 8, 2),
 ]
 # The prototype-gradient GEMM over all B·N features: (BLOCK_K, BLOCK_M, BLOCK_D, num_warps,
 # num_stages, programs_wanted per SM). The default (first) is 64 x 64 x 64, 4 warps, 3 stages,

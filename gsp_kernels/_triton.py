@@ -1,4 +1,4 @@
-"""The `triton` backend: GSP forward in one fused launch, backward in one launch plus one GEMM.
+"""The `triton` backend: GSP forward in one fused launch, backward in two launches plus one GEMM.
 
 Math and symbols: SPEC.md. Layout of the work:
 
@@ -22,18 +22,24 @@ Math and symbols: SPEC.md. Layout of the work:
 - Backward (``_gsp_backward_kernel``), one program per sample: pass 1 recomputes the raw
   products (scratch [N, M]: cheaper than saving [B, N, M] in the forward, which the op's
   contract does not allow anyway), ℓ and ā (online, together), x·gy, and the sums for ē;
-  pass 2 forms W per tile, overwrites the scratch with V = W / (d_x d_z), and writes
-  grad_x = x (S − r·[projects]) / d_x² − V z + w gy, with S = Σ_k W and r = x̂·gx̂ =
-  |x̂|² S − Σ_k W (x̂·ẑ), so the normalization backward needs no extra pass over D.
+  pass 2 forms W per tile, overwrites the scratch with V = W / (d_x d_z), and writes per
+  feature β and w of grad_x = β x − V z + w gy: β = (S − r·[projects]) / d_x² with
+  S = Σ_k W and r = x̂·gx̂ = |x̂|² S − Σ_k W (x̂·ẑ), so the normalization backward needs no
+  extra pass over D.
   The prototype gradient's batch reduction Σ_b Σ_i W_ki x̂_i = d_z (Vᵀ x) is one GEMM over
   all B·N features, ``_coef_x_kernel``: a split-K Triton GEMM rather than torch.matmul,
   because it reads x through its strides (a channels-first map needs no copy), keeps half
   inputs in half (no float32 copy of x), and uses the same ``precision`` (cuBLAS float32
   without TF32 runs on CUDA cores, ~2.5× slower than tf32x3 on an H200).
-  ``_prototype_grad_kernel`` (a program per prototype) then sums the splits and the
-  per-sample column sums of W in a fixed order (no atomics: the backward is deterministic)
-  and applies the prototypes' normalization backward. Launches: the backward kernel, the GEMM
-  and that epilogue, no torch ops.
+  ``_backward_finish_kernel`` then does two independent jobs in one launch: a program per
+  prototype sums the splits and the per-sample column sums of W in a fixed order (no
+  atomics: the backward is deterministic) and applies the prototypes' normalization
+  backward; the other programs compute grad_x = β x − V z + w gy as a GEMM over the
+  prototypes with that epilogue, on [BLOCK_N, BLOCK_D] tiles of all B·N features. As a
+  per-sample loop over D inside the first kernel, that product waited on every V and z tile
+  in turn (~100 dependent round trips per sample); as thousands of programs whose loads feed
+  tl.dot it is pipelined and latency-hidden. Launches: the per-sample kernel, the GEMM and
+  the finishing launch, no torch ops.
 
 Precision of the products (``precision``), in SPEC.md's terms (‖out − ref‖ / ‖ref‖):
 
@@ -179,6 +185,17 @@ def _split_half_dot(v, other, acc, NATIVE_BF16: tl.constexpr):
     else:  # the interpreter's tl.dot misreads bfloat16: the same values through float32
         acc = tl.dot(v_hi.to(tl.float32), other.to(tl.float32), acc, input_precision="ieee")
         acc = tl.dot(v_lo.to(tl.float32), other.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _coef_product(v, other, acc, SPLIT: tl.constexpr, NATIVE_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + v @ other for float32 v: bfloat16 other as hi + lo products (SPLIT), else in
+    float32 at PRECISION."""
+    if SPLIT:
+        acc = _split_half_dot(v, other, acc, NATIVE_BF16)
+    else:
+        acc = tl.dot(v, other.to(tl.float32), acc, input_precision=PRECISION)
     return acc
 
 
@@ -353,16 +370,16 @@ def _gsp_backward_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
     z_ptr, stride_zm, stride_zd,
     u_ptr, grad_pooled_ptr, grad_attr_ptr, grad_weights_ptr,  # [B], [B, D], [B, M], [B, N] contiguous
-    grad_x_ptr, stride_gb, stride_gn, stride_gd,
-    coef_ptr, rows_ptr, z_sq_ptr, col_sum_ptr,  # scratch: [B, N, M], [B, 4, N], [B, M], [B, M] float32
+    coef_ptr, row_coefs_ptr,  # out: V [B, N, M] (raw x·z until pass 2), (β, w) [B, 2, N] float32
+    rows_ptr, z_sq_ptr, col_sum_ptr,  # scratch [B, 4, N]; out: |z|² [B, M], Σ_i W_ki [B, M] float32
     N, M, D,
     gamma, snap, inv_total,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr, GAP: tl.constexpr,
-    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, F32_PRECISION: tl.constexpr,
-    SPLIT_BF16: tl.constexpr, NATIVE_BF16: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program per sample: grad_x, V = W / (d_x d_z) [N, M] and the column sums of W [M]."""
+    """One program per sample: V = W / (d_x d_z) [N, M], the column sums of W [M], and per
+    feature the coefficients of grad_x = β x − V z + w gy (``_grad_x_tile``)."""
     sample = tl.program_id(0).to(tl.int64)
     x_sample = x_ptr + sample * stride_xb
     coef_sample = coef_ptr + sample * N * M
@@ -370,6 +387,8 @@ def _gsp_backward_kernel(
     abar_row = ell_row + N
     e_row = ell_row + 2 * N
     x_sq_row = ell_row + 3 * N
+    beta_row = row_coefs_ptr + sample * 2 * N
+    w_row = beta_row + N
     z_sq_sample = z_sq_ptr + sample * M
     col_sum_sample = col_sum_ptr + sample * M
     grad_pooled_sample = grad_pooled_ptr + sample * D
@@ -421,7 +440,7 @@ def _gsp_backward_kernel(
     e_bar = tl.where(h_sum > 0, he_sum / tl.maximum(h_sum, 1.1754943508222875e-38), 0.0)
     tl.debug_barrier()
 
-    # Pass 2, per feature tile: W and its sums over prototypes, V to scratch, then grad_x.
+    # Pass 2, per feature tile: W and its sums over prototypes, V, β and w.
     for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -458,45 +477,59 @@ def _gsp_backward_kernel(
             tl.store(tile_ptrs, coef * inv_dx[:, None] * inv_dz[None, :], mask=tile_ok)
         tl.debug_barrier()  # V and the column sums, read below and by the next tile
 
-        # r_i = x̂·gx̂; grad_x = x (S − r·[projects]) / d_x² − V z + w gy.
+        # r_i = x̂·gx̂; grad_x = x (S − r·[projects]) / d_x² − V z + w gy = β x − V z + w gy.
         radial = x_sq * inv_dx * inv_dx * coef_sum - coef_dot
         if NORMALIZE == 0:
             radial = tl.where(inv_dx < 1.0, radial, 0.0)
         elif NORMALIZE == 2:
             radial = radial * 0.0
-        x_scale = (coef_sum - radial) * inv_dx * inv_dx  # [BLOCK_N]
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            coef_z = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-            # One stage: at M = 128 this loop has two steps, and pipelining them took the
-            # bfloat16 build from 175 to 232 registers.
-            for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
-                protos = m0 + tl.arange(0, BLOCK_M)
-                proto_ok = protos < M
-                v_tile = tl.load(
-                    coef_sample + rows[:, None] * M + protos[None, :],
-                    mask=row_ok[:, None] & proto_ok[None, :], other=0.0,
-                )
-                z_tile = tl.load(  # [BLOCK_M, BLOCK_D]
-                    z_ptr + protos[:, None] * stride_zm + cols[None, :] * stride_zd,
-                    mask=proto_ok[:, None] & col_ok[None, :], other=0.0,
-                )
-                if SPLIT_BF16:
-                    coef_z = _split_half_dot(v_tile, z_tile, coef_z, NATIVE_BF16)
-                else:
-                    coef_z = tl.dot(v_tile, z_tile.to(tl.float32), coef_z, input_precision=F32_PRECISION)
-            x_tile = tl.load(
-                x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-            ).to(tl.float32)
-            gy = tl.load(grad_pooled_sample + cols, mask=col_ok, other=0.0).to(tl.float32)
-            grad_x = x_tile * x_scale[:, None] - coef_z + w[:, None] * gy[None, :]
-            tl.store(
-                grad_x_ptr + sample * stride_gb + rows[:, None] * stride_gn + cols[None, :] * stride_gd,
-                grad_x.to(grad_x_ptr.dtype.element_ty),
-                mask=row_ok[:, None] & col_ok[None, :],
-            )
+        tl.store(beta_row + rows, (coef_sum - radial) * inv_dx * inv_dx, mask=row_ok)
+        tl.store(w_row + rows, w, mask=row_ok)
+
+
+@triton.jit
+def _grad_x_tile(
+    col_tile, feature_tile, coef_ptr, row_coefs_ptr, z_ptr, stride_zm, stride_zd,
+    x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
+    total_rows, N, M, D,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """grad_x = β x − V z + w gy on one [BLOCK_R, BLOCK_D] tile of all B·N features (feature
+    r = b·N + i): a GEMM over the prototypes with that epilogue. Thousands of independent
+    programs whose loads feed tl.dot (pipelined), where a per-sample loop over D would wait for
+    every V and z tile in turn."""
+    cols = col_tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    feature = feature_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    feature_ok = feature < total_rows
+    col_ok = cols < D
+    sample = (feature // N).to(tl.int64)
+    row = feature % N
+    coef_z = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for k0 in range(0, M, BLOCK_K):
+        protos = k0 + tl.arange(0, BLOCK_K)
+        proto_ok = protos < M
+        v_tile = tl.load(  # [BLOCK_R, BLOCK_K]
+            coef_ptr + feature[:, None].to(tl.int64) * M + protos[None, :],
+            mask=feature_ok[:, None] & proto_ok[None, :], other=0.0,
+        )
+        z_tile = tl.load(  # [BLOCK_K, BLOCK_D]
+            z_ptr + protos[:, None] * stride_zm + cols[None, :] * stride_zd,
+            mask=proto_ok[:, None] & col_ok[None, :], other=0.0,
+        )
+        coef_z = _coef_product(v_tile, z_tile, coef_z, SPLIT_BF16, NATIVE_BF16, PRECISION)
+    tile_ok = feature_ok[:, None] & col_ok[None, :]
+    beta = tl.load(row_coefs_ptr + sample * 2 * N + row, mask=feature_ok, other=0.0)  # [BLOCK_R]
+    w = tl.load(row_coefs_ptr + (sample * 2 + 1) * N + row, mask=feature_ok, other=0.0)
+    x_tile = tl.load(
+        x_ptr + (sample * stride_xb + row * stride_xn)[:, None] + cols[None, :] * stride_xd, mask=tile_ok, other=0.0
+    ).to(tl.float32)
+    gy = tl.load(grad_pooled_ptr + sample[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    grad_x = x_tile * beta[:, None] - coef_z + w[:, None] * gy
+    tl.store(
+        grad_x_ptr + (sample * stride_gb + row * stride_gn)[:, None] + cols[None, :] * stride_gd,
+        grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_ok,
+    )
 
 
 @triton.jit
@@ -532,10 +565,7 @@ def _coef_x_kernel(
             x_ptr + (sample * stride_xb + row * stride_xn)[:, None] + cols[None, :] * stride_xd,
             mask=feature_ok[:, None] & col_ok[None, :], other=0.0,
         )
-        if SPLIT_BF16:
-            acc = _split_half_dot(v_t, x_tile, acc, NATIVE_BF16)
-        else:
-            acc = tl.dot(v_t, x_tile.to(tl.float32), acc, input_precision=PRECISION)
+        acc = _coef_product(v_t, x_tile, acc, SPLIT_BF16, NATIVE_BF16, PRECISION)
     tl.store(
         partial_ptr + (split * M + protos[:, None]).to(tl.int64) * D + cols[None, :], acc,
         mask=proto_ok[:, None] & col_ok[None, :],
@@ -553,16 +583,12 @@ def _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, d
 
 
 @triton.jit
-def _prototype_grad_kernel(
-    partial_ptr, splits,  # Σ_i V_ki x_i per split of the features: [S, M, D] float32
-    col_sum_ptr, batch,  # Σ_i W_ki per sample: [B, M] float32
-    z_ptr, stride_zm, stride_zd, grad_z_ptr,  # prototypes [M, D]; grad_z [M, D] contiguous, z's dtype
-    M, D,
+def _prototype_grad_program(
+    k, partial_ptr, splits, col_sum_ptr, batch, z_ptr, stride_zm, stride_zd, grad_z_ptr, M, D,
     BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
-    """One program per prototype k: gẑ_k = ẑ_k Σ_b Σ_i W_ki − d_z Σ_s partial_s,k (= Σ W x̂),
-    then the normalization backward (gẑ − (ẑ·gẑ) ẑ [projects]) / d_z; every sum in a fixed order."""
-    k = tl.program_id(0).to(tl.int64)
+    """Prototype k (int64): gẑ_k = ẑ_k Σ_b Σ_i W_ki − d_z Σ_s partial_s,k (= Σ W x̂), then the
+    normalization backward (gẑ − (ẑ·gẑ) ẑ [projects]) / d_z; every sum in a fixed order."""
     col_total = tl.zeros((BLOCK_B,), tl.float32)
     for b0 in range(0, batch, BLOCK_B):
         samples = b0 + tl.arange(0, BLOCK_B)
@@ -594,6 +620,35 @@ def _prototype_grad_kernel(
         tl.store(grad_z_ptr + k * D + cols, grad_z.to(grad_z_ptr.dtype.element_ty), mask=cols < D)
 
 
+@triton.jit
+def _backward_finish_kernel(
+    partial_ptr, splits, col_sum_ptr, batch,  # prototype gradient: [S, M, D], [B, M] float32
+    coef_ptr, row_coefs_ptr,  # grad_x: V [B·N, M], (β, w) [B, 2, N] float32
+    z_ptr, stride_zm, stride_zd, grad_z_ptr,  # prototypes [M, D]; grad_z [M, D] contiguous
+    x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
+    total_rows, N, M, D, col_tiles,
+    BLOCK_ZD: tl.constexpr, BLOCK_B: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The backward's second launch: programs 0..M−1 finish the prototype gradient (one per
+    prototype, after the split-K GEMM), the rest compute grad_x tiles (D tiles fastest, so that
+    neighbouring programs share V rows in L2)."""
+    program = tl.program_id(0)
+    if program < M:
+        _prototype_grad_program(
+            program.to(tl.int64), partial_ptr, splits, col_sum_ptr, batch, z_ptr, stride_zm, stride_zd, grad_z_ptr,
+            M, D, BLOCK_ZD, BLOCK_B, NORMALIZE,
+        )
+    else:
+        tile = program - M
+        _grad_x_tile(
+            tile % col_tiles, tile // col_tiles, coef_ptr, row_coefs_ptr, z_ptr, stride_zm, stride_zd,
+            x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
+            total_rows, N, M, D, BLOCK_R, BLOCK_K, BLOCK_D, SPLIT_BF16, NATIVE_BF16, PRECISION,
+        )
+
+
 # ----------------------------------------------------------------------------- host glue
 
 
@@ -608,19 +663,24 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
     tl.dot needs every tile dim >= 16; 64 feature rows let Hopper use wgmma and bound how
     often each program re-reads the prototypes (once per feature tile). D goes 32 (float32)
     or 64 (half) per step. Prototype tiles, from sm_90 builds at N=196, M=128, D=512 with
-    3 stages (``test_triton._compile_kernels_for_sm90``): the half forward takes 64 at a time
-    (122 registers at 8 warps: two programs per SM; 178 with 128), the float32 forward 128
-    (244 registers, one program per SM either way: the x tile is then read once per feature
-    tile), the backward, with about twice as many live [BLOCK_N, BLOCK_M] float32 tiles, 64
-    (175 / 214 registers). num_stages pipelines the loops that feed tl.dot (the cost products
-    over D, the pooling over N); loops that store to a program's own scratch, and the
-    backward's two-step V·z loop, are pinned to one stage in the kernels. To be tuned on the
-    GPU (bench/sweep_triton.py).
+    3 stages and 8 warps (``test_triton._compile_kernels_for_sm90``): the half-precision
+    kernels take the widest tile that fits two programs per SM (<= 128 registers): 64
+    prototypes in the forward (122 registers; 178 with 128), 32 in the backward (126; 167 with
+    64). The float32 ones fit one program per SM whatever the tile (three TF32 products per
+    step), so they take the widest that does not spill, and read each x tile fewer times: 128
+    in the forward (244), 64 in the backward (220). num_stages pipelines the loops that feed
+    tl.dot (the cost products over D, the pooling over N, the backward's GEMMs); loops that
+    store to a program's own scratch are pinned to one stage in the kernels. To be tuned on
+    the GPU (bench/sweep_triton.py).
     """
-    block_m = min(max(m, 16), 64 if backward or half else 128)
+    if backward:
+        block_m = min(max(m, 16), 32 if half else 64)
+    else:
+        block_m = min(max(m, 16), 64 if half else 128)
     block_n = min(max(n, 16), 64)
     block_d = min(max(d, 16), 64 if half else 32)
-    num_warps = 8 if block_n * block_m >= 64 * 64 else 4
+    full_tile = 64 * (32 if backward and half else 64)  # at and above it, 8 warps
+    num_warps = 8 if block_n * block_m >= full_tile else 4
     return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 3}
 
 
@@ -731,27 +791,29 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
 
 
 def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision="auto"):
-    """grad_x (x's strides and dtype) from one launch; grad_prototypes from one GEMM over the batch."""
+    """grad_x (x's strides and dtype) and grad_prototypes in two launches and one GEMM: the
+    per-sample kernel (V, column sums, β and w), the split-K GEMM of the prototype gradient,
+    then one launch that finishes both (the prototype epilogue; grad_x as a GEMM over the
+    prototypes with its epilogue)."""
     batch, n, d = x.shape
     m = prototypes.shape[0]
     cast_f32, dot_precision, f32_precision, snap = _resolve_precision(x, prototypes, precision)
     config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES, backward=True)
     native_bf16 = not _INTERPRETED
-    grad_x = torch.empty_like(x)
+    grad_pooled = grad_pooled.contiguous()
     coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # raw x·z, then V
+    row_coefs = torch.empty((batch, 2, n), dtype=torch.float32, device=x.device)  # β, w
     row_scratch = torch.empty((batch, 4, n), dtype=torch.float32, device=x.device)
     z_sq = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     col_sum = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     _gsp_backward_kernel[(batch,)](
         x, *x.stride(), prototypes, *prototypes.stride(),
-        u.to(torch.float32), grad_pooled.contiguous(), grad_attr.contiguous(), grad_weights.contiguous(),
-        grad_x, *grad_x.stride(),
-        coef, row_scratch, z_sq, col_sum,
+        u.to(torch.float32), grad_pooled, grad_attr.contiguous(), grad_weights.contiguous(),
+        coef, row_coefs, row_scratch, z_sq, col_sum,
         n, m, d,
         float(gamma), snap, 1.0 / (n * mu),
         NORMALIZE=_NORMALIZE_CODES[normalize], EUCLIDEAN=cost == "euclidean", GAP=mu >= 1.0,
-        CAST_F32=cast_f32, PRECISION=dot_precision, F32_PRECISION=f32_precision,
-        SPLIT_BF16=prototypes.dtype == torch.bfloat16, NATIVE_BF16=native_bf16, **config,
+        CAST_F32=cast_f32, PRECISION=dot_precision, **config,
     )
     # Σ_b Σ_i W_ki x̂_i = d_z,k Σ_b Σ_i V_ki x_i: one split-K GEMM over all B·N features.
     gemm = _gemm_config(batch * n, m, d, x.device)
@@ -764,10 +826,20 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
         SPLIT_BF16=x.dtype == torch.bfloat16, NATIVE_BF16=native_bf16, PRECISION=f32_precision,
         num_warps=gemm["num_warps"], num_stages=gemm["num_stages"],
     )
+    # The prototype gradient's epilogue and grad_x = β x − V z + w gy (a GEMM over the
+    # prototypes, in tiles of the per-sample kernel's feature, prototype and D sizes).
     grad_z = torch.empty((m, d), dtype=prototypes.dtype, device=x.device)
-    _prototype_grad_kernel[(m,)](
-        partials, splits, col_sum, batch, prototypes, *prototypes.stride(), grad_z, m, d,
-        BLOCK_D=min(_next_pow2(d), 512), BLOCK_B=min(_next_pow2(batch), 256), NORMALIZE=_NORMALIZE_CODES[normalize],
-        num_warps=4,
+    grad_x = torch.empty_like(x)
+    block_r, block_k, block_d = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_D"]
+    col_tiles = triton.cdiv(d, block_d)
+    _backward_finish_kernel[(m + col_tiles * triton.cdiv(batch * n, block_r),)](
+        partials, splits, col_sum, batch, coef, row_coefs,
+        prototypes, *prototypes.stride(), grad_z,
+        x, *x.stride(), grad_pooled, grad_x, *grad_x.stride(),
+        batch * n, n, m, d, col_tiles,
+        BLOCK_ZD=min(_next_pow2(d), 512), BLOCK_B=min(_next_pow2(batch), 256), NORMALIZE=_NORMALIZE_CODES[normalize],
+        BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d,
+        SPLIT_BF16=prototypes.dtype == torch.bfloat16, NATIVE_BF16=native_bf16, PRECISION=f32_precision,
+        num_warps=4, num_stages=config["num_stages"],
     )
     return grad_x, grad_z

@@ -345,9 +345,13 @@ def test_prototype_gradient_epilogue(normalize, dtype):
     storage = torch.randn(d, m, generator=generator) * torch.tensor([2.0, 0.01, 1.0, 0.0, 5.0])  # |z| vs 1
     prototypes = storage.to(device=device, dtype=dtype).t()  # [M, D], strides (1, M)
     grad_z = torch.empty(m, d, dtype=dtype, device=device)
-    _triton._prototype_grad_kernel[(m,)](
-        partials, splits, col_sum, batch, prototypes, *prototypes.stride(), grad_z, m, d,
-        BLOCK_D=512, BLOCK_B=256, NORMALIZE=_triton._NORMALIZE_CODES[normalize],
+    unused = torch.zeros(1, 1, 1, dtype=dtype, device=device)  # grad_x operands: no grad_x programs
+    _triton._backward_finish_kernel[(m,)](
+        partials, splits, col_sum, batch, partials, partials, prototypes, *prototypes.stride(), grad_z,
+        unused, *unused.stride(), unused, unused, *unused.stride(),
+        0, 1, m, d, 1,
+        BLOCK_ZD=512, BLOCK_B=256, NORMALIZE=_triton._NORMALIZE_CODES[normalize],
+        BLOCK_R=16, BLOCK_K=16, BLOCK_D=16, SPLIT_BF16=False, NATIVE_BF16=False, PRECISION="ieee",
     )
     z_hat, z_div = _reference.normalize_rows(prototypes.double(), normalize)
     grad_z_hat = z_hat * col_sum.double().sum(0).unsqueeze(-1) - z_div * partials.double().sum(0)
@@ -450,21 +454,25 @@ def _compile_kernels_for_sm90() -> list[str]:
             launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             constexprs = dict(
                 config, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=cast_f32, PRECISION=dot_precision,
-                F32_PRECISION=f32_precision, SPLIT_BF16=dtype == torch.bfloat16, NATIVE_BF16=True,
-                stride_xd=1, stride_zd=1, stride_gd=1,
+                stride_xd=1, stride_zd=1,
             )
-            f32_pointers = {"u_ptr", "coef_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr"}
+            f32_pointers = {"u_ptr", "coef_ptr", "row_coefs_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr"}
             lines.append(compile_one(_triton._gsp_backward_kernel, dtype, f32_pointers, constexprs, **launch))
+            constexprs = dict(
+                BLOCK_R=config["BLOCK_N"], BLOCK_K=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"],
+                SPLIT_BF16=dtype == torch.bfloat16, NATIVE_BF16=True, PRECISION=f32_precision,
+                BLOCK_ZD=512, BLOCK_B=256, NORMALIZE=1, stride_xd=1, stride_zd=1, stride_gd=1,
+            )
+            lines.append(compile_one(
+                _triton._backward_finish_kernel, dtype, {"partial_ptr", "col_sum_ptr", "coef_ptr", "row_coefs_ptr"},
+                constexprs, 4, launch["num_stages"],
+            ))
             block_k, block_m, block_d, _, _ = _triton._split_k_config(256 * n, m, d, 264)
             constexprs = dict(
                 BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_BF16=dtype == torch.bfloat16,
                 NATIVE_BF16=True, PRECISION=f32_precision, stride_xd=1,
             )
             lines.append(compile_one(_triton._coef_x_kernel, dtype, {"coef_ptr", "partial_ptr"}, constexprs, 4, 3))
-        for normalize in range(3):
-            constexprs = dict(BLOCK_D=512, BLOCK_B=256, NORMALIZE=normalize, stride_zd=1)
-            f32_pointers = {"partial_ptr", "col_sum_ptr"}
-            lines.append(compile_one(_triton._prototype_grad_kernel, dtype, f32_pointers, constexprs, 4, 1))
     return lines
 
 
