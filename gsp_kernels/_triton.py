@@ -173,13 +173,13 @@ def _sigmoid(t):
 
 
 @triton.jit
-def _split_half_dot(v, other, acc, NATIVE_BF16: tl.constexpr):
+def _split_half_dot(v, other, acc, NATIVE_HALF_DOT: tl.constexpr):
     """acc + v @ other for float32 v and half-precision other (bfloat16 or float16) as two
     products in other's dtype, v = hi + lo: v keeps ~16 (bfloat16) or ~22 (float16, for |v| <= 1)
     significant bits, other is exact, the accumulation is float32."""
     v_hi = v.to(other.dtype)
     v_lo = (v - v_hi.to(tl.float32)).to(other.dtype)
-    if NATIVE_BF16:
+    if NATIVE_HALF_DOT:
         acc = tl.dot(v_hi, other, acc)
         acc = tl.dot(v_lo, other, acc)
     else:  # the interpreter's tl.dot misreads bfloat16: the same values through float32
@@ -189,11 +189,11 @@ def _split_half_dot(v, other, acc, NATIVE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _coef_product(v, other, acc, SPLIT: tl.constexpr, NATIVE_BF16: tl.constexpr, PRECISION: tl.constexpr):
+def _coef_product(v, other, acc, SPLIT: tl.constexpr, NATIVE_HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + v @ other for float32 v: bfloat16 other as hi + lo products (SPLIT), else in
     float32 at PRECISION."""
     if SPLIT:
-        acc = _split_half_dot(v, other, acc, NATIVE_BF16)
+        acc = _split_half_dot(v, other, acc, NATIVE_HALF_DOT)
     else:
         acc = tl.dot(v, other.to(tl.float32), acc, input_precision=PRECISION)
     return acc
@@ -271,7 +271,7 @@ def _gsp_forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ALL_N: tl.constexpr,
     NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr, NEWTON: tl.constexpr, GAP: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr, POOL_PRECISION: tl.constexpr,
-    SPLIT_HALF: tl.constexpr, NATIVE_BF16: tl.constexpr,
+    SPLIT_HALF: tl.constexpr, NATIVE_HALF_DOT: tl.constexpr,
 ):
     """One program per sample: costs, ℓ, u, then pooled [D], attr [M], weights [N], u."""
     sample = tl.program_id(0).to(tl.int64)
@@ -339,7 +339,7 @@ def _gsp_forward_kernel(
             )
             weights16 = tl.where(weight_row, w[None, :], 0.0)  # [16, BLOCK_N]
             if SPLIT_HALF:  # w <= 1 (the weights sum to 1): no float16 overflow
-                pooled_rows = _split_half_dot(weights16, x_tile, pooled_rows, NATIVE_BF16)
+                pooled_rows = _split_half_dot(weights16, x_tile, pooled_rows, NATIVE_HALF_DOT)
             else:
                 pooled_rows = tl.dot(weights16, x_tile.to(tl.float32), pooled_rows, input_precision=POOL_PRECISION)
         pooled = tl.sum(pooled_rows, 0)  # row 0
@@ -493,7 +493,7 @@ def _grad_x_tile(
     x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
     total_rows, N, M, D,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT_BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_BF16: tl.constexpr, NATIVE_HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """grad_x = β x − V z + w gy on one [BLOCK_R, BLOCK_D] tile of all B·N features (feature
     r = b·N + i): a GEMM over the prototypes with that epilogue. Thousands of independent
@@ -517,7 +517,7 @@ def _grad_x_tile(
             z_ptr + protos[:, None] * stride_zm + cols[None, :] * stride_zd,
             mask=proto_ok[:, None] & col_ok[None, :], other=0.0,
         )
-        coef_z = _coef_product(v_tile, z_tile, coef_z, SPLIT_BF16, NATIVE_BF16, PRECISION)
+        coef_z = _coef_product(v_tile, z_tile, coef_z, SPLIT_BF16, NATIVE_HALF_DOT, PRECISION)
     tile_ok = feature_ok[:, None] & col_ok[None, :]
     beta = tl.load(row_coefs_ptr + sample * 2 * N + row, mask=feature_ok, other=0.0)  # [BLOCK_R]
     w = tl.load(row_coefs_ptr + (sample * 2 + 1) * N + row, mask=feature_ok, other=0.0)
@@ -537,7 +537,7 @@ def _coef_x_kernel(
     coef_ptr, x_ptr, stride_xb, stride_xn, stride_xd, partial_ptr,  # V [B*N, M]; partials [S, M, D]
     total_rows, N, M, D, rows_per_split,
     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT_BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_BF16: tl.constexpr, NATIVE_HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Split-K Vᵀ x over all B·N features: one [BLOCK_M, BLOCK_D] tile of one split's partial.
 
@@ -565,7 +565,7 @@ def _coef_x_kernel(
             x_ptr + (sample * stride_xb + row * stride_xn)[:, None] + cols[None, :] * stride_xd,
             mask=feature_ok[:, None] & col_ok[None, :], other=0.0,
         )
-        acc = _coef_product(v_t, x_tile, acc, SPLIT_BF16, NATIVE_BF16, PRECISION)
+        acc = _coef_product(v_t, x_tile, acc, SPLIT_BF16, NATIVE_HALF_DOT, PRECISION)
     tl.store(
         partial_ptr + (split * M + protos[:, None]).to(tl.int64) * D + cols[None, :], acc,
         mask=proto_ok[:, None] & col_ok[None, :],
@@ -629,7 +629,7 @@ def _backward_finish_kernel(
     total_rows, N, M, D, col_tiles,
     BLOCK_ZD: tl.constexpr, BLOCK_B: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT_BF16: tl.constexpr, NATIVE_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_BF16: tl.constexpr, NATIVE_HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The backward's second launch: programs 0..M−1 finish the prototype gradient (one per
     prototype, after the split-K GEMM), the rest compute grad_x tiles (D tiles fastest, so that
@@ -645,7 +645,7 @@ def _backward_finish_kernel(
         _grad_x_tile(
             tile % col_tiles, tile // col_tiles, coef_ptr, row_coefs_ptr, z_ptr, stride_zm, stride_zd,
             x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
-            total_rows, N, M, D, BLOCK_R, BLOCK_K, BLOCK_D, SPLIT_BF16, NATIVE_BF16, PRECISION,
+            total_rows, N, M, D, BLOCK_R, BLOCK_K, BLOCK_D, SPLIT_BF16, NATIVE_HALF_DOT, PRECISION,
         )
 
 
@@ -785,7 +785,7 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
         NORMALIZE=_NORMALIZE_CODES[normalize], EUCLIDEAN=cost == "euclidean", NEWTON=solver == "newton",
         GAP=gap, CAST_F32=cast_f32, PRECISION=dot_precision,
         POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
-        SPLIT_HALF=x.dtype in _HALF_DTYPES, NATIVE_BF16=not _INTERPRETED, **config,
+        SPLIT_HALF=x.dtype in _HALF_DTYPES, NATIVE_HALF_DOT=not _INTERPRETED, **config,
     )
     return pooled, attr, weights, u
 
@@ -799,7 +799,7 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     m = prototypes.shape[0]
     cast_f32, dot_precision, f32_precision, snap = _resolve_precision(x, prototypes, precision)
     config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES, backward=True)
-    native_bf16 = not _INTERPRETED
+    native_half_dot = not _INTERPRETED  # the interpreter's tl.dot misreads bfloat16 operands
     grad_pooled = grad_pooled.contiguous()
     coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # raw x·z, then V
     row_coefs = torch.empty((batch, 2, n), dtype=torch.float32, device=x.device)  # β, w
@@ -823,7 +823,7 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
         coef, x, *x.stride(), partials,
         batch * n, n, m, d, gemm["rows_per_split"],
         BLOCK_K=gemm["BLOCK_K"], BLOCK_M=gemm["BLOCK_M"], BLOCK_D=gemm["BLOCK_D"],
-        SPLIT_BF16=x.dtype == torch.bfloat16, NATIVE_BF16=native_bf16, PRECISION=f32_precision,
+        SPLIT_BF16=x.dtype == torch.bfloat16, NATIVE_HALF_DOT=native_half_dot, PRECISION=f32_precision,
         num_warps=gemm["num_warps"], num_stages=gemm["num_stages"],
     )
     # The prototype gradient's epilogue and grad_x = β x − V z + w gy (a GEMM over the
@@ -839,7 +839,7 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
         batch * n, n, m, d, col_tiles,
         BLOCK_ZD=min(_next_pow2(d), 512), BLOCK_B=min(_next_pow2(batch), 256), NORMALIZE=_NORMALIZE_CODES[normalize],
         BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d,
-        SPLIT_BF16=prototypes.dtype == torch.bfloat16, NATIVE_BF16=native_bf16, PRECISION=f32_precision,
+        SPLIT_BF16=prototypes.dtype == torch.bfloat16, NATIVE_HALF_DOT=native_half_dot, PRECISION=f32_precision,
         num_warps=4, num_stages=config["num_stages"],
     )
     return grad_x, grad_z

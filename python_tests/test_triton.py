@@ -351,7 +351,7 @@ def test_prototype_gradient_epilogue(normalize, dtype):
         unused, *unused.stride(), unused, unused, *unused.stride(),
         0, 1, m, d, 1,
         BLOCK_ZD=512, BLOCK_B=256, NORMALIZE=_triton._NORMALIZE_CODES[normalize],
-        BLOCK_R=16, BLOCK_K=16, BLOCK_D=16, SPLIT_BF16=False, NATIVE_BF16=False, PRECISION="ieee",
+        BLOCK_R=16, BLOCK_K=16, BLOCK_D=16, SPLIT_BF16=False, NATIVE_HALF_DOT=False, PRECISION="ieee",
     )
     z_hat, z_div = _reference.normalize_rows(prototypes.double(), normalize)
     grad_z_hat = z_hat * col_sum.double().sum(0).unsqueeze(-1) - z_div * partials.double().sum(0)
@@ -446,7 +446,7 @@ def _compile_kernels_for_sm90() -> list[str]:
                     config, BLOCK_ALL_N=256, NORMALIZE=0, EUCLIDEAN=True, NEWTON=newton, GAP=gap,
                     CAST_F32=cast_f32, PRECISION=dot_precision, stride_xd=1, stride_zd=1,
                     POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
-                    SPLIT_HALF=dtype != torch.float32, NATIVE_BF16=True,
+                    SPLIT_HALF=dtype != torch.float32, NATIVE_HALF_DOT=True,
                 )
                 f32_pointers = {"u_ptr", "logits_ptr", "ell_ptr"}
                 lines.append(compile_one(_triton._gsp_forward_kernel, dtype, f32_pointers, constexprs, **launch))
@@ -460,7 +460,7 @@ def _compile_kernels_for_sm90() -> list[str]:
             lines.append(compile_one(_triton._gsp_backward_kernel, dtype, f32_pointers, constexprs, **launch))
             constexprs = dict(
                 BLOCK_R=config["BLOCK_N"], BLOCK_K=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"],
-                SPLIT_BF16=dtype == torch.bfloat16, NATIVE_BF16=True, PRECISION=f32_precision,
+                SPLIT_BF16=dtype == torch.bfloat16, NATIVE_HALF_DOT=True, PRECISION=f32_precision,
                 BLOCK_ZD=512, BLOCK_B=256, NORMALIZE=1, stride_xd=1, stride_zd=1, stride_gd=1,
             )
             lines.append(compile_one(
@@ -470,7 +470,7 @@ def _compile_kernels_for_sm90() -> list[str]:
             block_k, block_m, block_d, _, _ = _triton._split_k_config(256 * n, m, d, 264)
             constexprs = dict(
                 BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_BF16=dtype == torch.bfloat16,
-                NATIVE_BF16=True, PRECISION=f32_precision, stride_xd=1,
+                NATIVE_HALF_DOT=True, PRECISION=f32_precision, stride_xd=1,
             )
             lines.append(compile_one(_triton._coef_x_kernel, dtype, {"coef_ptr", "partial_ptr"}, constexprs, 4, 3))
     return lines
