@@ -441,9 +441,10 @@ def _compile_kernels_for_sm90() -> list[str]:
             half = dtype != torch.float32
             config = dict(_triton._launch_config(n, m, d, half))
             launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
-            for newton, gap in ((True, False), (False, False), (True, True)):
+            # BLOCK_ALL_N (ℓ of a whole sample in registers): the typical N (196 -> 256), then 1024.
+            for newton, gap, all_n in ((True, False, 256), (False, False, 256), (True, True, 256), (True, False, 1024)):
                 constexprs = dict(
-                    config, BLOCK_ALL_N=256, NORMALIZE=0, EUCLIDEAN=True, NEWTON=newton, GAP=gap,
+                    config, BLOCK_ALL_N=all_n, NORMALIZE=0, EUCLIDEAN=True, NEWTON=newton, GAP=gap,
                     CAST_F32=cast_f32, PRECISION=dot_precision, stride_xd=1, stride_zd=1,
                     POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
                     SPLIT_HALF=dtype != torch.float32, NATIVE_HALF_DOT=True,
