@@ -475,7 +475,7 @@ def _gsp_backward_kernel(
             tl.debug_barrier()  # every thread has read the products and column sums it overwrites
             tl.store(col_sum_sample + protos, previous + tl.sum(coef, 0), mask=proto_ok)
             tl.store(tile_ptrs, coef * inv_dx[:, None] * inv_dz[None, :], mask=tile_ok)
-        tl.debug_barrier()  # V and the column sums, read below and by the next tile
+        tl.debug_barrier()  # the column sums, read back by the next feature tile
 
         # r_i = x̂·gx̂; grad_x = x (S − r·[projects]) / d_x² − V z + w gy = β x − V z + w gy.
         radial = x_sq * inv_dx * inv_dx * coef_sum - coef_dot
