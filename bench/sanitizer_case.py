@@ -1,11 +1,14 @@
-"""A tiny forward + backward through the cuda backend, for compute-sanitizer.
+"""A tiny forward + backward through the cuda and triton backends, for compute-sanitizer.
 
     compute-sanitizer --tool memcheck  python bench/sanitizer_case.py
     compute-sanitizer --tool racecheck python bench/sanitizer_case.py
 
 Covers a contiguous [B, N, D] input (B=2, N=7, D=33, M=5), a channels-first map read through
-its strides, every dtype, mu = 1, and both cost options. Checks the outputs against the float64
-reference loosely (the sanitizer's job is memory and races) and prints SANITIZER_CASE_OK.
+its strides, mu = 1, and both cost options: every dtype on the cuda backend, bfloat16 on
+triton (its split-product paths; each Triton variant is compiled under the sanitizer, which is
+slow).
+Checks the outputs against the float64 reference loosely (the sanitizer's job is memory and
+races) and prints SANITIZER_CASE_OK with the backends it ran.
 """
 
 import torch
@@ -13,11 +16,11 @@ import torch
 from gsp_kernels import backend_status, gsp_pool
 
 
-def run_case(x, prototypes, **options):
-    """Forward + backward on the cuda backend; returns the outputs and both gradients."""
+def run_case(x, prototypes, backend, **options):
+    """Forward + backward on `backend`; returns the outputs and both gradients."""
     xg = x.detach().clone().requires_grad_()
     zg = prototypes.detach().clone().requires_grad_()
-    pooled, attr, weights = gsp_pool(xg, zg, backend="cuda", return_weights=True, **options)
+    pooled, attr, weights = gsp_pool(xg, zg, backend=backend, return_weights=True, **options)
     loss = pooled.float().square().sum() + attr.float().sum() + weights.float().square().sum()
     loss.backward()
     torch.cuda.synchronize()
@@ -42,21 +45,25 @@ def run_reference(x, prototypes, mu, **options):
 
 
 def main():
-    status = backend_status("cuda")["cuda"]
-    assert status.available, f"cuda backend unavailable: {status.reason}"
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = torch.randn(2, 7, 33, device="cuda", generator=gen).to(dtype)
-        z = torch.randn(5, 33, device="cuda", generator=gen).to(dtype)
-        x[0, 3] = z[2]  # an exact feature/prototype match
-        for mu, cost in ((0.3, "euclidean"), (1.0, "sqeuclidean")):
-            got = run_case(x, z, transport_ratio=mu, cost=cost)
-            check_close(x, z, got, mu, cost=cost)
-        x_map = torch.randn(2, 33, 3, 5, device="cuda", generator=gen).to(dtype)  # NCHW, N = 15
-        got = run_case(x_map, z, transport_ratio=0.5, normalize="l2")
-        assert got[3].stride() == x_map.stride()
-        check_close(x_map, z, got, 0.5, normalize="l2")
-    print("SANITIZER_CASE_OK")
+    status = backend_status("cuda")
+    assert status["cuda"].available, f"cuda backend unavailable: {status['cuda'].reason}"
+    dtypes = {"cuda": (torch.float32, torch.bfloat16, torch.float16), "triton": (torch.bfloat16,)}
+    ran = []
+    for backend in (name for name in dtypes if status[name].available):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for dtype in dtypes[backend]:
+            x = torch.randn(2, 7, 33, device="cuda", generator=gen).to(dtype)
+            z = torch.randn(5, 33, device="cuda", generator=gen).to(dtype)
+            x[0, 3] = z[2]  # an exact feature/prototype match
+            for mu, cost in ((0.3, "euclidean"), (1.0, "sqeuclidean")):
+                got = run_case(x, z, backend, transport_ratio=mu, cost=cost)
+                check_close(x, z, got, mu, cost=cost)
+            x_map = torch.randn(2, 33, 3, 5, device="cuda", generator=gen).to(dtype)  # NCHW, N = 15
+            got = run_case(x_map, z, backend, transport_ratio=0.5, normalize="l2")
+            assert got[3].stride() == x_map.stride()
+            check_close(x_map, z, got, 0.5, normalize="l2")
+        ran.append(backend)
+    print("SANITIZER_CASE_OK", " ".join(ran))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ What it answers, at the target shape B=256 N=196 D=512 M=128 (gamma 5, transport
 lipschitz, euclidean, newton, max_iter / tol from gsp_kernels._reference): which
 (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) is fastest for the forward kernel and for
 the backward, which (BLOCK_K, BLOCK_M, BLOCK_D, num_warps, num_stages, programs_wanted) for
-the backward's split-K prototype-gradient GEMM ("coef_x", `_coef_x_kernel`), in float32
+the backward's split-K prototype-gradient GEMM ("coef_x", `_gsp_coef_x_kernel`), in float32
 (precision auto = tf32x3, and ieee) and bfloat16, and whether each config is bitwise
 deterministic and accurate against a float64 reference.
 
@@ -15,7 +15,7 @@ How:
   to None in a `finally`). It applies to the forward *and* the backward launch, so the two
   are swept separately: forward configs time `_triton.forward` alone; backward configs time
   `_triton.backward` alone, on a u computed once per (dtype, precision) with the default
-  config. The backward's prototype-gradient GEMM (`_coef_x_kernel`) keeps its default config
+  config. The backward's prototype-gradient GEMM (`_gsp_coef_x_kernel`) keeps its default config
   there (included in the backward time) and is swept by the coef_x groups through
   `_triton.GEMM_OVERRIDE` instead: they time `_triton.backward` the same way, with the
   backward kernel's default config, so a coef_x speedup is over the whole backward.
@@ -77,7 +77,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/sweep_triton.py` with
 from gsp_kernels import _reference, _triton
 
 KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_D", "num_warps", "num_stages")
-# The backward's split-K GEMM (_coef_x_kernel, through _triton.GEMM_OVERRIDE).
+# The backward's split-K GEMM (_gsp_coef_x_kernel, through _triton.GEMM_OVERRIDE).
 GEMM_KEYS = ("BLOCK_K", "BLOCK_M", "BLOCK_D", "num_warps", "num_stages", "programs_wanted")
 KERNELS = ("forward", "backward", "coef_x")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -27,11 +27,11 @@ Math and symbols: SPEC.md. Layout of the work:
   S = Σ_k W and r = x̂·gx̂ = |x̂|² S − Σ_k W (x̂·ẑ), so the normalization backward needs no
   extra pass over D.
   The prototype gradient's batch reduction Σ_b Σ_i W_ki x̂_i = d_z (Vᵀ x) is one GEMM over
-  all B·N features, ``_coef_x_kernel``: a split-K Triton GEMM rather than torch.matmul,
+  all B·N features, ``_gsp_coef_x_kernel``: a split-K Triton GEMM rather than torch.matmul,
   because it reads x through its strides (a channels-first map needs no copy), keeps half
   inputs in half (no float32 copy of x), and uses the same ``precision`` (cuBLAS float32
   without TF32 runs on CUDA cores, ~2.5× slower than tf32x3 on an H200).
-  ``_backward_finish_kernel`` then does two independent jobs in one launch: a program per
+  ``_gsp_backward_finish_kernel`` then does two independent jobs in one launch: a program per
   prototype sums the splits and the per-sample column sums of W in a fixed order (no
   atomics: the backward is deterministic) and applies the prototypes' normalization
   backward; the other programs compute grad_x = β x − V z + w gy as a GEMM over the
@@ -84,7 +84,7 @@ MAX_N = 4096
 # Tests may set this to a dict with any of BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages
 # to force tiling at small sizes.
 BLOCK_OVERRIDE: dict | None = None
-# Likewise for the backward's split-K GEMM (``_coef_x_kernel``): any of BLOCK_K, BLOCK_M, BLOCK_D
+# Likewise for the backward's split-K GEMM (``_gsp_coef_x_kernel``): any of BLOCK_K, BLOCK_M, BLOCK_D
 # (powers of two >= 16), num_warps, num_stages, programs_wanted (see ``_gemm_config``).
 GEMM_OVERRIDE: dict | None = None
 
@@ -533,7 +533,7 @@ def _grad_x_tile(
 
 
 @triton.jit
-def _coef_x_kernel(
+def _gsp_coef_x_kernel(
     coef_ptr, x_ptr, stride_xb, stride_xn, stride_xd, partial_ptr,  # V [B*N, M]; partials [S, M, D]
     total_rows, N, M, D, rows_per_split,
     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -621,7 +621,7 @@ def _prototype_grad_program(
 
 
 @triton.jit
-def _backward_finish_kernel(
+def _gsp_backward_finish_kernel(
     partial_ptr, splits, col_sum_ptr, batch,  # prototype gradient: [S, M, D], [B, M] float32
     coef_ptr, row_coefs_ptr,  # grad_x: V [B·N, M], (β, w) [B, 2, N] float32
     z_ptr, stride_zm, stride_zd, grad_z_ptr,  # prototypes [M, D]; grad_z [M, D] contiguous
@@ -819,7 +819,7 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     gemm = _gemm_config(batch * n, m, d, x.device)
     splits = gemm["splits"]
     partials = torch.empty((splits, m, d), dtype=torch.float32, device=x.device)
-    _coef_x_kernel[(triton.cdiv(m, gemm["BLOCK_M"]), triton.cdiv(d, gemm["BLOCK_D"]), splits)](
+    _gsp_coef_x_kernel[(triton.cdiv(m, gemm["BLOCK_M"]), triton.cdiv(d, gemm["BLOCK_D"]), splits)](
         coef, x, *x.stride(), partials,
         batch * n, n, m, d, gemm["rows_per_split"],
         BLOCK_K=gemm["BLOCK_K"], BLOCK_M=gemm["BLOCK_M"], BLOCK_D=gemm["BLOCK_D"],
@@ -832,7 +832,7 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     grad_x = torch.empty_like(x)
     block_r, block_k, block_d = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_D"]
     col_tiles = triton.cdiv(d, block_d)
-    _backward_finish_kernel[(m + col_tiles * triton.cdiv(batch * n, block_r),)](
+    _gsp_backward_finish_kernel[(m + col_tiles * triton.cdiv(batch * n, block_r),)](
         partials, splits, col_sum, batch, coef, row_coefs,
         prototypes, *prototypes.stride(), grad_z,
         x, *x.stride(), grad_pooled, grad_x, *grad_x.stride(),

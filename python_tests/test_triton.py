@@ -346,7 +346,7 @@ def test_prototype_gradient_epilogue(normalize, dtype):
     prototypes = storage.to(device=device, dtype=dtype).t()  # [M, D], strides (1, M)
     grad_z = torch.empty(m, d, dtype=dtype, device=device)
     unused = torch.zeros(1, 1, 1, dtype=dtype, device=device)  # grad_x operands: no grad_x programs
-    _triton._backward_finish_kernel[(m,)](
+    _triton._gsp_backward_finish_kernel[(m,)](
         partials, splits, col_sum, batch, partials, partials, prototypes, *prototypes.stride(), grad_z,
         unused, *unused.stride(), unused, unused, *unused.stride(),
         0, 1, m, d, 1,
@@ -465,7 +465,7 @@ def _compile_kernels_for_sm90() -> list[str]:
                 BLOCK_ZD=512, BLOCK_B=256, NORMALIZE=1, stride_xd=1, stride_zd=1, stride_gd=1,
             )
             lines.append(compile_one(
-                _triton._backward_finish_kernel, dtype, {"partial_ptr", "col_sum_ptr", "coef_ptr", "row_coefs_ptr"},
+                _triton._gsp_backward_finish_kernel, dtype, {"partial_ptr", "col_sum_ptr", "coef_ptr", "row_coefs_ptr"},
                 constexprs, 4, launch["num_stages"],
             ))
             block_k, block_m, block_d, _, _ = _triton._split_k_config(256 * n, m, d, 264)
@@ -473,7 +473,7 @@ def _compile_kernels_for_sm90() -> list[str]:
                 BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_BF16=dtype == torch.bfloat16,
                 NATIVE_HALF_DOT=True, PRECISION=f32_precision, stride_xd=1,
             )
-            lines.append(compile_one(_triton._coef_x_kernel, dtype, {"coef_ptr", "partial_ptr"}, constexprs, 4, 3))
+            lines.append(compile_one(_triton._gsp_coef_x_kernel, dtype, {"coef_ptr", "partial_ptr"}, constexprs, 4, 3))
     return lines
 
 
