@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, test, sanitize, benchmark, profile and sweep; logs and
 # JSON go to OUTDIR (at most 8 files, so the device tool can bring them all back); a short
-# table is printed last. Budget: under 8 minutes on one H200 (~4.5 without the sweep).
+# table is printed last. Budget: about 8-9 minutes on one H200 (~5.5 without the sweep).
 #   usage: bench/device_check.sh OUTDIR
 #   GSP_BENCH_ARGS          arguments of the first `gsp-kernels bench` (default: target shape, paper
 #                           baseline, every backend plus cuda@tf32x3 and triton@ieee)
