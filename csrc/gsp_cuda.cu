@@ -158,6 +158,40 @@ __device__ __forceinline__ void tile_coords(int e, bool k_contiguous, int& outer
   }
 }
 
+// The register prefetch of both tile GEMMs: each thread loads its share of one k-step of the
+// A (kTile × kTileK) and B (kTileK × kTile) tiles into registers, zero outside rows × cols ×
+// depth, while the previous step is multiplied, then stores it into shared memory.
+template <class LoadA, class LoadB>
+struct TileStaging {
+  const LoadA& load_a;
+  const LoadB& load_b;
+  bool a_k_contiguous, b_k_contiguous;
+  int rows, cols, depth, row0, col0;
+  float a_next[kLoadsPerThread], b_next[kLoadsPerThread];
+
+  __device__ __forceinline__ void fetch(int k0) {
+#pragma unroll
+    for (int j = 0; j < kLoadsPerThread; ++j) {
+      int outer, k;
+      tile_coords(threadIdx.x + j * kThreads, a_k_contiguous, outer, k);
+      a_next[j] = (row0 + outer < rows && k0 + k < depth) ? load_a(row0 + outer, k0 + k) : 0.0f;
+      tile_coords(threadIdx.x + j * kThreads, b_k_contiguous, outer, k);
+      b_next[j] = (col0 + outer < cols && k0 + k < depth) ? load_b(k0 + k, col0 + outer) : 0.0f;
+    }
+  }
+
+  __device__ __forceinline__ void store(GemmSmem& sm) const {
+#pragma unroll
+    for (int j = 0; j < kLoadsPerThread; ++j) {
+      int outer, k;
+      tile_coords(threadIdx.x + j * kThreads, a_k_contiguous, outer, k);
+      sm.a[k][outer] = a_next[j];
+      tile_coords(threadIdx.x + j * kThreads, b_k_contiguous, outer, k);
+      sm.b[k][outer] = b_next[j];
+    }
+  }
+};
+
 // acc[r][c] = Σ_{k < depth} A(row0 + 4ty + r, k) · B(k, col0 + 4tx + c), zero outside
 // rows × cols. With kRowSquares, row_sq[r] = Σ_k A(row0 + 4ty + r, k)². Loads of the next
 // k-step are issued before the current one is multiplied (register prefetch).
@@ -172,30 +206,13 @@ __device__ void gemm_tile(GemmSmem& sm, int rows, int cols, int depth, int row0,
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
   }
-  float a_next[kLoadsPerThread], b_next[kLoadsPerThread];
-  auto fetch = [&](int k0) {
-#pragma unroll
-    for (int j = 0; j < kLoadsPerThread; ++j) {
-      int outer, k;
-      tile_coords(threadIdx.x + j * kThreads, a_k_contiguous, outer, k);
-      a_next[j] = (row0 + outer < rows && k0 + k < depth) ? load_a(row0 + outer, k0 + k) : 0.0f;
-      tile_coords(threadIdx.x + j * kThreads, b_k_contiguous, outer, k);
-      b_next[j] = (col0 + outer < cols && k0 + k < depth) ? load_b(k0 + k, col0 + outer) : 0.0f;
-    }
-  };
-  fetch(0);
+  TileStaging<LoadA, LoadB> staging{load_a, load_b, a_k_contiguous, b_k_contiguous, rows, cols, depth, row0, col0};
+  staging.fetch(0);
   for (int k0 = 0; k0 < depth; k0 += kTileK) {
     __syncthreads();  // the previous step's readers are done with the tiles
-#pragma unroll
-    for (int j = 0; j < kLoadsPerThread; ++j) {
-      int outer, k;
-      tile_coords(threadIdx.x + j * kThreads, a_k_contiguous, outer, k);
-      sm.a[k][outer] = a_next[j];
-      tile_coords(threadIdx.x + j * kThreads, b_k_contiguous, outer, k);
-      sm.b[k][outer] = b_next[j];
-    }
+    staging.store(sm);
     __syncthreads();
-    if (k0 + kTileK < depth) fetch(k0 + kTileK);
+    if (k0 + kTileK < depth) staging.fetch(k0 + kTileK);
 #pragma unroll
     for (int kk = 0; kk < kTileK; ++kk) {
       const float4 a4 = *reinterpret_cast<const float4*>(&sm.a[kk][4 * ty]);
@@ -251,30 +268,13 @@ __device__ void gemm_tile_mma(GemmSmem& sm, int rows, int cols, int depth, int r
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[j][c] = 0.0f;
   }
-  float a_next[kLoadsPerThread], b_next[kLoadsPerThread];
-  auto fetch = [&](int k0) {
-#pragma unroll
-    for (int j = 0; j < kLoadsPerThread; ++j) {
-      int outer, k;
-      tile_coords(threadIdx.x + j * kThreads, a_k_contiguous, outer, k);
-      a_next[j] = (row0 + outer < rows && k0 + k < depth) ? load_a(row0 + outer, k0 + k) : 0.0f;
-      tile_coords(threadIdx.x + j * kThreads, b_k_contiguous, outer, k);
-      b_next[j] = (col0 + outer < cols && k0 + k < depth) ? load_b(k0 + k, col0 + outer) : 0.0f;
-    }
-  };
-  fetch(0);
+  TileStaging<LoadA, LoadB> staging{load_a, load_b, a_k_contiguous, b_k_contiguous, rows, cols, depth, row0, col0};
+  staging.fetch(0);
   for (int k0 = 0; k0 < depth; k0 += kTileK) {
     __syncthreads();  // the previous step's readers are done with the tiles
-#pragma unroll
-    for (int j = 0; j < kLoadsPerThread; ++j) {
-      int outer, k;
-      tile_coords(threadIdx.x + j * kThreads, a_k_contiguous, outer, k);
-      sm.a[k][outer] = a_next[j];
-      tile_coords(threadIdx.x + j * kThreads, b_k_contiguous, outer, k);
-      sm.b[k][outer] = b_next[j];
-    }
+    staging.store(sm);
     __syncthreads();
-    if (k0 + kTileK < depth) fetch(k0 + kTileK);
+    if (k0 + kTileK < depth) staging.fetch(k0 + kTileK);
     if (kRowSquares && threadIdx.x < kTile) {
 #pragma unroll
       for (int kk = 0; kk < kTileK; ++kk) row_sq = fmaf(sm.a[kk][threadIdx.x], sm.a[kk][threadIdx.x], row_sq);
