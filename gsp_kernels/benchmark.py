@@ -15,7 +15,10 @@ grad_x).
 
 On a GPU each row also reports ``host f+b ms``: the CPU time to issue one forward+backward
 (Python, dispatcher, autograd and launches, with no synchronization). When it reaches the
-GPU median, the call is bound by the host, not by its kernels.
+GPU median, the call is bound by the host, not by its kernels. ``graph fwd ms`` and
+``graph f+b ms`` are the same calls captured once in a CUDA graph and replayed: the GPU time
+of the kernels alone (what a training step captured with CUDA graphs, or
+``torch.compile(mode="reduce-overhead")``, pays), the number to hold against the roofline.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ H200_PEAK_TFLOPS = {"fp32": 67.0, "tf32": 495.0, "bf16": 990.0}
 H200_PEAK_GBPS = 4300.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 PHASES = ("fwd", "bwd", "fwd_bwd")
+GRAPH_PHASES = ("fwd", "fwd_bwd")  # replayed as CUDA graphs (the backward alone reuses a retained graph)
 # Calls issued back to back for the host-side time (few enough not to fill the launch queue).
 HOST_TIMED_CALLS = 5
 # Bytes of one input set below which the benchmark rotates several sets (cache-cold inputs).
@@ -202,6 +206,7 @@ class Candidate:
     bwd: Callable[[int], object]
     fwd_bwd: Callable[[int], object]
     note: str = ""
+    graphable: bool = True  # no host sync inside a call: CUDA-graph capture works
 
 
 @dataclass
@@ -327,6 +332,7 @@ class BenchRow:
     speedup_vs_paper: dict[str, float | None] = field(default_factory=dict)
     peak_memory_mb: float | None = None
     host_ms: float | None = None  # CPU time to issue one forward+backward (GPU only)
+    graph_ms: dict[str, float | None] = field(default_factory=dict)  # CUDA-graph replay, fwd and fwd_bwd (GPU only)
     tflops: dict[str, float | None] = field(default_factory=dict)
     gbps: dict[str, float | None] = field(default_factory=dict)
     floor_ms: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -352,7 +358,9 @@ def build_candidates(
         op = lambda x, z, backend=backend, precision=precision: gsp_pool(  # noqa: E731
             x, z, transport_ratio=TRANSPORT_RATIO, gamma=GAMMA, precision=precision, backend=backend
         )
-        candidates.append(autograd_candidate(spec, "backend", op, inputs))
+        candidate = autograd_candidate(spec, "backend", op, inputs)
+        candidate.graphable = backend != "reference"  # its Newton loop checks convergence on the host
+        candidates.append(candidate)
     if "paper" in baselines:
         op = lambda x, z: _paper.paper_gsp(x, z, TRANSPORT_RATIO, GAMMA, PAPER_ITERATIONS)  # noqa: E731
         candidates.append(autograd_candidate("paper", "baseline", op, inputs, f"{PAPER_ITERATIONS} iterations, eager"))
@@ -375,6 +383,24 @@ def host_issue_ms(fn: Callable[[int], object], device: torch.device, n_sets: int
     return (issued - start) / HOST_TIMED_CALLS * 1e3
 
 
+def graph_replay_ms(fn: Callable[[int], object], device: torch.device) -> float:
+    """Median ms of fn(0) captured in a CUDA graph and replayed: the GPU time without the host."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn(0)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(0)
+    try:
+        return median_ms(lambda _i: graph.replay(), device, 1, 2, 10)
+    finally:
+        del graph
+        torch.cuda.empty_cache()
+
+
 @dataclass
 class Timings:
     """What ``time_candidates`` measured, one entry per candidate."""
@@ -383,16 +409,18 @@ class Timings:
     fastest_ms: list[dict[str, float | None]]  # CPU only: a loaded machine only adds time
     peak_memory_mb: list[float | None]  # GPU only
     host_ms: list[float | None]  # GPU only: issue time of one forward+backward
+    graph_ms: list[dict[str, float | None]]  # GPU only: CUDA-graph replay of fwd and fwd_bwd
     errors: list[str]
 
 
 def time_candidates(candidates: list[Candidate], device: torch.device, n_sets: int, warmup: int, repeats: int) -> Timings:
-    """Median (and on the CPU fastest) ms per phase, peak extra memory, host issue time and
-    error notes for each candidate."""
+    """Median (and on the CPU fastest) ms per phase, peak extra memory, host issue time,
+    CUDA-graph replay time and error notes for each candidate."""
     timings = [dict.fromkeys(PHASES) for _ in candidates]
     fastest = [dict.fromkeys(PHASES) for _ in candidates]
     memory: list[float | None] = [None] * len(candidates)
     host: list[float | None] = [None] * len(candidates)
+    graph = [dict.fromkeys(GRAPH_PHASES) for _ in candidates]
     errors = [""] * len(candidates)
     if device.type == "cpu":
         for phase in PHASES:
@@ -409,7 +437,7 @@ def time_candidates(candidates: list[Candidate], device: torch.device, n_sets: i
                         timings[j][phase], fastest[j][phase] = statistics.median(samples), min(samples)
                     except Exception as exc:
                         errors[j] = f"{phase} failed: {type(exc).__name__}: {exc}"
-        return Timings(timings, fastest, memory, host, errors)
+        return Timings(timings, fastest, memory, host, graph, errors)
     for j, candidate in enumerate(candidates):
         try:
             for phase in PHASES:
@@ -424,7 +452,14 @@ def time_candidates(candidates: list[Candidate], device: torch.device, n_sets: i
             host[j] = host_issue_ms(candidate.fwd_bwd, device, n_sets)
         except Exception as exc:  # e.g. out of memory: report, keep going
             errors[j] = f"failed: {type(exc).__name__}: {exc}"
-    return Timings(timings, fastest, memory, host, errors)
+            continue
+        for phase in GRAPH_PHASES if candidate.graphable else ():
+            try:
+                graph[j][phase] = graph_replay_ms(getattr(candidate, phase), device)
+            except Exception as exc:  # a host sync inside the call cannot be captured
+                errors[j] = f"graph {phase} not captured: {type(exc).__name__}: {exc}"
+                torch.cuda.synchronize(device)
+    return Timings(timings, fastest, memory, host, graph, errors)
 
 
 def bench_shape(
@@ -446,11 +481,13 @@ def bench_shape(
     model = cost_model(shape, dtype)
     paper = next((t for c, t in zip(candidates, measured.median_ms) if c.name == "paper"), None)
     rows = []
-    for candidate, ms, ms_min, peak_mb, host_ms, error in zip(
-        candidates, measured.median_ms, measured.fastest_ms, measured.peak_memory_mb, measured.host_ms, measured.errors
+    for candidate, ms, ms_min, peak_mb, host_ms, graph_ms, error in zip(
+        candidates, measured.median_ms, measured.fastest_ms, measured.peak_memory_mb, measured.host_ms,
+        measured.graph_ms, measured.errors,
     ):
         row = BenchRow(
-            candidate.name, candidate.kind, vars(shape).copy(), dtype_name, ms, ms_min, peak_memory_mb=peak_mb, host_ms=host_ms
+            candidate.name, candidate.kind, vars(shape).copy(), dtype_name, ms, ms_min, peak_memory_mb=peak_mb,
+            host_ms=host_ms, graph_ms=graph_ms,
         )
         row.note = "; ".join(filter(None, [candidate.note, error, f"{inputs.count} input sets"]))
         for phase in PHASES:
@@ -601,7 +638,8 @@ def render_table(headers: list[str], lines: list[list[str]]) -> str:
 
 def format_report(report: dict) -> str:
     """The readable tables: timings per row, overhead, training step."""
-    headers = ["impl", "shape", "dtype", "fwd ms", "bwd ms", "f+b ms", "f+b min ms", "host f+b ms", "x paper f+b", "peak MB",
+    headers = ["impl", "shape", "dtype", "fwd ms", "bwd ms", "f+b ms", "f+b min ms", "host f+b ms", "graph fwd ms",
+               "graph f+b ms", "x paper f+b", "peak MB",
                "TFLOP/s f+b", "GB/s f+b", "floor f+b ms fp32/tc", "note"]
     lines = []
     for row in report["rows"]:
@@ -610,7 +648,8 @@ def format_report(report: dict) -> str:
         floor_text = f"{floor['fp32']:.3g}/{floor['tensor_core']:.3g}" if floor else "-"
         lines.append([
             row["name"], shape, row["dtype"], *(_fmt(row["ms"][p]) for p in PHASES), _fmt(row["ms_min"].get("fwd_bwd")),
-            _fmt(row.get("host_ms")), _fmt(row["speedup_vs_paper"].get("fwd_bwd"), ".2f"), _fmt(row["peak_memory_mb"], ".1f"),
+            _fmt(row.get("host_ms")), *(_fmt(row.get("graph_ms", {}).get(p)) for p in GRAPH_PHASES),
+            _fmt(row["speedup_vs_paper"].get("fwd_bwd"), ".2f"), _fmt(row["peak_memory_mb"], ".1f"),
             _fmt(row["tflops"].get("fwd_bwd")), _fmt(row["gbps"].get("fwd_bwd")), floor_text, row["note"],
         ])
     parts = [

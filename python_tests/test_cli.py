@@ -63,7 +63,9 @@ def test_bench_backend_with_precision(tmp_path):
     assert cli.main([*args, "--repeats", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [row["name"] for row in report["rows"]] == ["reference", "reference@ieee"]
-    assert all(row["ms"]["fwd_bwd"] > 0 and row["host_ms"] is None for row in report["rows"])  # host time: GPU only
+    # host issue time and CUDA-graph replay: GPU only
+    assert all(row["ms"]["fwd_bwd"] > 0 and row["host_ms"] is None for row in report["rows"])
+    assert all(set(row["graph_ms"]) == {"fwd", "fwd_bwd"} and not any(row["graph_ms"].values()) for row in report["rows"])
     assert [o["backend"] for o in report["overhead"]] == ["reference"]  # one overhead row per backend
 
 

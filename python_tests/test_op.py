@@ -85,6 +85,55 @@ def test_channels_first_map_is_read_without_copy(monkeypatch):
     assert weights.shape == (2, 3, 4)
 
 
+def _op_outputs_and_grads(run, features, prototypes, used):
+    """Outputs of `run(x, z)` -> (pooled, attr, weights, u) and the gradients of a random
+    weighted sum of the outputs named in `used` (the others get no gradient: None in backward)."""
+    x = features.detach().clone().requires_grad_()
+    z = prototypes.detach().clone().requires_grad_()
+    outputs = run(x, z)
+    generator = torch.Generator().manual_seed(25)
+    loss = sum((outputs[i] * torch.randn(outputs[i].shape, generator=generator, dtype=x.dtype)).sum() for i in used)
+    loss.backward()
+    return [t.detach() for t in outputs], x.grad, z.grad
+
+
+@pytest.mark.parametrize("used", [(0, 1, 2), (0,), (1,), (2,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eager_path_matches_registered_op(dtype, used):
+    """Eager calls run ``_EagerGspPool``; it must equal the registered op with its autograd
+    formula bit for bit, whichever outputs carry a gradient."""
+    features, prototypes = op_inputs("nchw", dtype, requires_grad=False)
+    params = OP_PARAMS
+
+    def eager(x, z):
+        return gsp_kernels.ops._run_op(x, z, *params)
+
+    def registered(x, z):
+        return _gsp_pool_op(x, z, *params)
+
+    eager_out, eager_gx, eager_gz = _op_outputs_and_grads(eager, features, prototypes, used)
+    op_out, op_gx, op_gz = _op_outputs_and_grads(registered, features, prototypes, used)
+    for got, expected in zip([*eager_out, eager_gx, eager_gz], [*op_out, op_gx, op_gz]):
+        assert torch.equal(got, expected)
+    assert eager_gx.stride() == features.stride()
+
+
+def test_eager_path_and_tracing_path_are_chosen_by_input():
+    """Plain tensors take the autograd.Function; fake tensors (as while tracing) the registered
+    op, whose fake implementation gives the shapes without running a backend."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    features, prototypes = op_inputs("contiguous", torch.float32, requires_grad=True)
+    pooled, _ = gsp_pool(features, prototypes, backend="reference")
+    assert type(pooled.grad_fn).__name__ == "_EagerGspPoolBackward"
+    with FakeTensorMode() as mode:
+        fake_x = mode.from_tensor(features)
+        fake_z = mode.from_tensor(prototypes)
+        pooled, attr, weights = gsp_pool(fake_x, fake_z, backend="reference", return_weights=True)
+    assert (pooled.shape, attr.shape, weights.shape) == ((2, 7), (2, 5), (2, 12))
+    assert "gsp_pool" in type(pooled.grad_fn).__name__.lower() and "Eager" not in type(pooled.grad_fn).__name__
+
+
 # ---------------------------------------------------------------- torch.compile
 
 
