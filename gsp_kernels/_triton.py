@@ -2,13 +2,18 @@
 
 Math and symbols: SPEC.md. Layout of the work:
 
-- Forward (``_gsp_forward_kernel``), one program per sample:
-  1. for each tile of features and of prototypes, the raw products x·z over D tiles
+- Forward (``_gsp_forward_kernel``), one program per (sample, tile of at most BLOCK_N
+  features): B·⌈N/BLOCK_N⌉ programs, so that small batches still fill the GPU.
+  1. for its features and each tile of prototypes, the raw products x·z over D tiles
      (``tl.dot``, the loop that ``num_stages`` software-pipelines), with |x|² and |z|² from the
      same loaded tiles. Normalization is a per-row scale, so x̂·ẑ = (x·z) / (d_x d_z) and
      |x̂|² = |x|² / d_x²: no normalized copy is made. Snapped costs give logits −γc, written to
      a per-sample scratch [N, M], and ℓ by an online logsumexp over prototype tiles (scratch
-     [N]).
+     [N]). Then the program takes a ticket from the sample's arrival counter
+     (``_last_to_arrive``: barrier, then an acq_rel atomic at GPU scope, the pattern of CUTLASS's
+     semaphores); the last of the sample's programs runs steps 2-4, reading the others'
+     scratch from L2. The result does not depend on which program is last: steps 2-4 read
+     only scratch, in a fixed order.
   2. the root u, in registers (ℓ of the whole sample is one vector): bracketed Newton with
      the rules of ``_reference.solve_newton``, or the paper's fixed point; μ = 1 is exact
      (σ ≡ 1, u = +inf).
@@ -19,10 +24,12 @@ Math and symbols: SPEC.md. Layout of the work:
      logits scratch. Why keep the logits rather than recompute them: recomputing doubles the
      dominant GEMM (float32 with tf32x3 is compute-bound), while the scratch is 4·M bytes per
      feature, written and read back by the same program while it is still in L2.
-- Backward (``_gsp_backward_kernel``), one program per sample: pass 1 recomputes the raw
-  products (scratch [N, M]: cheaper than saving [B, N, M] in the forward, which the op's
-  contract does not allow anyway), ℓ and ā (online, together), x·gy, and the sums for ē;
-  pass 2 forms W per tile, overwrites the scratch with V = W / (d_x d_z), and writes per
+- Backward (``_gsp_backward_kernel``), one program per (sample, feature tile) as in the
+  forward: pass 1 recomputes the raw products of its features (scratch [N, M]: cheaper than
+  saving [B, N, M] in the forward, which the op's contract does not allow anyway), ℓ and ā
+  (online, together), x·gy, and its tile's sums for ē; the sample's last program (same
+  arrival counter) adds the tiles' sums in tile order and runs pass 2 for all its features:
+  it forms W per tile, overwrites the scratch with V = W / (d_x d_z), and writes per
   feature β and w of grad_x = β x − V z + w gy: β = (S − r·[projects]) / d_x² with
   S = Σ_k W and r = x̂·gx̂ = |x̂|² S − Σ_k W (x̂·ẑ), so the normalization backward needs no
   extra pass over D.
@@ -39,7 +46,8 @@ Math and symbols: SPEC.md. Layout of the work:
   per-sample loop over D inside the first kernel, that product waited on every V and z tile
   in turn (~100 dependent round trips per sample); as thousands of programs whose loads feed
   tl.dot it is pipelined and latency-hidden. Launches: the per-sample kernel, the GEMM and
-  the finishing launch, no torch ops.
+  the finishing launch; the only torch op is the memset of the arrival counters (also one in
+  the forward).
 
 Precision of the products (``precision``), in SPEC.md's terms (‖out − ref‖ / ‖ref‖):
 
@@ -210,9 +218,10 @@ def _plan_sigma(u, ell, GAP: tl.constexpr):
 
 @triton.jit
 def _tile_weights(ell_sample, rows, N, u, inv_total, GAP: tl.constexpr):
-    """(w_i = σ(u + ℓ_i) / (μN), 0 past N; in-range mask) for the feature rows `rows`, ℓ from scratch."""
+    """(w_i = σ(u + ℓ_i) / (μN), 0 past N; in-range mask) for the feature rows `rows`, ℓ from
+    scratch (other programs wrote it: read from L2, ``.cg``)."""
     row_ok = rows < N
-    ell = tl.load(ell_sample + rows, mask=row_ok, other=0.0)
+    ell = tl.load(ell_sample + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
     return tl.where(row_ok, _plan_sigma(u, ell, GAP) * inv_total, 0.0), row_ok, ell
 
 
@@ -260,109 +269,123 @@ def _solve_fixed_point(ell, ok, log_mu, log_target, max_iter):
     return u
 
 
+@triton.jit
+def _last_to_arrive(arrivals_ptr, sample, tiles_per_sample):
+    """True in the last of a sample's programs to get here: a ticket from the sample's arrival
+    counter (zeroed per call). The barrier and the counter's acq_rel (GPU scope) order every
+    thread's scratch stores before the ticket, and the last program's loads after it."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(arrivals_ptr + sample, 1, sem="acq_rel", scope="gpu")
+    return ticket == tiles_per_sample - 1
+
+
 @triton.jit(do_not_specialize=["max_iter"])
 def _gsp_forward_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
     z_ptr, stride_zm, stride_zd,
     pooled_ptr, attr_ptr, weights_ptr, u_ptr,
-    logits_ptr, ell_ptr,  # scratch: [B, N, M], [B, N] float32
-    N, M, D,
+    logits_ptr, ell_ptr, arrivals_ptr,  # scratch: [B, N, M], [B, N] float32; [B] int32 zeros
+    N, M, D, rows_per_tile, tiles_per_sample,
     gamma, snap, inv_total, target, logit_mu, log_mu, log_target, tol, max_iter,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ALL_N: tl.constexpr,
     NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr, NEWTON: tl.constexpr, GAP: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr, POOL_PRECISION: tl.constexpr,
     SPLIT_HALF: tl.constexpr, NATIVE_HALF_DOT: tl.constexpr,
 ):
-    """One program per sample: costs, ℓ, u, then pooled [D], attr [M], weights [N], u."""
-    sample = tl.program_id(0).to(tl.int64)
+    """A program per (sample, tile of at most BLOCK_N features): the costs and ℓ of its features;
+    the sample's last program to finish then solves u and writes pooled [D], attr [M],
+    weights [N] and u."""
+    sample = (tl.program_id(0) // tiles_per_sample).to(tl.int64)
+    tile = tl.program_id(0) % tiles_per_sample
     x_sample = x_ptr + sample * stride_xb
     logits_sample = logits_ptr + sample * N * M
     ell_sample = ell_ptr + sample * N
 
-    # 1. logits −γc to scratch, ℓ by online logsumexp over prototype tiles. Loops that store
-    # to this program's scratch keep one stage: a load that the pipeliner issues early could
-    # otherwise pass the barrier that orders it after another thread's store.
-    for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
-        running_sum = tl.zeros((BLOCK_N,), tl.float32)
-        for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
-            protos = m0 + tl.arange(0, BLOCK_M)
-            proto_ok = protos < M
-            dots, x_sq, z_sq, _ = _raw_products(
-                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, x_sample,
-                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False,
-            )
-            cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
-            logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))  # [BLOCK_N, BLOCK_M]
-            tl.store(
-                logits_sample + rows[:, None] * M + protos[None, :], logits,
-                mask=row_ok[:, None] & proto_ok[None, :],
-            )
-            new_max = tl.maximum(running_max, tl.max(logits, 1))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
-                tl.exp(logits - new_max[:, None]), 1
-            )
-            running_max = new_max
-        tl.store(ell_sample + rows, running_max + tl.log(running_sum), mask=row_ok)
-    tl.debug_barrier()  # scratch written by other threads of this program
-
-    # 2. the root u, with ℓ of the whole sample in registers.
-    all_rows = tl.arange(0, BLOCK_ALL_N)
-    all_ok = all_rows < N
-    ell_all = tl.load(ell_sample + all_rows, mask=all_ok, other=0.0)  # [BLOCK_ALL_N]
-    if GAP:
-        u = float("inf") + tl.zeros((), tl.float32)
-    elif NEWTON:
-        u = _solve_newton(ell_all, all_ok, target, logit_mu, N * 1.0, tol, max_iter)
-    else:
-        u = _solve_fixed_point(ell_all, all_ok, log_mu, log_target, max_iter)
-    tl.store(u_ptr + sample, u)
-    weight_sum = tl.sum(tl.where(all_ok, _plan_sigma(u, ell_all, GAP), 0.0), 0) * inv_total
-
-    # 3. pooled = Σ_i w_i x_i over D tiles, as a product whose first operand holds the weights
-    # in row 0 of [16, BLOCK_N] (tl.dot's smallest tile): the loop over feature tiles is then
-    # one that num_stages pipelines (Triton pipelines loads that feed dots), instead of one
-    # dependent L2 round trip per x tile. float32-accurate products, whatever PRECISION says.
-    weight_row = tl.arange(0, 16)[:, None] == 0  # [16, 1]
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        pooled_rows = tl.zeros((16, BLOCK_D), tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            rows = n0 + tl.arange(0, BLOCK_N)
-            w, row_ok, _ = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)  # [BLOCK_N]
-            x_tile = tl.load(  # [BLOCK_N, BLOCK_D]
-                x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-            )
-            weights16 = tl.where(weight_row, w[None, :], 0.0)  # [16, BLOCK_N]
-            if SPLIT_HALF:  # w <= 1 (the weights sum to 1): no float16 overflow
-                pooled_rows = _split_half_dot(weights16, x_tile, pooled_rows, NATIVE_HALF_DOT)
-            else:
-                pooled_rows = tl.dot(weights16, x_tile.to(tl.float32), pooled_rows, input_precision=POOL_PRECISION)
-        pooled = tl.sum(pooled_rows, 0)  # row 0
-        tl.store(pooled_ptr + sample * D + cols, pooled.to(pooled_ptr.dtype.element_ty), mask=col_ok)
-
-    # 4. attr_k = Σ_i w_i A_ki from the logits scratch; weights on the first prototype tile.
-    for m0 in range(0, M, BLOCK_M):
+    # 1. This tile's logits −γc to scratch, ℓ by online logsumexp over prototype tiles (the
+    # loop over D inside is the pipelined one).
+    row_start = tile * rows_per_tile
+    row_end = tl.minimum(row_start + rows_per_tile, N)
+    rows = row_start + tl.arange(0, BLOCK_N)
+    row_ok = rows < row_end
+    running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_N,), tl.float32)
+    for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
         protos = m0 + tl.arange(0, BLOCK_M)
         proto_ok = protos < M
-        attr = tl.zeros((BLOCK_M,), tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            rows = n0 + tl.arange(0, BLOCK_N)
-            w, row_ok, ell = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)
-            tl.store(weights_ptr + sample * N + rows, w.to(weights_ptr.dtype.element_ty), mask=row_ok & (m0 == 0))
-            logits = tl.load(
-                logits_sample + rows[:, None] * M + protos[None, :],
-                mask=row_ok[:, None] & proto_ok[None, :], other=-float("inf"),
-            )
-            assign = tl.exp(logits - ell[:, None])  # A_ki laid out [i, k]
-            attr += tl.sum(w[:, None] * assign, 0)
-        if not NEWTON:
-            attr = attr / weight_sum  # the paper's final update: the attribute sums to 1
-        tl.store(attr_ptr + sample * M + protos, attr.to(attr_ptr.dtype.element_ty), mask=proto_ok)
+        dots, x_sq, z_sq, _ = _raw_products(
+            x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, x_sample,
+            rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False,
+        )
+        cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+        logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))  # [BLOCK_N, BLOCK_M]
+        tl.store(
+            logits_sample + rows[:, None] * M + protos[None, :], logits,
+            mask=row_ok[:, None] & proto_ok[None, :],
+        )
+        new_max = tl.maximum(running_max, tl.max(logits, 1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
+            tl.exp(logits - new_max[:, None]), 1
+        )
+        running_max = new_max
+    tl.store(ell_sample + rows, running_max + tl.log(running_sum), mask=row_ok)
+
+    # 2-4 in the sample's last program, once every tile's ℓ and logits are in scratch.
+    if _last_to_arrive(arrivals_ptr, sample, tiles_per_sample):
+        # 2. the root u, with ℓ of the whole sample in registers.
+        all_rows = tl.arange(0, BLOCK_ALL_N)
+        all_ok = all_rows < N
+        ell_all = tl.load(ell_sample + all_rows, mask=all_ok, other=0.0, cache_modifier=".cg")  # [BLOCK_ALL_N]
+        if GAP:
+            u = float("inf") + tl.zeros((), tl.float32)
+        elif NEWTON:
+            u = _solve_newton(ell_all, all_ok, target, logit_mu, N * 1.0, tol, max_iter)
+        else:
+            u = _solve_fixed_point(ell_all, all_ok, log_mu, log_target, max_iter)
+        tl.store(u_ptr + sample, u)
+        weight_sum = tl.sum(tl.where(all_ok, _plan_sigma(u, ell_all, GAP), 0.0), 0) * inv_total
+
+        # 3. pooled = Σ_i w_i x_i over D tiles, as a product whose first operand holds the weights
+        # in row 0 of [16, BLOCK_N] (tl.dot's smallest tile): the loop over feature tiles is then
+        # one that num_stages pipelines (Triton pipelines loads that feed dots), instead of one
+        # dependent L2 round trip per x tile. float32-accurate products, whatever PRECISION says.
+        weight_row = tl.arange(0, 16)[:, None] == 0  # [16, 1]
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            pooled_rows = tl.zeros((16, BLOCK_D), tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                rows = n0 + tl.arange(0, BLOCK_N)
+                w, row_ok, _ = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)  # [BLOCK_N]
+                x_tile = tl.load(  # [BLOCK_N, BLOCK_D]
+                    x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                )
+                weights16 = tl.where(weight_row, w[None, :], 0.0)  # [16, BLOCK_N]
+                if SPLIT_HALF:  # w <= 1 (the weights sum to 1): no float16 overflow
+                    pooled_rows = _split_half_dot(weights16, x_tile, pooled_rows, NATIVE_HALF_DOT)
+                else:
+                    pooled_rows = tl.dot(weights16, x_tile.to(tl.float32), pooled_rows, input_precision=POOL_PRECISION)
+            pooled = tl.sum(pooled_rows, 0)  # row 0
+            tl.store(pooled_ptr + sample * D + cols, pooled.to(pooled_ptr.dtype.element_ty), mask=col_ok)
+
+        # 4. attr_k = Σ_i w_i A_ki from the logits scratch; weights on the first prototype tile.
+        for m0 in range(0, M, BLOCK_M):
+            protos = m0 + tl.arange(0, BLOCK_M)
+            proto_ok = protos < M
+            attr = tl.zeros((BLOCK_M,), tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                rows = n0 + tl.arange(0, BLOCK_N)
+                w, row_ok, ell = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)
+                tl.store(weights_ptr + sample * N + rows, w.to(weights_ptr.dtype.element_ty), mask=row_ok & (m0 == 0))
+                logits = tl.load(
+                    logits_sample + rows[:, None] * M + protos[None, :],
+                    mask=row_ok[:, None] & proto_ok[None, :], other=-float("inf"), cache_modifier=".cg",
+                )
+                assign = tl.exp(logits - ell[:, None])  # A_ki laid out [i, k]
+                attr += tl.sum(w[:, None] * assign, 0)
+            if not NEWTON:
+                attr = attr / weight_sum  # the paper's final update: the attribute sums to 1
+            tl.store(attr_ptr + sample * M + protos, attr.to(attr_ptr.dtype.element_ty), mask=proto_ok)
 
 
 @triton.jit
@@ -372,15 +395,18 @@ def _gsp_backward_kernel(
     u_ptr, grad_pooled_ptr, grad_attr_ptr, grad_weights_ptr,  # [B], [B, D], [B, M], [B, N] contiguous
     coef_ptr, row_coefs_ptr,  # out: V [B, N, M] (raw x·z until pass 2), (β, w) [B, 2, N] float32
     rows_ptr, z_sq_ptr, col_sum_ptr,  # scratch [B, 4, N]; out: |z|² [B, M], Σ_i W_ki [B, M] float32
-    N, M, D,
+    tile_sums_ptr, arrivals_ptr,  # scratch: Σ h, Σ h e per tile [B, tiles, 2] float32; [B] int32 zeros
+    N, M, D, rows_per_tile, tiles_per_sample,
     gamma, snap, inv_total,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr, GAP: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program per sample: V = W / (d_x d_z) [N, M], the column sums of W [M], and per
-    feature the coefficients of grad_x = β x − V z + w gy (``_grad_x_tile``)."""
-    sample = tl.program_id(0).to(tl.int64)
+    """A program per (sample, tile of at most BLOCK_N features) for pass 1; the sample's last
+    program to finish it runs pass 2: V = W / (d_x d_z) [N, M], the column sums of W [M], and
+    per feature the coefficients of grad_x = β x − V z + w gy (``_grad_x_tile``)."""
+    sample = (tl.program_id(0) // tiles_per_sample).to(tl.int64)
+    tile = tl.program_id(0) % tiles_per_sample
     x_sample = x_ptr + sample * stride_xb
     coef_sample = coef_ptr + sample * N * M
     ell_row = rows_ptr + sample * 4 * N  # rows scratch: ℓ, ā, e, |x|²
@@ -391,100 +417,107 @@ def _gsp_backward_kernel(
     w_row = beta_row + N
     z_sq_sample = z_sq_ptr + sample * M
     col_sum_sample = col_sum_ptr + sample * M
+    tile_sums_sample = tile_sums_ptr + sample * tiles_per_sample * 2
     grad_pooled_sample = grad_pooled_ptr + sample * D
     grad_attr_sample = grad_attr_ptr + sample * M
     u = tl.load(u_ptr + sample)
 
-    # Pass 1: raw products to scratch; ℓ and ā online; e_i; Σ h and Σ h e for ē. Loops that
-    # store to this program's scratch keep one stage (see the forward).
-    h_sum = tl.zeros((), tl.float32)
-    he_sum = tl.zeros((), tl.float32)
-    for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
-        running_sum = tl.zeros((BLOCK_N,), tl.float32)
-        running_ga = tl.zeros((BLOCK_N,), tl.float32)
-        x_sq = tl.zeros((BLOCK_N,), tl.float32)
-        x_gy = tl.zeros((BLOCK_N,), tl.float32)
-        for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
-            protos = m0 + tl.arange(0, BLOCK_M)
-            proto_ok = protos < M
-            dots, x_sq, z_sq, x_gy = _raw_products(
-                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_sample,
-                rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, True,
-            )
-            tl.store(coef_sample + rows[:, None] * M + protos[None, :], dots, mask=row_ok[:, None] & proto_ok[None, :])
-            tl.store(z_sq_sample + protos, z_sq, mask=proto_ok & (n0 == 0))
-            cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
-            logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))
-            ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)  # [BLOCK_M]
-            new_max = tl.maximum(running_max, tl.max(logits, 1))
-            rescale = tl.exp(running_max - new_max)
-            unnormalized = tl.exp(logits - new_max[:, None])
-            running_sum = running_sum * rescale + tl.sum(unnormalized, 1)
-            running_ga = running_ga * rescale + tl.sum(unnormalized * ga[None, :], 1)
-            running_max = new_max
-        ell = running_max + tl.log(running_sum)
-        abar = running_ga / running_sum  # ā_i = Σ_k A_ki ga_k
-        grad_w = tl.load(grad_weights_ptr + sample * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-        e = (x_gy + abar + grad_w) * inv_total
-        sigma = _plan_sigma(u, ell, GAP)
-        h = tl.where(row_ok, sigma * (1.0 - sigma), 0.0)
-        h_sum += tl.sum(h, 0)
-        he_sum += tl.sum(h * e, 0)
-        tl.store(ell_row + rows, ell, mask=row_ok)
-        tl.store(abar_row + rows, abar, mask=row_ok)
-        tl.store(e_row + rows, e, mask=row_ok)
-        tl.store(x_sq_row + rows, x_sq, mask=row_ok)
-    e_bar = tl.where(h_sum > 0, he_sum / tl.maximum(h_sum, 1.1754943508222875e-38), 0.0)
-    tl.debug_barrier()
+    # Pass 1, this tile's features: raw products to scratch; ℓ and ā online; e_i; Σ h and Σ h e.
+    row_start = tile * rows_per_tile
+    row_end = tl.minimum(row_start + rows_per_tile, N)
+    rows = row_start + tl.arange(0, BLOCK_N)
+    row_ok = rows < row_end
+    running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_N,), tl.float32)
+    running_ga = tl.zeros((BLOCK_N,), tl.float32)
+    x_sq = tl.zeros((BLOCK_N,), tl.float32)
+    x_gy = tl.zeros((BLOCK_N,), tl.float32)
+    for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
+        protos = m0 + tl.arange(0, BLOCK_M)
+        proto_ok = protos < M
+        dots, x_sq, z_sq, x_gy = _raw_products(
+            x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_sample,
+            rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, True,
+        )
+        tl.store(coef_sample + rows[:, None] * M + protos[None, :], dots, mask=row_ok[:, None] & proto_ok[None, :])
+        if tile == 0:
+            tl.store(z_sq_sample + protos, z_sq, mask=proto_ok)
+        cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+        logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))
+        ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)  # [BLOCK_M]
+        new_max = tl.maximum(running_max, tl.max(logits, 1))
+        rescale = tl.exp(running_max - new_max)
+        unnormalized = tl.exp(logits - new_max[:, None])
+        running_sum = running_sum * rescale + tl.sum(unnormalized, 1)
+        running_ga = running_ga * rescale + tl.sum(unnormalized * ga[None, :], 1)
+        running_max = new_max
+    ell = running_max + tl.log(running_sum)
+    abar = running_ga / running_sum  # ā_i = Σ_k A_ki ga_k
+    grad_w = tl.load(grad_weights_ptr + sample * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+    e = (x_gy + abar + grad_w) * inv_total
+    sigma = _plan_sigma(u, ell, GAP)
+    h = tl.where(row_ok, sigma * (1.0 - sigma), 0.0)
+    tl.store(ell_row + rows, ell, mask=row_ok)
+    tl.store(abar_row + rows, abar, mask=row_ok)
+    tl.store(e_row + rows, e, mask=row_ok)
+    tl.store(x_sq_row + rows, x_sq, mask=row_ok)
+    tl.store(tile_sums_sample + 2 * tile, tl.sum(h, 0))
+    tl.store(tile_sums_sample + 2 * tile + 1, tl.sum(h * e, 0))
 
-    # Pass 2, per feature tile: W and its sums over prototypes, V, β and w.
-    for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        ell = tl.load(ell_row + rows, mask=row_ok, other=0.0)
-        abar = tl.load(abar_row + rows, mask=row_ok, other=0.0)
-        e = tl.load(e_row + rows, mask=row_ok, other=0.0)
-        x_sq = tl.load(x_sq_row + rows, mask=row_ok, other=0.0)
-        sigma = _plan_sigma(u, ell, GAP)
-        w = tl.where(row_ok, sigma * inv_total, 0.0)
-        grad_ell = sigma * (1.0 - sigma) * (e - e_bar)
-        coef_sum = tl.zeros((BLOCK_N,), tl.float32)  # S_i = Σ_k W_ki
-        coef_dot = tl.zeros((BLOCK_N,), tl.float32)  # Σ_k W_ki x̂_i·ẑ_k
-        inv_dx = 1.0 / _row_divisor(x_sq, NORMALIZE)
-        for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
-            protos = m0 + tl.arange(0, BLOCK_M)
-            proto_ok = protos < M
-            tile_ok = row_ok[:, None] & proto_ok[None, :]
-            tile_ptrs = coef_sample + rows[:, None] * M + protos[None, :]
-            dots = tl.load(tile_ptrs, mask=tile_ok, other=0.0)
-            z_sq = tl.load(z_sq_sample + protos, mask=proto_ok, other=0.0)
-            cost, xz, inv_dz = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
-            ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)
-            assign = tl.where(tile_ok, tl.exp(-gamma * cost - ell[:, None]), 0.0)
-            grad_cost = -gamma * assign * (grad_ell[:, None] + w[:, None] * (ga[None, :] - abar[:, None]))
-            if EUCLIDEAN:
-                coef = tl.where(cost > 0, grad_cost / tl.where(cost > 0, cost, 1.0), 0.0)
-            else:
-                coef = 2.0 * grad_cost
-            coef_sum += tl.sum(coef, 1)
-            coef_dot += tl.sum(coef * xz, 1)
-            previous = tl.load(col_sum_sample + protos, mask=proto_ok & (n0 > 0), other=0.0)
-            tl.debug_barrier()  # every thread has read the products and column sums it overwrites
-            tl.store(col_sum_sample + protos, previous + tl.sum(coef, 0), mask=proto_ok)
-            tl.store(tile_ptrs, coef * inv_dx[:, None] * inv_dz[None, :], mask=tile_ok)
-        tl.debug_barrier()  # the column sums, read back by the next feature tile
+    # Pass 2 in the sample's last program, once every tile's scratch is written (read from L2,
+    # .cg): ē from the tiles' sums in tile order, then per feature tile W and its sums over
+    # prototypes, V, β and w.
+    if _last_to_arrive(arrivals_ptr, sample, tiles_per_sample):
+        h_sum = tl.zeros((), tl.float32)
+        he_sum = tl.zeros((), tl.float32)
+        for t in range(0, tiles_per_sample):
+            h_sum += tl.load(tile_sums_sample + 2 * t, cache_modifier=".cg")
+            he_sum += tl.load(tile_sums_sample + 2 * t + 1, cache_modifier=".cg")
+        e_bar = tl.where(h_sum > 0, he_sum / tl.maximum(h_sum, 1.1754943508222875e-38), 0.0)
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < N
+            ell = tl.load(ell_row + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            abar = tl.load(abar_row + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            e = tl.load(e_row + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            x_sq = tl.load(x_sq_row + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            sigma = _plan_sigma(u, ell, GAP)
+            w = tl.where(row_ok, sigma * inv_total, 0.0)
+            grad_ell = sigma * (1.0 - sigma) * (e - e_bar)
+            coef_sum = tl.zeros((BLOCK_N,), tl.float32)  # S_i = Σ_k W_ki
+            coef_dot = tl.zeros((BLOCK_N,), tl.float32)  # Σ_k W_ki x̂_i·ẑ_k
+            inv_dx = 1.0 / _row_divisor(x_sq, NORMALIZE)
+            for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
+                protos = m0 + tl.arange(0, BLOCK_M)
+                proto_ok = protos < M
+                tile_ok = row_ok[:, None] & proto_ok[None, :]
+                tile_ptrs = coef_sample + rows[:, None] * M + protos[None, :]
+                dots = tl.load(tile_ptrs, mask=tile_ok, other=0.0, cache_modifier=".cg")
+                z_sq = tl.load(z_sq_sample + protos, mask=proto_ok, other=0.0, cache_modifier=".cg")
+                cost, xz, inv_dz = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+                ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)
+                assign = tl.where(tile_ok, tl.exp(-gamma * cost - ell[:, None]), 0.0)
+                grad_cost = -gamma * assign * (grad_ell[:, None] + w[:, None] * (ga[None, :] - abar[:, None]))
+                if EUCLIDEAN:
+                    coef = tl.where(cost > 0, grad_cost / tl.where(cost > 0, cost, 1.0), 0.0)
+                else:
+                    coef = 2.0 * grad_cost
+                coef_sum += tl.sum(coef, 1)
+                coef_dot += tl.sum(coef * xz, 1)
+                previous = tl.load(col_sum_sample + protos, mask=proto_ok & (n0 > 0), other=0.0)
+                tl.debug_barrier()  # every thread has read the products and column sums it overwrites
+                tl.store(col_sum_sample + protos, previous + tl.sum(coef, 0), mask=proto_ok)
+                tl.store(tile_ptrs, coef * inv_dx[:, None] * inv_dz[None, :], mask=tile_ok)
+            tl.debug_barrier()  # the column sums, read back by the next feature tile
 
-        # r_i = x̂·gx̂; grad_x = x (S − r·[projects]) / d_x² − V z + w gy = β x − V z + w gy.
-        radial = x_sq * inv_dx * inv_dx * coef_sum - coef_dot
-        if NORMALIZE == 0:
-            radial = tl.where(inv_dx < 1.0, radial, 0.0)
-        elif NORMALIZE == 2:
-            radial = radial * 0.0
-        tl.store(beta_row + rows, (coef_sum - radial) * inv_dx * inv_dx, mask=row_ok)
-        tl.store(w_row + rows, w, mask=row_ok)
+            # r_i = x̂·gx̂; grad_x = x (S − r·[projects]) / d_x² − V z + w gy = β x − V z + w gy.
+            radial = x_sq * inv_dx * inv_dx * coef_sum - coef_dot
+            if NORMALIZE == 0:
+                radial = tl.where(inv_dx < 1.0, radial, 0.0)
+            elif NORMALIZE == 2:
+                radial = radial * 0.0
+            tl.store(beta_row + rows, (coef_sum - radial) * inv_dx * inv_dx, mask=row_ok)
+            tl.store(w_row + rows, w, mask=row_ok)
 
 
 @triton.jit
@@ -774,11 +807,14 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
     u = torch.empty((batch,), dtype=torch.float32, device=x.device)
     logits = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)
     ell = torch.empty((batch, n), dtype=torch.float32, device=x.device)
+    arrivals = torch.zeros((batch,), dtype=torch.int32, device=x.device)
+    tiles_per_sample = triton.cdiv(n, config["BLOCK_N"])
+    rows_per_tile = triton.cdiv(n, tiles_per_sample)  # balanced tiles of at most BLOCK_N features
     logit_mu = 0.0 if gap else math.log(mu) - math.log1p(-mu)
-    _gsp_forward_kernel[(batch,)](
+    _gsp_forward_kernel[(batch * tiles_per_sample,)](
         x, *x.stride(), prototypes, *prototypes.stride(),
-        pooled, attr, weights, u, logits, ell,
-        n, m, d,
+        pooled, attr, weights, u, logits, ell, arrivals,
+        n, m, d, rows_per_tile, tiles_per_sample,
         float(gamma), snap, 1.0 / (n * mu), mu * n,
         logit_mu, math.log(mu), math.log(mu * n), float(tol), int(max_iter),
         BLOCK_ALL_N=_next_pow2(max(n, 16)),
@@ -806,11 +842,15 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     row_scratch = torch.empty((batch, 4, n), dtype=torch.float32, device=x.device)
     z_sq = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     col_sum = torch.empty((batch, m), dtype=torch.float32, device=x.device)
-    _gsp_backward_kernel[(batch,)](
+    tiles_per_sample = triton.cdiv(n, config["BLOCK_N"])
+    rows_per_tile = triton.cdiv(n, tiles_per_sample)
+    tile_sums = torch.empty((batch, tiles_per_sample, 2), dtype=torch.float32, device=x.device)
+    arrivals = torch.zeros((batch,), dtype=torch.int32, device=x.device)
+    _gsp_backward_kernel[(batch * tiles_per_sample,)](
         x, *x.stride(), prototypes, *prototypes.stride(),
         u.to(torch.float32), grad_pooled, grad_attr.contiguous(), grad_weights.contiguous(),
-        coef, row_coefs, row_scratch, z_sq, col_sum,
-        n, m, d,
+        coef, row_coefs, row_scratch, z_sq, col_sum, tile_sums, arrivals,
+        n, m, d, rows_per_tile, tiles_per_sample,
         float(gamma), snap, 1.0 / (n * mu),
         NORMALIZE=_NORMALIZE_CODES[normalize], EUCLIDEAN=cost == "euclidean", GAP=mu >= 1.0,
         CAST_F32=cast_f32, PRECISION=dot_precision, **config,

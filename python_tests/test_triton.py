@@ -368,7 +368,9 @@ SM90 = (("cuda", 90, 32), "sm_90a")
 TYPICAL_INTS = {
     "stride_xb": 196 * 512, "stride_xn": 512, "stride_zm": 512, "stride_gb": 196 * 512, "stride_gn": 512,
     "N": 196, "M": 128, "D": 512, "total_rows": 256 * 196, "batch": 256, "splits": 3,
+    "rows_per_tile": 49, "tiles_per_sample": 4,
 }
+INT32_POINTERS = {"arrivals_ptr"}  # the forward's per-sample arrival counters
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
@@ -411,7 +413,7 @@ def _compile_kernels_for_sm90() -> list[str]:
                 types[name] = "constexpr"
                 continue
             if name.endswith("_ptr"):
-                types[name] = "*fp32" if name in f32_pointers else pointer[dtype]
+                types[name] = "*i32" if name in INT32_POINTERS else "*fp32" if name in f32_pointers else pointer[dtype]
                 hints[(index,)] = [["tt.divisibility", 16]]
             else:
                 types[name] = "fp32" if name in float_args else "i32"
@@ -457,7 +459,7 @@ def _compile_kernels_for_sm90() -> list[str]:
                 config, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=cast_f32, PRECISION=dot_precision,
                 stride_xd=1, stride_zd=1,
             )
-            f32_pointers = {"u_ptr", "coef_ptr", "row_coefs_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr"}
+            f32_pointers = {"u_ptr", "coef_ptr", "row_coefs_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr", "tile_sums_ptr"}
             lines.append(compile_one(_triton._gsp_backward_kernel, dtype, f32_pointers, constexprs, **launch))
             constexprs = dict(
                 BLOCK_R=config["BLOCK_N"], BLOCK_K=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"],
