@@ -57,7 +57,7 @@ bench_log=$out/bench.log
 # Every backend and the paper's algorithm side by side at the target shape; later the same with
 # the torch.compile baseline added (its compilation is slow, so it runs last).
 read -r -a bench_args <<<"${GSP_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper --backends cuda,cuda@tf32x3,triton,triton@ieee,reference}"
-run_step bench "$bench_log" 120 $py -m gsp_kernels bench "${bench_args[@]}" --json "$out/bench.json"
+run_step bench "$bench_log" 150 $py -m gsp_kernels bench "${bench_args[@]}" --json "$out/bench.json"
 san_log=$test_log
 if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
   # Only this project's kernels (CUDA and Triton names contain "gsp"): torch's stay unchecked.
