@@ -504,10 +504,15 @@ def bench_shape(
 
 
 def dispatch_overhead(backends: list[str], device: torch.device, calls: int = 200) -> list[dict]:
-    """Per-call µs (best of 7 batches) of gsp_pool versus the backend's forward on a B=N=D=M=1 input."""
+    """Per-call µs (best of 7 batches) on a B=N=D=M=1 input of gsp_pool versus the backend's
+    functions called directly: the forward alone, and a forward+backward (autograd versus
+    ``backend.forward`` then ``backend.backward``)."""
     x = torch.randn(1, 1, 1, device=device)
     prototypes = torch.randn(1, 1, device=device)
+    x_leaf, prototypes_leaf = x.clone().requires_grad_(), prototypes.clone().requires_grad_()
+    grad_pooled, grad_attr, grad_weights = (torch.randn(1, 1, device=device) for _ in range(3))
     solver, max_iter, tol = "newton", _reference.default_max_iter("newton"), _reference.default_tol(torch.float32)
+    options = (TRANSPORT_RATIO, GAMMA, "lipschitz", "euclidean")
     results = []
     for backend in backends:
         module = get_backend(backend)
@@ -516,14 +521,23 @@ def dispatch_overhead(backends: list[str], device: torch.device, calls: int = 20
             return gsp_pool(x, prototypes, transport_ratio=TRANSPORT_RATIO, gamma=GAMMA, backend=backend)
 
         def direct():
-            return module.forward(
-                x, prototypes, TRANSPORT_RATIO, GAMMA, "lipschitz", "euclidean", solver, max_iter, tol, "auto"
-            )
+            return module.forward(x, prototypes, *options, solver, max_iter, tol, "auto")
+
+        def via_op_fwd_bwd():
+            x_leaf.grad = prototypes_leaf.grad = None
+            outputs = gsp_pool(x_leaf, prototypes_leaf, transport_ratio=TRANSPORT_RATIO, gamma=GAMMA, backend=backend)
+            torch.autograd.backward(outputs, (grad_pooled, grad_attr))
+
+        def direct_fwd_bwd():
+            u = module.forward(x, prototypes, *options, solver, max_iter, tol, "auto")[3]
+            return module.backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, *options, "auto")
 
         # Interleaved batches of calls; the minimum is the cost without interference.
-        samples: dict[str, list[float]] = {"gsp_pool": [], "backend.forward": []}
+        labelled = {"gsp_pool": via_op, "backend.forward": direct, "gsp_pool f+b": via_op_fwd_bwd,
+                    "backend f+b": direct_fwd_bwd}
+        samples: dict[str, list[float]] = {label: [] for label in labelled}
         for _ in range(7):
-            for label, fn in (("gsp_pool", via_op), ("backend.forward", direct)):
+            for label, fn in labelled.items():
                 fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -540,6 +554,9 @@ def dispatch_overhead(backends: list[str], device: torch.device, calls: int = 20
                 "gsp_pool_us": per_call["gsp_pool"],
                 "backend_forward_us": per_call["backend.forward"],
                 "overhead_us": per_call["gsp_pool"] - per_call["backend.forward"],
+                "gsp_pool_fwd_bwd_us": per_call["gsp_pool f+b"],
+                "backend_fwd_bwd_us": per_call["backend f+b"],
+                "overhead_fwd_bwd_us": per_call["gsp_pool f+b"] - per_call["backend f+b"],
             }
         )
     return results
@@ -660,10 +677,13 @@ def format_report(report: dict) -> str:
         "x paper = paper's time / this time",
         render_table(headers, lines),
         "",
-        "per-call overhead on a 1x1x1x1 input (gsp_pool vs the backend's forward called directly):",
+        "per-call overhead on a 1x1x1x1 input (gsp_pool vs the backend's functions called directly):",
         render_table(
-            ["backend", "gsp_pool µs", "backend.forward µs", "overhead µs"],
-            [[o["backend"], f"{o['gsp_pool_us']:.1f}", f"{o['backend_forward_us']:.1f}", f"{o['overhead_us']:.1f}"]
+            ["backend", "gsp_pool µs", "backend.forward µs", "overhead µs", "gsp_pool f+b µs", "backend f+b µs",
+             "overhead f+b µs"],
+            [[o["backend"], *(_fmt(o.get(key), ".1f") for key in (
+                "gsp_pool_us", "backend_forward_us", "overhead_us", "gsp_pool_fwd_bwd_us", "backend_fwd_bwd_us",
+                "overhead_fwd_bwd_us"))]
              for o in report["overhead"]],
         ),
     ]

@@ -55,6 +55,7 @@ def test_bench_quick_json_fields(tmp_path):
     assert paper["speedup_vs_paper"]["fwd_bwd"] == pytest.approx(1.0)
     assert report["overhead"][0]["backend"] in names
     assert report["overhead"][0]["gsp_pool_us"] > 0
+    assert report["overhead"][0]["gsp_pool_fwd_bwd_us"] > report["overhead"][0]["gsp_pool_us"]
 
 
 def test_bench_backend_with_precision(tmp_path):
