@@ -1,8 +1,8 @@
 """Where the time goes: per-kernel CUDA time of one forward+backward, per backend and dtype.
 
-    python bench/profile_backends.py [--shape 256x196x512x128] [--iters 5]
+    python bench/profile_backends.py [--shapes 256x196x512x128,64x196x512x128] [--iters 5]
 
-Prints, for each kernel backend and dtype, the wall time of one forward+backward (CUDA events),
+Prints, for each shape, kernel backend and dtype, the wall time of one forward+backward (CUDA events),
 the CPU time to issue it (no synchronization), the CUDA kernels that take the GPU time and the
 host-side operations that take the CPU time, in µs per iteration, largest first: when the issue
 time reaches the wall time, the step is bound by the host (for Triton, the part of the issue
@@ -118,17 +118,19 @@ def triton_stability(shape, runs=6):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="256x196x512x128", help="BxNxDxM")
+    parser.add_argument("--shapes", default="256x196x512x128,64x196x512x128",
+                        help="BxNxDxM, comma-separated (default: the target shape, then a small batch)")
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
-    shape = tuple(int(v) for v in args.shape.split("x"))
+    shapes = [tuple(int(v) for v in text.split("x")) for text in args.shapes.split(",")]
     backends = [b for b in available_backends("cuda") if b != "reference"]
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, backends {backends}")
     if "triton" in backends:
         triton_stability((8, 196, 512, 128))
-    for backend in backends:
-        for dtype in (torch.float32, torch.bfloat16):
-            profile_backend(shape, dtype, backend, args.iters)
+    for shape in shapes:
+        for backend in backends:
+            for dtype in (torch.float32, torch.bfloat16):
+                profile_backend(shape, dtype, backend, args.iters)
 
 
 if __name__ == "__main__":
