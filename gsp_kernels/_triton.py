@@ -685,6 +685,11 @@ def _gsp_backward_finish_kernel(
 # ----------------------------------------------------------------------------- host glue
 
 
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for host ints (``triton.cdiv`` is a jit function: ~1 µs per host call)."""
+    return -(-a // b)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -736,10 +741,10 @@ def _split_k_config(
     block_k = block_k or 64
     block_m = block_m or min(max(_next_pow2(m), 16), 64)
     block_d = block_d or min(max(_next_pow2(d), 16), 64)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(d, block_d)
-    splits = max(1, min(triton.cdiv(programs_wanted, tiles), triton.cdiv(total_rows, block_k)))
-    rows_per_split = triton.cdiv(triton.cdiv(total_rows, splits), block_k) * block_k
-    return block_k, block_m, block_d, rows_per_split, triton.cdiv(total_rows, rows_per_split)
+    tiles = _cdiv(m, block_m) * _cdiv(d, block_d)
+    splits = max(1, min(_cdiv(programs_wanted, tiles), _cdiv(total_rows, block_k)))
+    rows_per_split = _cdiv(_cdiv(total_rows, splits), block_k) * block_k
+    return block_k, block_m, block_d, rows_per_split, _cdiv(total_rows, rows_per_split)
 
 
 @functools.lru_cache(maxsize=16)
@@ -808,8 +813,8 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
     logits = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)
     ell = torch.empty((batch, n), dtype=torch.float32, device=x.device)
     arrivals = torch.zeros((batch,), dtype=torch.int32, device=x.device)
-    tiles_per_sample = triton.cdiv(n, config["BLOCK_N"])
-    rows_per_tile = triton.cdiv(n, tiles_per_sample)  # balanced tiles of at most BLOCK_N features
+    tiles_per_sample = _cdiv(n, config["BLOCK_N"])
+    rows_per_tile = _cdiv(n, tiles_per_sample)  # balanced tiles of at most BLOCK_N features
     logit_mu = 0.0 if gap else math.log(mu) - math.log1p(-mu)
     _gsp_forward_kernel[(batch * tiles_per_sample,)](
         x, *x.stride(), prototypes, *prototypes.stride(),
@@ -842,8 +847,8 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     row_scratch = torch.empty((batch, 4, n), dtype=torch.float32, device=x.device)
     z_sq = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     col_sum = torch.empty((batch, m), dtype=torch.float32, device=x.device)
-    tiles_per_sample = triton.cdiv(n, config["BLOCK_N"])
-    rows_per_tile = triton.cdiv(n, tiles_per_sample)
+    tiles_per_sample = _cdiv(n, config["BLOCK_N"])
+    rows_per_tile = _cdiv(n, tiles_per_sample)
     tile_sums = torch.empty((batch, tiles_per_sample, 2), dtype=torch.float32, device=x.device)
     arrivals = torch.zeros((batch,), dtype=torch.int32, device=x.device)
     _gsp_backward_kernel[(batch * tiles_per_sample,)](
@@ -859,7 +864,7 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     gemm = _gemm_config(batch * n, m, d, x.device)
     splits = gemm["splits"]
     partials = torch.empty((splits, m, d), dtype=torch.float32, device=x.device)
-    _gsp_coef_x_kernel[(triton.cdiv(m, gemm["BLOCK_M"]), triton.cdiv(d, gemm["BLOCK_D"]), splits)](
+    _gsp_coef_x_kernel[(_cdiv(m, gemm["BLOCK_M"]), _cdiv(d, gemm["BLOCK_D"]), splits)](
         coef, x, *x.stride(), partials,
         batch * n, n, m, d, gemm["rows_per_split"],
         BLOCK_K=gemm["BLOCK_K"], BLOCK_M=gemm["BLOCK_M"], BLOCK_D=gemm["BLOCK_D"],
@@ -871,8 +876,8 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     grad_z = torch.empty((m, d), dtype=prototypes.dtype, device=x.device)
     grad_x = torch.empty_like(x)
     block_r, block_k, block_d = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_D"]
-    col_tiles = triton.cdiv(d, block_d)
-    _gsp_backward_finish_kernel[(m + col_tiles * triton.cdiv(batch * n, block_r),)](
+    col_tiles = _cdiv(d, block_d)
+    _gsp_backward_finish_kernel[(m + col_tiles * _cdiv(batch * n, block_r),)](
         partials, splits, col_sum, batch, coef, row_coefs,
         prototypes, *prototypes.stride(), grad_z,
         x, *x.stride(), grad_pooled, grad_x, *grad_x.stride(),
