@@ -270,6 +270,18 @@ def _solve_fixed_point(ell, ok, log_mu, log_target, max_iter):
 
 
 @triton.jit
+def _sample_tile(tiles_per_sample, rows_per_tile, N, BLOCK_N: tl.constexpr):
+    """This program's sample (int64), its tile index, and the tile's feature rows [BLOCK_N],
+    their mask and end: rows_per_tile features from tile·rows_per_tile (fewer in the last)."""
+    sample = (tl.program_id(0) // tiles_per_sample).to(tl.int64)
+    tile = tl.program_id(0) % tiles_per_sample
+    row_start = tile * rows_per_tile
+    row_end = tl.minimum(row_start + rows_per_tile, N)
+    rows = row_start + tl.arange(0, BLOCK_N)
+    return sample, tile, rows, rows < row_end, row_end
+
+
+@triton.jit
 def _last_to_arrive(arrivals_ptr, sample, tiles_per_sample):
     """True in the last of a sample's programs to get here: a ticket from the sample's arrival
     counter (zeroed per call). The barrier and the counter's acq_rel (GPU scope) order every
@@ -295,18 +307,13 @@ def _gsp_forward_kernel(
     """A program per (sample, tile of at most BLOCK_N features): the costs and ℓ of its features;
     the sample's last program to finish then solves u and writes pooled [D], attr [M],
     weights [N] and u."""
-    sample = (tl.program_id(0) // tiles_per_sample).to(tl.int64)
-    tile = tl.program_id(0) % tiles_per_sample
+    sample, _tile, rows, row_ok, row_end = _sample_tile(tiles_per_sample, rows_per_tile, N, BLOCK_N)
     x_sample = x_ptr + sample * stride_xb
     logits_sample = logits_ptr + sample * N * M
     ell_sample = ell_ptr + sample * N
 
     # 1. This tile's logits −γc to scratch, ℓ by online logsumexp over prototype tiles (the
     # loop over D inside is the pipelined one).
-    row_start = tile * rows_per_tile
-    row_end = tl.minimum(row_start + rows_per_tile, N)
-    rows = row_start + tl.arange(0, BLOCK_N)
-    row_ok = rows < row_end
     running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_N,), tl.float32)
     for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
@@ -405,8 +412,7 @@ def _gsp_backward_kernel(
     """A program per (sample, tile of at most BLOCK_N features) for pass 1; the sample's last
     program to finish it runs pass 2: V = W / (d_x d_z) [N, M], the column sums of W [M], and
     per feature the coefficients of grad_x = β x − V z + w gy (``_grad_x_tile``)."""
-    sample = (tl.program_id(0) // tiles_per_sample).to(tl.int64)
-    tile = tl.program_id(0) % tiles_per_sample
+    sample, tile, rows, row_ok, row_end = _sample_tile(tiles_per_sample, rows_per_tile, N, BLOCK_N)
     x_sample = x_ptr + sample * stride_xb
     coef_sample = coef_ptr + sample * N * M
     ell_row = rows_ptr + sample * 4 * N  # rows scratch: ℓ, ā, e, |x|²
@@ -423,10 +429,6 @@ def _gsp_backward_kernel(
     u = tl.load(u_ptr + sample)
 
     # Pass 1, this tile's features: raw products to scratch; ℓ and ā online; e_i; Σ h and Σ h e.
-    row_start = tile * rows_per_tile
-    row_end = tl.minimum(row_start + rows_per_tile, N)
-    rows = row_start + tl.arange(0, BLOCK_N)
-    row_ok = rows < row_end
     running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_N,), tl.float32)
     running_ga = tl.zeros((BLOCK_N,), tl.float32)
