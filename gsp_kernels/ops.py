@@ -143,9 +143,12 @@ class _EagerGspPool(torch.autograd.Function):
         return grad_x, grad_z, None, None, None, None, None, None, None, None, None
 
 
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # nn.Parameter: learnable prototypes
+
+
 def _run_op(x: Tensor, prototypes: Tensor, *params):
-    """The registered op while tracing or for tensor subclasses, else the eager path."""
-    if torch.compiler.is_compiling() or type(x) is not Tensor or type(prototypes) is not Tensor:
+    """The registered op while tracing or for tensor subclasses (fake tensors), else the eager path."""
+    if torch.compiler.is_compiling() or type(x) not in _PLAIN_TENSOR_TYPES or type(prototypes) not in _PLAIN_TENSOR_TYPES:
         return _gsp_pool_op(x, prototypes, *params)
     return _EagerGspPool.apply(x, prototypes, *params)
 

@@ -126,6 +126,8 @@ def test_eager_path_and_tracing_path_are_chosen_by_input():
     features, prototypes = op_inputs("contiguous", torch.float32, requires_grad=True)
     pooled, _ = gsp_pool(features, prototypes, backend="reference")
     assert type(pooled.grad_fn).__name__ == "_EagerGspPoolBackward"
+    pooled, _ = gsp_pool(features, torch.nn.Parameter(prototypes.detach()), backend="reference")  # as in nn.GSP
+    assert type(pooled.grad_fn).__name__ == "_EagerGspPoolBackward"
     with FakeTensorMode() as mode:
         fake_x = mode.from_tensor(features)
         fake_z = mode.from_tensor(prototypes)
