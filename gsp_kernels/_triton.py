@@ -96,6 +96,10 @@ BLOCK_OVERRIDE: dict | None = None
 # (powers of two >= 16), num_warps, num_stages, programs_wanted (see ``_gemm_config``).
 GEMM_OVERRIDE: dict | None = None
 
+# The forward and the backward's first kernel split each sample across ⌈N / BLOCK_N⌉ programs
+# (the last one to finish completes the sample). False: one program per sample, looping over
+# its features (session 3's kernels): the comparison point for benchmarks, and a fallback.
+SPLIT_SAMPLES = True
 _NORMALIZE_CODES = {"lipschitz": 0, "l2": 1, "none": 2}
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -270,15 +274,14 @@ def _solve_fixed_point(ell, ok, log_mu, log_target, max_iter):
 
 
 @triton.jit
-def _sample_tile(tiles_per_sample, rows_per_tile, N, BLOCK_N: tl.constexpr):
-    """This program's sample (int64), its tile index, and the tile's feature rows [BLOCK_N],
-    their mask and end: rows_per_tile features from tile·rows_per_tile (fewer in the last)."""
+def _sample_tile(tiles_per_sample, rows_per_tile, N):
+    """This program's sample (int64), its tile of the sample's features and the tile's feature
+    range [row_start, row_end): rows_per_tile features (fewer in the last tile), walked in
+    BLOCK_N steps (one step unless the samples are not split, see ``_tile_config``)."""
     sample = (tl.program_id(0) // tiles_per_sample).to(tl.int64)
     tile = tl.program_id(0) % tiles_per_sample
     row_start = tile * rows_per_tile
-    row_end = tl.minimum(row_start + rows_per_tile, N)
-    rows = row_start + tl.arange(0, BLOCK_N)
-    return sample, tile, rows, rows < row_end, row_end
+    return sample, tile, row_start, tl.minimum(row_start + rows_per_tile, N)
 
 
 @triton.jit
@@ -307,34 +310,37 @@ def _gsp_forward_kernel(
     """A program per (sample, tile of at most BLOCK_N features): the costs and ℓ of its features;
     the sample's last program to finish then solves u and writes pooled [D], attr [M],
     weights [N] and u."""
-    sample, _tile, rows, row_ok, row_end = _sample_tile(tiles_per_sample, rows_per_tile, N, BLOCK_N)
+    sample, _tile, row_start, row_end = _sample_tile(tiles_per_sample, rows_per_tile, N)
     x_sample = x_ptr + sample * stride_xb
     logits_sample = logits_ptr + sample * N * M
     ell_sample = ell_ptr + sample * N
 
     # 1. This tile's logits −γc to scratch, ℓ by online logsumexp over prototype tiles (the
     # loop over D inside is the pipelined one).
-    running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
-    running_sum = tl.zeros((BLOCK_N,), tl.float32)
-    for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
-        protos = m0 + tl.arange(0, BLOCK_M)
-        proto_ok = protos < M
-        dots, x_sq, z_sq, _ = _raw_products(
-            x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, x_sample,
-            rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False,
-        )
-        cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
-        logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))  # [BLOCK_N, BLOCK_M]
-        tl.store(
-            logits_sample + rows[:, None] * M + protos[None, :], logits,
-            mask=row_ok[:, None] & proto_ok[None, :],
-        )
-        new_max = tl.maximum(running_max, tl.max(logits, 1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
-            tl.exp(logits - new_max[:, None]), 1
-        )
-        running_max = new_max
-    tl.store(ell_sample + rows, running_max + tl.log(running_sum), mask=row_ok)
+    for n0 in tl.range(row_start, row_end, BLOCK_N, num_stages=1):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < row_end
+        running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+        running_sum = tl.zeros((BLOCK_N,), tl.float32)
+        for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
+            protos = m0 + tl.arange(0, BLOCK_M)
+            proto_ok = protos < M
+            dots, x_sq, z_sq, _ = _raw_products(
+                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, x_sample,
+                rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False,
+            )
+            cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+            logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))  # [BLOCK_N, BLOCK_M]
+            tl.store(
+                logits_sample + rows[:, None] * M + protos[None, :], logits,
+                mask=row_ok[:, None] & proto_ok[None, :],
+            )
+            new_max = tl.maximum(running_max, tl.max(logits, 1))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
+                tl.exp(logits - new_max[:, None]), 1
+            )
+            running_max = new_max
+        tl.store(ell_sample + rows, running_max + tl.log(running_sum), mask=row_ok)
 
     # 2-4 in the sample's last program, once every tile's ℓ and logits are in scratch.
     if _last_to_arrive(arrivals_ptr, sample, tiles_per_sample):
@@ -412,7 +418,7 @@ def _gsp_backward_kernel(
     """A program per (sample, tile of at most BLOCK_N features) for pass 1; the sample's last
     program to finish it runs pass 2: V = W / (d_x d_z) [N, M], the column sums of W [M], and
     per feature the coefficients of grad_x = β x − V z + w gy (``_grad_x_tile``)."""
-    sample, tile, rows, row_ok, row_end = _sample_tile(tiles_per_sample, rows_per_tile, N, BLOCK_N)
+    sample, tile, row_start, row_end = _sample_tile(tiles_per_sample, rows_per_tile, N)
     x_sample = x_ptr + sample * stride_xb
     coef_sample = coef_ptr + sample * N * M
     ell_row = rows_ptr + sample * 4 * N  # rows scratch: ℓ, ā, e, |x|²
@@ -429,42 +435,49 @@ def _gsp_backward_kernel(
     u = tl.load(u_ptr + sample)
 
     # Pass 1, this tile's features: raw products to scratch; ℓ and ā online; e_i; Σ h and Σ h e.
-    running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
-    running_sum = tl.zeros((BLOCK_N,), tl.float32)
-    running_ga = tl.zeros((BLOCK_N,), tl.float32)
-    x_sq = tl.zeros((BLOCK_N,), tl.float32)
-    x_gy = tl.zeros((BLOCK_N,), tl.float32)
-    for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
-        protos = m0 + tl.arange(0, BLOCK_M)
-        proto_ok = protos < M
-        dots, x_sq, z_sq, x_gy = _raw_products(
-            x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_sample,
-            rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, True,
-        )
-        tl.store(coef_sample + rows[:, None] * M + protos[None, :], dots, mask=row_ok[:, None] & proto_ok[None, :])
-        if tile == 0:
-            tl.store(z_sq_sample + protos, z_sq, mask=proto_ok)
-        cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
-        logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))
-        ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)  # [BLOCK_M]
-        new_max = tl.maximum(running_max, tl.max(logits, 1))
-        rescale = tl.exp(running_max - new_max)
-        unnormalized = tl.exp(logits - new_max[:, None])
-        running_sum = running_sum * rescale + tl.sum(unnormalized, 1)
-        running_ga = running_ga * rescale + tl.sum(unnormalized * ga[None, :], 1)
-        running_max = new_max
-    ell = running_max + tl.log(running_sum)
-    abar = running_ga / running_sum  # ā_i = Σ_k A_ki ga_k
-    grad_w = tl.load(grad_weights_ptr + sample * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-    e = (x_gy + abar + grad_w) * inv_total
-    sigma = _plan_sigma(u, ell, GAP)
-    h = tl.where(row_ok, sigma * (1.0 - sigma), 0.0)
-    tl.store(ell_row + rows, ell, mask=row_ok)
-    tl.store(abar_row + rows, abar, mask=row_ok)
-    tl.store(e_row + rows, e, mask=row_ok)
-    tl.store(x_sq_row + rows, x_sq, mask=row_ok)
-    tl.store(tile_sums_sample + 2 * tile, tl.sum(h, 0))
-    tl.store(tile_sums_sample + 2 * tile + 1, tl.sum(h * e, 0))
+    h_sum = tl.zeros((), tl.float32)
+    he_sum = tl.zeros((), tl.float32)
+    for n0 in tl.range(row_start, row_end, BLOCK_N, num_stages=1):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < row_end
+        running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+        running_sum = tl.zeros((BLOCK_N,), tl.float32)
+        running_ga = tl.zeros((BLOCK_N,), tl.float32)
+        x_sq = tl.zeros((BLOCK_N,), tl.float32)
+        x_gy = tl.zeros((BLOCK_N,), tl.float32)
+        for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
+            protos = m0 + tl.arange(0, BLOCK_M)
+            proto_ok = protos < M
+            dots, x_sq, z_sq, x_gy = _raw_products(
+                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_sample,
+                rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, True,
+            )
+            tl.store(coef_sample + rows[:, None] * M + protos[None, :], dots, mask=row_ok[:, None] & proto_ok[None, :])
+            if n0 == 0:
+                tl.store(z_sq_sample + protos, z_sq, mask=proto_ok)
+            cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+            logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))
+            ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)  # [BLOCK_M]
+            new_max = tl.maximum(running_max, tl.max(logits, 1))
+            rescale = tl.exp(running_max - new_max)
+            unnormalized = tl.exp(logits - new_max[:, None])
+            running_sum = running_sum * rescale + tl.sum(unnormalized, 1)
+            running_ga = running_ga * rescale + tl.sum(unnormalized * ga[None, :], 1)
+            running_max = new_max
+        ell = running_max + tl.log(running_sum)
+        abar = running_ga / running_sum  # ā_i = Σ_k A_ki ga_k
+        grad_w = tl.load(grad_weights_ptr + sample * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+        e = (x_gy + abar + grad_w) * inv_total
+        sigma = _plan_sigma(u, ell, GAP)
+        h = tl.where(row_ok, sigma * (1.0 - sigma), 0.0)
+        tl.store(ell_row + rows, ell, mask=row_ok)
+        tl.store(abar_row + rows, abar, mask=row_ok)
+        tl.store(e_row + rows, e, mask=row_ok)
+        tl.store(x_sq_row + rows, x_sq, mask=row_ok)
+        h_sum += tl.sum(h, 0)
+        he_sum += tl.sum(h * e, 0)
+    tl.store(tile_sums_sample + 2 * tile, h_sum)
+    tl.store(tile_sums_sample + 2 * tile + 1, he_sum)
 
     # Pass 2 in the sample's last program, once every tile's scratch is written (read from L2,
     # .cg): ē from the tiles' sums in tile order, then per feature tile W and its sums over
@@ -724,6 +737,13 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 3}
 
 
+def _sample_tiles(n: int, block_n: int) -> tuple[int, int]:
+    """(programs per sample, features per program): balanced tiles of at most BLOCK_N features,
+    or the whole sample in one program when ``SPLIT_SAMPLES`` is off."""
+    tiles = _cdiv(n, block_n) if SPLIT_SAMPLES else 1
+    return tiles, _cdiv(n, tiles)
+
+
 def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False) -> dict:
     """The cached table entry for this shape's bucket, then the test override if any."""
     config = _tile_config(_next_pow2(n), _next_pow2(m), _next_pow2(d), half, backward)
@@ -808,6 +828,7 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
     gap = mu >= 1.0
     cast_f32, dot_precision, f32_precision, snap = _resolve_precision(x, prototypes, precision)
     config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES)
+    tiles_per_sample, rows_per_tile = _sample_tiles(n, config["BLOCK_N"])
     pooled = x.new_empty((batch, d))
     attr = x.new_empty((batch, m))
     weights = x.new_empty((batch, n))
@@ -815,8 +836,6 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
     logits = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)
     ell = torch.empty((batch, n), dtype=torch.float32, device=x.device)
     arrivals = torch.zeros((batch,), dtype=torch.int32, device=x.device)
-    tiles_per_sample = _cdiv(n, config["BLOCK_N"])
-    rows_per_tile = _cdiv(n, tiles_per_sample)  # balanced tiles of at most BLOCK_N features
     logit_mu = 0.0 if gap else math.log(mu) - math.log1p(-mu)
     _gsp_forward_kernel[(batch * tiles_per_sample,)](
         x, *x.stride(), prototypes, *prototypes.stride(),
@@ -842,6 +861,7 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     m = prototypes.shape[0]
     cast_f32, dot_precision, f32_precision, snap = _resolve_precision(x, prototypes, precision)
     config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES, backward=True)
+    tiles_per_sample, rows_per_tile = _sample_tiles(n, config["BLOCK_N"])
     native_half_dot = not _INTERPRETED  # the interpreter's tl.dot misreads bfloat16 operands
     grad_pooled = grad_pooled.contiguous()
     coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # raw x·z, then V
@@ -849,8 +869,6 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     row_scratch = torch.empty((batch, 4, n), dtype=torch.float32, device=x.device)
     z_sq = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     col_sum = torch.empty((batch, m), dtype=torch.float32, device=x.device)
-    tiles_per_sample = _cdiv(n, config["BLOCK_N"])
-    rows_per_tile = _cdiv(n, tiles_per_sample)
     tile_sums = torch.empty((batch, tiles_per_sample, 2), dtype=torch.float32, device=x.device)
     arrivals = torch.zeros((batch,), dtype=torch.int32, device=x.device)
     _gsp_backward_kernel[(batch * tiles_per_sample,)](

@@ -156,6 +156,25 @@ def test_tf32_precision():
     check_against_reference(x, prototypes, TF32_TOL, precision="tf32")
 
 
+@pytest.mark.parametrize("case", ["tiled_large", "gap_tiled", "fixed_point_tiled", "small"])
+def test_one_program_per_sample_matches_split(case, tiles, monkeypatch):
+    """SPLIT_SAMPLES off (a program loops over its sample's feature tiles): the same function,
+    to the same tolerance, and the same bits wherever one feature tile covers the sample."""
+    shape, options, small_tiles, *_ = CPU_CASES[case]
+    if small_tiles:
+        tiles(SMALL_TILES)
+    x, prototypes = inputs(*shape, seed=len(case))
+    split = outputs_and_grads(x, prototypes, "triton", **options)
+    monkeypatch.setattr(_triton, "SPLIT_SAMPLES", False)
+    whole = outputs_and_grads(x, prototypes, "triton", **options)
+    assert _triton._sample_tiles(shape[1], 16 if small_tiles else 64) == (1, shape[1])
+    for name, a, b in zip(OUTPUT_NAMES, whole, split):
+        if small_tiles:
+            assert_close(a, b, 1e-6, name)
+        else:
+            assert torch.equal(a, b), name
+
+
 def test_backward_is_deterministic(tiles):
     tiles(SMALL_TILES)
     x, prototypes = inputs(3, 40, 20, 33, seed=10)
