@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, test, sanitize, benchmark, profile and sweep; logs and
 # JSON go to OUTDIR (at most 8 files, so the device tool can bring them all back); a short
-# table is printed last. Budget: about 8-9 minutes on one H200 (~5.5 without the sweep).
+# table is printed last. Budget: about 8.5-9.5 minutes on one H200 (~6.5 without the sweep: set
+# GSP_SWEEP_BUDGET_S=0 for a first run when the device tool's 10-minute limit is close).
 #   usage: bench/device_check.sh OUTDIR
 #   GSP_BENCH_ARGS          arguments of the first `gsp-kernels bench` (default: target shape, paper
 #                           baseline, every backend plus cuda@tf32x3 and triton@ieee)
 #   GSP_COMPILE_BENCH_ARGS  arguments of the second, with torch.compile ("" skips it)
 #   GSP_SKIP_TRAINING_STEP=1  skip the ResNet-50 training-step benchmark
 #   GSP_RUN_CHECK=1         also run `gsp-kernels check` (the GPU tests cover the same ground)
-#   GSP_SKIP_PROFILE=1      skip bench/profile_backends.py (per-kernel GPU time, host-side time)
-#   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's tile-config sweep (default 120; 0 skips it)
+#   GSP_SKIP_PROFILE=1      skip bench/profile_backends.py (per-kernel GPU time, host-side time,
+#                           Triton split vs one program per sample)
+#   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's tile-config sweep (default 90; 0 skips it)
 # Files: env_build.log (environment, build, Triton register report), tests.log (tests and
 # sanitizers), bench.log (benchmarks, training step, profile, sweep table), bench.json,
 # bench_compile.json, train_step.json, sweep.json, check.log.
@@ -72,16 +74,16 @@ if [ "${GSP_SKIP_TRAINING_STEP:-0}" != "1" ]; then
 fi
 
 if [ "${GSP_SKIP_PROFILE:-0}" != "1" ]; then
-  run_step profile "$bench_log" 120 $py bench/profile_backends.py
+  run_step profile "$bench_log" 180 $py bench/profile_backends.py
 fi
 
 if [ -n "${GSP_COMPILE_BENCH_ARGS-x}" ]; then
   read -r -a compile_args <<<"${GSP_COMPILE_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper,compile}"
   run_step bench-compile "$bench_log" 150 $py -m gsp_kernels bench "${compile_args[@]}" --json "$out/bench_compile.json"
 fi
-if [ "${GSP_SWEEP_BUDGET_S:-120}" != "0" ]; then
-  run_step sweep "$bench_log" $(( ${GSP_SWEEP_BUDGET_S:-120} + 60 )) $py bench/sweep_triton.py \
-    --budget-s "${GSP_SWEEP_BUDGET_S:-120}" --json "$out/sweep.json"
+if [ "${GSP_SWEEP_BUDGET_S:-90}" != "0" ]; then
+  run_step sweep "$bench_log" $(( ${GSP_SWEEP_BUDGET_S:-90} + 60 )) $py bench/sweep_triton.py \
+    --budget-s "${GSP_SWEEP_BUDGET_S:-90}" --json "$out/sweep.json"
 fi
 if [ "${GSP_RUN_CHECK:-0}" = "1" ]; then
   run_step check "$out/check.log" 120 $py -m gsp_kernels check

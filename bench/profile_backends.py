@@ -1,12 +1,15 @@
 """Where the time goes: per-kernel CUDA time of one forward+backward, per backend and dtype.
 
-    python bench/profile_backends.py [--shapes 256x196x512x128,64x196x512x128] [--iters 5]
+    python bench/profile_backends.py [--shapes 256x196x512x128] [--split-shapes 256x196x512x128,64x196x512x128]
+                                     [--iters 5]
 
 Prints, for each shape, kernel backend and dtype, the wall time of one forward+backward (CUDA events),
 the CPU time to issue it (no synchronization), the CUDA kernels that take the GPU time and the
 host-side operations that take the CPU time, in µs per iteration, largest first: when the issue
 time reaches the wall time, the step is bound by the host (for Triton, the part of the issue
-time spent in Triton's own launcher is shown too). Also re-runs the Triton
+time spent in Triton's own launcher is shown too). Then the Triton kernels' GPU time (CUDA-graph
+replay) with samples split across programs against one program per sample
+(``_triton.SPLIT_SAMPLES``), per shape and dtype. Also re-runs the Triton
 forward on a bfloat16 channels-first map several times and reports whether it is bitwise
 stable (a moving result is a race).
 """
@@ -116,13 +119,37 @@ def triton_stability(shape, runs=6):
     tri.BLOCK_OVERRIDE = None
 
 
+def split_comparison(shapes):
+    """GPU µs (CUDA-graph replay) of the Triton forward and forward+backward with each sample
+    split across programs and with one program per sample, side by side."""
+    import gsp_kernels._triton as tri
+    from gsp_kernels.benchmark import graph_replay_ms
+
+    print("\n== triton: samples split across programs vs one program per sample (GPU µs, graph replay) ==")
+    for shape in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            x, z = make_inputs(shape, dtype)
+            times = {}
+            for split in (True, False):
+                tri.SPLIT_SAMPLES = split
+                fwd = graph_replay_ms(lambda _i: gsp_pool(x.detach(), z.detach(), backend="triton"), x.device)
+                fwd_bwd = graph_replay_ms(lambda _i: step(x, z, "triton"), x.device)
+                times[split] = (fwd * 1e3, fwd_bwd * 1e3)
+            tri.SPLIT_SAMPLES = True
+            (f_split, fb_split), (f_whole, fb_whole) = times[True], times[False]
+            print(f"  {'x'.join(map(str, shape))} {str(dtype)[6:]}: fwd {f_split:.0f} vs {f_whole:.0f} "
+                  f"({f_whole / f_split:.2f}x), fwd+bwd {fb_split:.0f} vs {fb_whole:.0f} ({fb_whole / fb_split:.2f}x)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="256x196x512x128,64x196x512x128",
-                        help="BxNxDxM, comma-separated (default: the target shape, then a small batch)")
+    parser.add_argument("--shapes", default="256x196x512x128", help="BxNxDxM, comma-separated: per-kernel profiles")
+    parser.add_argument("--split-shapes", default="256x196x512x128,64x196x512x128",
+                        help="BxNxDxM, comma-separated: Triton split vs one program per sample (default adds B=64)")
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
-    shapes = [tuple(int(v) for v in text.split("x")) for text in args.shapes.split(",")]
+    shapes, split_shapes = ([tuple(int(v) for v in text.split("x")) for text in arg.split(",")]
+                            for arg in (args.shapes, args.split_shapes))
     backends = [b for b in available_backends("cuda") if b != "reference"]
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, backends {backends}")
     if "triton" in backends:
@@ -131,6 +158,8 @@ def main():
         for backend in backends:
             for dtype in (torch.float32, torch.bfloat16):
                 profile_backend(shape, dtype, backend, args.iters)
+    if "triton" in backends:
+        split_comparison(split_shapes)
 
 
 if __name__ == "__main__":
