@@ -130,12 +130,14 @@ def split_comparison(shapes):
         for dtype in (torch.float32, torch.bfloat16):
             x, z = make_inputs(shape, dtype)
             times = {}
-            for split in (True, False):
-                tri.SPLIT_SAMPLES = split
-                fwd = graph_replay_ms(lambda _i: gsp_pool(x.detach(), z.detach(), backend="triton"), x.device)
-                fwd_bwd = graph_replay_ms(lambda _i: step(x, z, "triton"), x.device)
-                times[split] = (fwd * 1e3, fwd_bwd * 1e3)
-            tri.SPLIT_SAMPLES = True
+            try:
+                for split in (True, False):
+                    tri.SPLIT_SAMPLES = split
+                    fwd = graph_replay_ms(lambda _i: gsp_pool(x.detach(), z.detach(), backend="triton"), x.device)
+                    fwd_bwd = graph_replay_ms(lambda _i: step(x, z, "triton"), x.device)
+                    times[split] = (fwd * 1e3, fwd_bwd * 1e3)
+            finally:
+                tri.SPLIT_SAMPLES = True
             (f_split, fb_split), (f_whole, fb_whole) = times[True], times[False]
             print(f"  {'x'.join(map(str, shape))} {str(dtype)[6:]}: fwd {f_split:.0f} vs {f_whole:.0f} "
                   f"({f_whole / f_split:.2f}x), fwd+bwd {fb_split:.0f} vs {fb_whole:.0f} ({fb_whole / fb_split:.2f}x)")

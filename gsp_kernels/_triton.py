@@ -277,7 +277,7 @@ def _solve_fixed_point(ell, ok, log_mu, log_target, max_iter):
 def _sample_tile(tiles_per_sample, rows_per_tile, N):
     """This program's sample (int64), its tile of the sample's features and the tile's feature
     range [row_start, row_end): rows_per_tile features (fewer in the last tile), walked in
-    BLOCK_N steps (one step unless the samples are not split, see ``_tile_config``)."""
+    BLOCK_N steps (one step unless ``SPLIT_SAMPLES`` is off)."""
     sample = (tl.program_id(0) // tiles_per_sample).to(tl.int64)
     tile = tl.program_id(0) % tiles_per_sample
     row_start = tile * rows_per_tile
