@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, test, sanitize, benchmark, profile and sweep; logs and
 # JSON go to OUTDIR (at most 8 files, so the device tool can bring them all back); a short
-# table is printed last. Budget: about 8.5-9.5 minutes on one H200 (~6.5 without the sweep: set
+# table is printed last. Budget: about 9-10 minutes on one H200 (~7 without the sweep: set
 # GSP_SWEEP_BUDGET_S=0 for a first run when the device tool's 10-minute limit is close).
 #   usage: bench/device_check.sh OUTDIR
 #   GSP_BENCH_ARGS          arguments of the first `gsp-kernels bench` (default: target shape, paper
@@ -12,8 +12,8 @@
 #   GSP_SKIP_PROFILE=1      skip bench/profile_backends.py (per-kernel GPU time, host-side time,
 #                           Triton split vs one program per sample)
 #   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's tile-config sweep (default 90; 0 skips it)
-# Files: env_build.log (environment, build, Triton register report), tests.log (tests and
-# sanitizers), bench.log (benchmarks, training step, profile, sweep table), bench.json,
+# Files: env_build.log (environment, build, Triton register report), tests.log (tests, the
+# split-sample guard and sanitizers), bench.log (benchmarks, training step, profile, sweep table), bench.json,
 # bench_compile.json, train_step.json, sweep.json, check.log.
 set -uo pipefail
 out=${1:?usage: bench/device_check.sh OUTDIR}
@@ -25,10 +25,12 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 status=()
 record() { status+=("$(printf '%-22s %s' "$1" "$2")"); }
-run_step() {  # run_step NAME LOG TIMEOUT CMD...: append to LOG, record pass/fail
-  local name=$1 log=$2 limit=$3; shift 3
+run_step() {  # run_step NAME LOG TIMEOUT CMD...: append to LOG, record pass/fail, return CMD's status
+  local name=$1 log=$2 limit=$3 rc=0; shift 3
   stamp "$name" | tee -a "$log"
-  if timeout "$limit" "$@" >>"$log" 2>&1; then record "$name" ok; else record "$name" "FAIL (rc=$?)"; fi
+  timeout "$limit" "$@" >>"$log" 2>&1 || rc=$?
+  if [ "$rc" = 0 ]; then record "$name" ok; else record "$name" "FAIL (rc=$rc)"; fi
+  return "$rc"
 }
 
 env_log=$out/env_build.log
@@ -51,6 +53,13 @@ registers_pid=$!
 
 test_log=$out/tests.log
 run_step "pytest -m gpu" "$test_log" 240 $py -m pytest python_tests -m gpu -q -rfE --timeout 120 -p no:cacheprovider
+# The split samples' atomic ticket cannot be checked under the CPU interpreter: if the guard finds
+# results that move between runs or miss the reference, everything timed below uses the fallback
+# (one Triton program per sample) and the step list says so.
+if ! run_step split-guard "$test_log" 150 $py bench/split_guard.py; then
+  export GSP_TRITON_SPLIT=0
+  record split-fallback "GSP_TRITON_SPLIT=0 for the timings"
+fi
 if wait "$registers_pid"; then record triton-registers ok; else record triton-registers FAIL; fi
 { echo "== Triton kernels built for sm_90: registers, stack (spills), shared memory =="; grep -v -i warn "$registers_tmp"; } >>"$env_log"
 rm -f "$registers_tmp"

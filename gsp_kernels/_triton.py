@@ -98,8 +98,9 @@ GEMM_OVERRIDE: dict | None = None
 
 # The forward and the backward's first kernel split each sample across ⌈N / BLOCK_N⌉ programs
 # (the last one to finish completes the sample). False: one program per sample, looping over
-# its features (session 3's kernels): the comparison point for benchmarks, and a fallback.
-SPLIT_SAMPLES = True
+# its features (session 3's kernels): the comparison point for benchmarks, and a fallback,
+# also chosen at import by the environment variable GSP_TRITON_SPLIT=0.
+SPLIT_SAMPLES = os.environ.get("GSP_TRITON_SPLIT", "1") != "0"
 _NORMALIZE_CODES = {"lipschitz": 0, "l2": 1, "none": 2}
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 

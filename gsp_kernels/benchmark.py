@@ -616,6 +616,7 @@ def run_bench(
         "cpu_threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],
         "timer": timer_name(device),
+        "triton_split_samples": triton_split_samples(),
         "params": {"transport_ratio": TRANSPORT_RATIO, "gamma": GAMMA, "paper_iterations": PAPER_ITERATIONS,
                    "compiled_newton_iterations": newton_iterations, "repeats": repeats, "warmup": warmup},
         "peaks": {"fp32_tflops": peaks.fp32_tflops, "tensor_core_tflops": peaks.tensor_core_tflops,
@@ -628,6 +629,20 @@ def run_bench(
         step_rows, reason = training_step_rows(device, backend_names)
         report["training_step"] = step_rows if step_rows is not None else {"unavailable": reason}
     return report
+
+
+_SPLIT_TEXT = {True: "; triton: samples split across programs",
+               False: "; triton: one program per sample (GSP_TRITON_SPLIT=0)"}
+
+
+def triton_split_samples() -> bool | None:
+    """Whether the Triton kernels split a sample across programs (``_triton.SPLIT_SAMPLES``,
+    ``GSP_TRITON_SPLIT``); None without Triton."""
+    try:
+        from . import _triton
+    except ImportError:
+        return None
+    return _triton.SPLIT_SAMPLES
 
 
 def timer_name(device: torch.device) -> str:
@@ -672,7 +687,9 @@ def format_report(report: dict) -> str:
     parts = [
         f"device: {report['device']}, torch {report['torch']}, {report['cpu_threads']} CPU threads "
         f"(load average {report['load_average']:.1f}), "
-        f"timer: {report['timer']}; mu={report['params']['transport_ratio']}, gamma={report['params']['gamma']}",
+        f"timer: {report['timer']}; mu={report['params']['transport_ratio']}, gamma={report['params']['gamma']}"
+        + (_SPLIT_TEXT.get(report.get("triton_split_samples"), "")
+           if any(row["name"].startswith("triton") for row in report["rows"]) else ""),
         f"peaks: {report['peaks']['source']}; fwd = forward of a training step (inputs require grad), "
         "x paper = paper's time / this time",
         render_table(headers, lines),

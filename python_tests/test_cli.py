@@ -11,6 +11,11 @@ from gsp_kernels import cli
 from gsp_kernels.benchmark import PHASES, Shape, cost_model, parse_backend_spec
 from gsp_kernels.check import Case, run_check
 
+try:
+    from gsp_kernels import _triton
+except ImportError:  # no Triton: the report says None
+    _triton = None
+
 
 def test_check_passes_for_the_reference():
     small = (
@@ -46,6 +51,7 @@ def test_bench_quick_json_fields(tmp_path):
     assert code == 0
     report = json.loads(out.read_text())
     assert {"device", "torch", "timer", "peaks", "rows", "overhead", "params"} <= set(report)
+    assert report["triton_split_samples"] is (_triton.SPLIT_SAMPLES if _triton else None)
     names = {row["name"] for row in report["rows"]}
     assert {"reference", "paper"} <= names
     for row in report["rows"]:
