@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, test, sanitize, benchmark, profile and sweep; logs and
 # JSON go to OUTDIR (at most 8 files, so the device tool can bring them all back); a short
-# table is printed last. Budget: about 9-10 minutes on one H200 (~7 without the sweep: set
-# GSP_SWEEP_BUDGET_S=0 for a first run when the device tool's 10-minute limit is close).
+# table is printed last. Steps run in order of what the issues need first (build, GPU tests, the
+# split guard, the benchmarks with both baselines, the profile, sanitizers, training step, sweep);
+# each gets at most the time left before a deadline, so one device call (10-minute limit)
+# always ends with its logs and the step list. About 7 minutes on one H200 without the sweep.
 #   usage: bench/device_check.sh OUTDIR
+#   GSP_DEADLINE_S          seconds after which no step starts or runs on (default 560)
 #   GSP_BENCH_ARGS          arguments of the first `gsp-kernels bench` (default: target shape, paper
 #                           baseline, every backend plus cuda@tf32x3 and triton@ieee)
 #   GSP_COMPILE_BENCH_ARGS  arguments of the second, with torch.compile ("" skips it)
@@ -11,7 +14,8 @@
 #   GSP_RUN_CHECK=1         also run `gsp-kernels check` (the GPU tests cover the same ground)
 #   GSP_SKIP_PROFILE=1      skip bench/profile_backends.py (per-kernel GPU time, host-side time,
 #                           Triton split vs one program per sample)
-#   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's tile-config sweep (default 90; 0 skips it)
+#   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's tile-config sweep (default 90, or what
+#                           the deadline leaves; 0 skips it)
 # Files: env_build.log (environment, build, Triton register report), tests.log (tests, the
 # split-sample guard and sanitizers), bench.log (benchmarks, training step, profile, sweep table), bench.json,
 # bench_compile.json, train_step.json, sweep.json, check.log.
@@ -22,12 +26,21 @@ export PYTHONUNBUFFERED=1
 export GSP_CUDA_ARCHS=${GSP_CUDA_ARCHS:-90-real;90-virtual}
 py=${PYTHON:-python3}
 t0=$(date +%s)
+deadline=${GSP_DEADLINE_S:-560}
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+time_left() { echo $(( deadline - ($(date +%s) - t0) )); }
 status=()
 record() { status+=("$(printf '%-22s %s' "$1" "$2")"); }
 run_step() {  # run_step NAME LOG TIMEOUT CMD...: append to LOG, record pass/fail, return CMD's status
-  local name=$1 log=$2 limit=$3 rc=0; shift 3
-  stamp "$name" | tee -a "$log"
+  local name=$1 log=$2 limit=$3 rc=0 left; shift 3
+  left=$(time_left)
+  if [ "$left" -lt 20 ]; then
+    stamp "$name: skipped, deadline" | tee -a "$log"
+    record "$name" "SKIPPED (deadline)"
+    return 125
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  stamp "$name (limit ${limit}s)" | tee -a "$log"
   timeout "$limit" "$@" >>"$log" 2>&1 || rc=$?
   if [ "$rc" = 0 ]; then record "$name" ok; else record "$name" "FAIL (rc=$rc)"; fi
   return "$rc"
@@ -65,10 +78,19 @@ if wait "$registers_pid"; then record triton-registers ok; else record triton-re
 rm -f "$registers_tmp"
 
 bench_log=$out/bench.log
-# Every backend and the paper's algorithm side by side at the target shape; later the same with
-# the torch.compile baseline added (its compilation is slow, so it runs last).
+# Every backend and the paper's algorithm side by side at the target shape, then the same with the
+# torch.compile baseline added (the issues' targets are ratios to both).
 read -r -a bench_args <<<"${GSP_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper --backends cuda,cuda@tf32x3,triton,triton@ieee,reference}"
 run_step bench "$bench_log" 150 $py -m gsp_kernels bench "${bench_args[@]}" --json "$out/bench.json"
+if [ -n "${GSP_COMPILE_BENCH_ARGS-x}" ]; then
+  read -r -a compile_args <<<"${GSP_COMPILE_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper,compile}"
+  run_step bench-compile "$bench_log" 150 $py -m gsp_kernels bench "${compile_args[@]}" --json "$out/bench_compile.json"
+fi
+
+if [ "${GSP_SKIP_PROFILE:-0}" != "1" ]; then
+  run_step profile "$bench_log" 180 $py bench/profile_backends.py
+fi
+
 san_log=$test_log
 if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
   # Only this project's kernels (CUDA and Triton names contain "gsp"): torch's stay unchecked.
@@ -82,17 +104,17 @@ if [ "${GSP_SKIP_TRAINING_STEP:-0}" != "1" ]; then
   run_step training-step "$bench_log" 150 $py -m gsp_kernels.training.bench_step --json "$out/train_step.json"
 fi
 
-if [ "${GSP_SKIP_PROFILE:-0}" != "1" ]; then
-  run_step profile "$bench_log" 180 $py bench/profile_backends.py
-fi
-
-if [ -n "${GSP_COMPILE_BENCH_ARGS-x}" ]; then
-  read -r -a compile_args <<<"${GSP_COMPILE_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper,compile}"
-  run_step bench-compile "$bench_log" 150 $py -m gsp_kernels bench "${compile_args[@]}" --json "$out/bench_compile.json"
-fi
-if [ "${GSP_SWEEP_BUDGET_S:-90}" != "0" ]; then
-  run_step sweep "$bench_log" $(( ${GSP_SWEEP_BUDGET_S:-90} + 60 )) $py bench/sweep_triton.py \
-    --budget-s "${GSP_SWEEP_BUDGET_S:-90}" --json "$out/sweep.json"
+sweep_budget=${GSP_SWEEP_BUDGET_S:-90}
+if [ "$sweep_budget" != 0 ]; then
+  # The sweep stops itself at its budget; leave it a minute to finish its last config and write.
+  fit=$(( $(time_left) - 60 ))
+  [ "$fit" -lt "$sweep_budget" ] && sweep_budget=$fit
+  if [ "$sweep_budget" -ge 20 ]; then
+    run_step sweep "$bench_log" $(( sweep_budget + 60 )) $py bench/sweep_triton.py \
+      --budget-s "$sweep_budget" --json "$out/sweep.json"
+  else
+    record sweep "SKIPPED (deadline)"
+  fi
 fi
 if [ "${GSP_RUN_CHECK:-0}" = "1" ]; then
   run_step check "$out/check.log" 120 $py -m gsp_kernels check
