@@ -75,6 +75,7 @@ same values through float32 there (``_INTERPRETED``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -822,8 +823,18 @@ def unsupported(x, prototypes, solver, normalize, cost, precision) -> str | None
     return None
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it x's (a no-op on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision="auto"):
     """Fused forward: pooled [B, D], attr [B, M], weights [B, N] in x's dtype, u [B] float32."""
+    with _on_device(x.device):
+        return _forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision)
+
+
+def _forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision):
     batch, n, d = x.shape
     m = prototypes.shape[0]
     gap = mu >= 1.0
@@ -858,6 +869,11 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     per-sample kernel (V, column sums, β and w), the split-K GEMM of the prototype gradient,
     then one launch that finishes both (the prototype epilogue; grad_x as a GEMM over the
     prototypes with its epilogue)."""
+    with _on_device(x.device):
+        return _backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision)
+
+
+def _backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision):
     batch, n, d = x.shape
     m = prototypes.shape[0]
     cast_f32, dot_precision, f32_precision, snap = _resolve_precision(x, prototypes, precision)

@@ -326,6 +326,31 @@ def test_tensors_on_different_devices():
         gsp_pool(x, z.cuda())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernels_run_on_the_inputs_device(backend):
+    """Inputs on cuda:1 while cuda:0 is current: the kernels launch on cuda:1 and agree with
+    the same call made with cuda:1 current."""
+    if backend not in gsp_kernels.available_backends("cuda:1"):
+        pytest.skip(f"{backend} is not available")
+    features, prototypes = random_inputs(3, 11, 5, 7, seed=29)
+
+    def outputs_and_grads():
+        x = features.float().to("cuda:1").requires_grad_()
+        z = prototypes.float().to("cuda:1").requires_grad_()
+        outputs = gsp_pool(x, z, backend=backend, return_weights=True)
+        loss = sum((out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum() for out in outputs)
+        return [*outputs, *torch.autograd.grad(loss, (x, z))]
+
+    with torch.cuda.device(1):
+        want = outputs_and_grads()
+    with torch.cuda.device(0):
+        got = outputs_and_grads()
+    for a, b in zip(got, want):
+        assert a.device == torch.device("cuda:1") and torch.equal(a, b)
+
+
 # ---------------------------------------------------------------- NaN / inf policy and extremes
 
 
