@@ -176,6 +176,18 @@ def _check_real(name: str, value, *, positive: bool) -> float:
     return value
 
 
+def _check_representable(mu: float, gamma: float, n: int, dtype: torch.dtype) -> None:
+    """gamma finite and N·mu a normal number in the compute dtype (else the weights are NaN or
+    do not sum to 1)."""
+    limits = torch.finfo(dtype)
+    if gamma > limits.max:
+        raise ValueError(f"gamma={gamma:g} overflows {dtype}, the compute dtype of these inputs (float64 inputs compute in float64)")
+    if mu * n < limits.tiny:
+        raise ValueError(
+            f"transport_ratio={mu:g} is too small: N·mu = {mu * n:g} is below {dtype}'s smallest normal number {limits.tiny:g}"
+        )
+
+
 def _as_features(x: Tensor) -> Tensor:
     """[B, N, D] as is, or a channels-first map [B, D, H, W] as a [B, H*W, D] view (no copy)."""
     if x.dim() == 3:
@@ -207,7 +219,10 @@ def gsp_pool(
             through its strides without a copy).
         prototypes: ``[M, D]``.
         transport_ratio: mu in (0, 1], the share of feature mass transported; 1 is GAP.
-        gamma: inverse temperature (> 0, finite) of the plan exp(-gamma * cost).
+        gamma: inverse temperature (> 0, finite in the compute dtype) of the plan
+            exp(-gamma * cost). The root u of the solve is of the size gamma·cost, so the
+            weights sum to 1 within about eps·gamma·(largest cost): in float32 ~1e-5 at
+            gamma = 1e4 with normalized features, up to one feature's share beyond ~1e7.
         normalize: "lipschitz" (x / max(1, |x|)), "l2" or "none", applied for the cost only.
         cost: "euclidean" (|ẑ - x̂|) or "sqeuclidean" (its square).
         solver: "newton" (exact root, stops on ``tol``) or "fixed_point" (the paper's
@@ -253,6 +268,7 @@ def gsp_pool(
         max_iter = _reference.default_max_iter(solver)
     elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    _check_representable(mu, gamma, features.shape[1], compute_dtype(x, prototypes))
     if tol is None:
         tol = _reference.default_tol(compute_dtype(x, prototypes))
     else:

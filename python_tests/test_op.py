@@ -306,6 +306,32 @@ def test_bad_options(name, value, error):
         gsp_pool(x, z, **{name: value})
 
 
+@pytest.mark.parametrize(
+    ("dtype", "options", "message"),
+    [
+        (torch.float32, {"gamma": 1e39}, "gamma=1e\\+39 overflows torch.float32"),
+        (torch.bfloat16, {"gamma": 1e39}, "gamma=1e\\+39 overflows torch.float32"),
+        (torch.float32, {"transport_ratio": 1e-39}, "transport_ratio=1e-39 is too small"),
+        (torch.float64, {"transport_ratio": 1e-310}, "transport_ratio=1e-310 is too small"),
+    ],
+)
+def test_parameters_must_be_representable_in_the_compute_dtype(dtype, options, message):
+    """The bounds are the compute dtype's: float32 for float32 and half inputs."""
+    x, z = _valid_inputs()
+    with pytest.raises(ValueError, match=message):
+        gsp_pool(x.to(dtype), z.to(dtype), **options)
+
+
+def test_float64_takes_what_float32_cannot():
+    x, z = _valid_inputs()
+    _, _, weights = gsp_pool(x.double(), z.double(), transport_ratio=1e-39, return_weights=True)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-9)
+    # At gamma = 1e39 the solve's root is ~1e39 and resolves σ only to 0 or 1 (the docstring's
+    # limit): finite weights, a sum off by up to one feature's share.
+    _, _, weights = gsp_pool(x.double(), z.double(), gamma=1e39, return_weights=True)
+    assert torch.isfinite(weights).all() and ((weights.sum(-1) - 1).abs() <= 1 / (5 * 0.3) + 1e-12).all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_unavailable_backend_by_name_says_why(backend):
     x, z = _valid_inputs()
