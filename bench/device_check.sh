@@ -94,7 +94,7 @@ fi
 san_log=$test_log
 if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
   # Only this project's kernels (CUDA and Triton names contain "gsp"): torch's stay unchecked.
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     run_step "$tool" "$san_log" 180 compute-sanitizer --tool "$tool" --kernel-name kns=gsp \
       --error-exitcode 3 $py bench/sanitizer_case.py
   done

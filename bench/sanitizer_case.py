@@ -6,7 +6,8 @@
 Covers a contiguous [B, N, D] input (B=2, N=7, D=33, M=5), a channels-first map read through
 its strides, mu = 1, and both cost options: every dtype on the cuda backend, bfloat16 on
 triton (its split-product paths; each Triton variant is compiled under the sanitizer, which is
-slow).
+slow). Then float32 at N=130, M=131, D=97 (several tiles in every GEMM; two feature tiles per
+sample in Triton) with each product precision.
 Checks the outputs against the float64 reference loosely (the sanitizer's job is memory and
 races) and prints SANITIZER_CASE_OK with the backends it ran.
 """
@@ -62,6 +63,12 @@ def main():
             got = run_case(x_map, z, backend, transport_ratio=0.5, normalize="l2")
             assert got[3].stride() == x_map.stride()
             check_close(x_map, z, got, 0.5, normalize="l2")
+        # Several row, column and k tiles in every GEMM, and the tensor-core products.
+        x = torch.randn(2, 130, 97, device="cuda", generator=gen)
+        z = torch.randn(131, 97, device="cuda", generator=gen)
+        for precision in ("ieee", "tf32", "tf32x3"):
+            got = run_case(x, z, backend, precision=precision)
+            check_close(x, z, got, 0.3)
         ran.append(backend)
     print("SANITIZER_CASE_OK", " ".join(ran))
 
