@@ -171,7 +171,8 @@ def _check_real(name: str, value, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
+    # Comparisons, not math.isfinite: under torch.compile a float argument may be symbolic.
+    if not -math.inf < value < math.inf or (positive and value <= 0):
         raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
     return value
 

@@ -177,6 +177,28 @@ def test_compile_fullgraph_matches_eager():
     assert model.prototypes.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dynamic", [None, True])  # None: the default, automatic dynamic
+def test_compile_with_changing_sizes_and_parameters(dynamic):
+    """A compiled step whose N, γ and μ change between calls (automatic dynamic shapes, or
+    dynamic=True, turn them symbolic): no graph break, and eager's values and gradients."""
+    torch._dynamo.reset()
+
+    def step(x, prototypes, mu, gamma):
+        pooled, attr = gsp_pool(x, prototypes, transport_ratio=mu, gamma=gamma)
+        return pooled.square().sum() + attr[:, 0].sum()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for n, mu, gamma in ((7, 0.3, 5.0), (9, 0.3, 6.0), (13, 0.7, 20.0)):
+        features, prototypes = random_inputs(2, n, 5, 8, seed=n)
+        results = []
+        for run in (step, compiled):
+            x, z = features.float().requires_grad_(), prototypes.float().requires_grad_()
+            loss = run(x, z, mu, gamma)
+            results.append((loss.detach(), *torch.autograd.grad(loss, (x, z))))
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- dtypes and autocast
 
 # (x dtype, prototype dtype, tolerance on outputs and gradients vs float64)
