@@ -9,8 +9,10 @@ and passed to it by name.
 Eager calls on plain tensors take ``_EagerGspPool`` instead, an ``autograd.Function`` around the
 same backend functions: the custom-op wrapper costs ~50 µs of CPU per forward+backward
 (argument filling, pytree handling, its own autograd node), which a GPU step of a few hundred
-µs cannot hide. Under ``torch.compile``/``torch.export`` and for tensor subclasses (fake
-tensors) the registered ops are used, so tracing sees one op per direction.
+µs cannot hide. Under ``torch.compile``/``torch.export``, functorch transforms (``vmap``) and
+for tensor subclasses (fake tensors) the registered ops are used, so tracing sees one op per
+direction. Neither path has a double backward: the eager one refuses ``create_graph=True``, the
+registered one fails when its backward op is differentiated.
 """
 
 from __future__ import annotations
@@ -132,8 +134,12 @@ class _EagerGspPool(torch.autograd.Function):
         return pooled, attr, weights, u
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_pooled, grad_attr, grad_weights, _grad_u):
+        if torch.is_grad_enabled() and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            # create_graph=True: gradients computed without a graph would drop GSP's second-order
+            # terms from anything differentiated later, silently.
+            raise RuntimeError("gsp_pool has no double backward: its analytic backward is not differentiable "
+                               "(backward or autograd.grad was called with create_graph=True)")
         x, prototypes, u = ctx.saved_tensors
         transport_ratio, gamma, normalize, cost, precision, backend = ctx.params
         grads = _output_grads(x, prototypes, grad_pooled, grad_attr, grad_weights)
@@ -147,8 +153,14 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # nn.Parameter: learnable pr
 
 
 def _run_op(x: Tensor, prototypes: Tensor, *params):
-    """The registered op while tracing or for tensor subclasses (fake tensors), else the eager path."""
-    if torch.compiler.is_compiling() or type(x) not in _PLAIN_TENSOR_TYPES or type(prototypes) not in _PLAIN_TENSOR_TYPES:
+    """The registered op while tracing, under functorch transforms (vmap) or for tensor subclasses
+    (fake tensors), else the eager path."""
+    if (
+        torch.compiler.is_compiling()
+        or type(x) not in _PLAIN_TENSOR_TYPES
+        or type(prototypes) not in _PLAIN_TENSOR_TYPES
+        or torch._C._are_functorch_transforms_active()
+    ):
         return _gsp_pool_op(x, prototypes, *params)
     return _EagerGspPool.apply(x, prototypes, *params)
 

@@ -136,6 +136,33 @@ def test_eager_path_and_tracing_path_are_chosen_by_input():
     assert "gsp_pool" in type(pooled.grad_fn).__name__.lower() and "Eager" not in type(pooled.grad_fn).__name__
 
 
+def test_no_double_backward_says_so():
+    """create_graph=True through gsp_pool is refused with a clear error on the eager path, also
+    when another term would give the gradient a graph (GSP's second-order terms would otherwise
+    be dropped silently)."""
+    features, prototypes = random_inputs(2, 5, 3, 4, seed=30)
+    x, z = features.requires_grad_(), prototypes.requires_grad_()
+    pooled, _ = gsp_pool(x, z)
+    for loss in (pooled.sum(), pooled.sum() + x.square().sum()):
+        with pytest.raises(RuntimeError, match="gsp_pool has no double backward"):
+            torch.autograd.grad(loss, x, create_graph=True, retain_graph=True)
+    # First-order gradients are unaffected, also of the prototypes alone.
+    (grad_z,) = torch.autograd.grad(pooled.sum(), z)
+    assert torch.isfinite(grad_z).all()
+
+
+def test_vmap_matches_a_loop():
+    """Under torch.func.vmap (an extra leading dimension) the registered op runs: the same values
+    as one call per slice."""
+    features, prototypes = random_inputs(6, 5, 3, 4, seed=31)
+    stacked = features.view(2, 3, 5, 4)  # [V, B, N, D]
+    pooled, attr = torch.func.vmap(lambda x: gsp_pool(x, prototypes))(stacked)
+    for v in range(2):
+        want = gsp_pool(stacked[v], prototypes)
+        torch.testing.assert_close(pooled[v], want[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(attr[v], want[1], rtol=1e-12, atol=1e-14)
+
+
 # ---------------------------------------------------------------- torch.compile
 
 
