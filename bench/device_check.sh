@@ -2,7 +2,7 @@
 # One call on the GPU machine: build, test, sanitize, benchmark, profile and sweep; logs and
 # JSON go to OUTDIR (at most 8 files, so the device tool can bring them all back); a short
 # table is printed last. Steps run in order of what the issues need first (build, GPU tests, the
-# split guard, the benchmarks with both baselines, the profile, sanitizers, training step, sweep);
+# split guard, the benchmarks with both baselines, the profile, ncu, sanitizers, training step, sweep);
 # each gets at most the time left before a deadline, so one device call (10-minute limit)
 # always ends with its logs and the step list. About 7 minutes on one H200 without the sweep.
 #   usage: bench/device_check.sh OUTDIR
@@ -14,11 +14,12 @@
 #   GSP_RUN_CHECK=1         also run `gsp-kernels check` (the GPU tests cover the same ground)
 #   GSP_SKIP_PROFILE=1      skip bench/profile_backends.py (per-kernel GPU time, host-side time,
 #                           Triton split vs one program per sample)
+#   GSP_SKIP_NCU=1          skip Nsight Compute (speed of light, occupancy) on bench/ncu_case.py
 #   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's tile-config sweep (default 90, or what
 #                           the deadline leaves; 0 skips it)
-# Files: env_build.log (environment, build, Triton register report), tests.log (tests, the
-# split-sample guard and sanitizers), bench.log (benchmarks, training step, profile, sweep table), bench.json,
-# bench_compile.json, train_step.json, sweep.json, check.log.
+# Files (8 at most): env_build.log (environment, build, Triton register report), tests.log (tests,
+# the split-sample guard, sanitizers, check), bench.log (benchmarks, training step, profile, sweep
+# table), ncu.log, bench.json, bench_compile.json, train_step.json, sweep.json.
 set -uo pipefail
 out=${1:?usage: bench/device_check.sh OUTDIR}
 mkdir -p "$out"
@@ -90,6 +91,13 @@ fi
 if [ "${GSP_SKIP_PROFILE:-0}" != "1" ]; then
   run_step profile "$bench_log" 180 $py bench/profile_backends.py
 fi
+# Hardware counters of one forward+backward per backend and dtype: what bounds each kernel.
+# ncu reads them on some of the device tool's runtimes only (KINDS.md); a failure costs one line.
+if [ "${GSP_SKIP_NCU:-0}" != "1" ] && command -v ncu >/dev/null; then
+  run_step ncu "$out/ncu.log" 150 ncu --clock-control none --profile-from-start off --nvtx \
+    --kernel-name-base demangled --kernel-name regex:gsp --section SpeedOfLight --section Occupancy \
+    --section LaunchStats $py bench/ncu_case.py
+fi
 
 san_log=$test_log
 if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
@@ -117,7 +125,7 @@ if [ "$sweep_budget" != 0 ]; then
   fi
 fi
 if [ "${GSP_RUN_CHECK:-0}" = "1" ]; then
-  run_step check "$out/check.log" 120 $py -m gsp_kernels check
+  run_step check "$test_log" 120 $py -m gsp_kernels check
 fi
 
 stamp "done"

@@ -1,0 +1,68 @@
+"""One forward+backward per kernel backend and dtype, for Nsight Compute's hardware counters.
+
+    ncu --clock-control none --profile-from-start off --nvtx --kernel-name-base demangled \\
+        --kernel-name regex:gsp --section SpeedOfLight --section Occupancy --section LaunchStats \\
+        python bench/ncu_case.py [--shape 256x196x512x128]
+
+Each case (backend, dtype, precision) runs twice unprofiled (compilation, caches), then once
+between cudaProfilerStart/Stop inside an NVTX range named after it, so ncu reports exactly one
+forward+backward per case: whether each kernel is bound by memory, compute or latency, and its
+achieved occupancy. Without ncu it runs the same work and prints the cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from gsp_kernels import available_backends, gsp_pool
+
+# (backend, dtype, precision): the defaults of both backends, and CUDA's tensor-core candidate
+# for float32 (`auto` is its exact SIMT path).
+CASES = (
+    ("cuda", torch.float32, "auto"),
+    ("cuda", torch.float32, "tf32x3"),
+    ("cuda", torch.bfloat16, "auto"),
+    ("triton", torch.float32, "auto"),
+    ("triton", torch.bfloat16, "auto"),
+)
+
+
+def forward_backward(x, prototypes, backend, precision):
+    x = x.detach().requires_grad_()
+    prototypes = prototypes.detach().requires_grad_()
+    pooled, attr = gsp_pool(x, prototypes, backend=backend, precision=precision)
+    (pooled.float().sum() + attr.float().square().sum()).backward()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="256x196x512x128", help="BxNxDxM")
+    args = parser.parse_args(argv)
+    batch, n, d, m = (int(v) for v in args.shape.split("x"))
+    backends = available_backends("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x32 = torch.randn(batch, n, d, device="cuda", generator=gen)  # [B, N, D]
+    z32 = torch.randn(m, d, device="cuda", generator=gen)  # [M, D]
+    cudart = torch.cuda.cudart()
+    for backend, dtype, precision in CASES:
+        if backend not in backends:
+            print(f"{backend}: not available")
+            continue
+        x, prototypes = x32.to(dtype), z32.to(dtype)
+        for _ in range(2):
+            forward_backward(x, prototypes, backend, precision)
+        torch.cuda.synchronize()
+        label = f"{backend} {str(dtype)[6:]} {precision}"
+        cudart.cudaProfilerStart()
+        torch.cuda.nvtx.range_push(label)
+        forward_backward(x, prototypes, backend, precision)
+        torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        cudart.cudaProfilerStop()
+        print(f"profiled: {label} at {args.shape}")
+
+
+if __name__ == "__main__":
+    main()
