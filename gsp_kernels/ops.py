@@ -281,9 +281,10 @@ def gsp_pool(
         max_iter = _reference.default_max_iter(solver)
     elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    _check_representable(mu, gamma, features.shape[1], compute_dtype(x, prototypes))
+    dtype = compute_dtype(x, prototypes)
+    _check_representable(mu, gamma, features.shape[1], dtype)
     if tol is None:
-        tol = _reference.default_tol(compute_dtype(x, prototypes))
+        tol = _reference.default_tol(dtype)
     else:
         tol = _check_real("tol", tol, positive=True)
     _check_choice("precision", precision, PRECISIONS)
