@@ -66,7 +66,8 @@ registers_tmp=$(mktemp)
 registers_pid=$!
 
 test_log=$out/tests.log
-run_step "pytest -m gpu" "$test_log" 240 $py -m pytest python_tests -m gpu -q -rfE --timeout 120 -p no:cacheprovider
+# -v: each test's result is in the log as it finishes, even if the step runs out of time.
+run_step "pytest -m gpu" "$test_log" 270 $py -m pytest python_tests -m gpu -v --tb=short -rfE --timeout 120 -p no:cacheprovider
 # The split samples' atomic ticket cannot be checked under the CPU interpreter: if the guard finds
 # results that move between runs or miss the reference, everything timed below uses the fallback
 # (one Triton program per sample) and the step list says so.
@@ -132,6 +133,6 @@ stamp "done"
 echo "== tail of the benchmark table =="
 tail -n 40 "$bench_log"
 echo "== failures in tests (if any) =="
-grep -E "^(FAILED|ERROR)|passed|failed" "$test_log" | tail -n 25
+grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" "$test_log" | tail -n 25
 echo "== steps =="
 printf '%s\n' "${status[@]}"
