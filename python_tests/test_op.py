@@ -151,6 +151,27 @@ def test_no_double_backward_says_so():
     assert torch.isfinite(grad_z).all()
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
+    """torch.utils.checkpoint recomputes the forward in backward (with grad enabled there): the
+    gradients must equal a plain backward's."""
+    features, prototypes = random_inputs(2, 7, 3, 5, seed=32)
+    project = torch.nn.Linear(5, 5, dtype=torch.float64)
+
+    def loss(x, z):
+        pooled, attr = gsp_pool(project(x), z)
+        return pooled.square().sum() + attr[:, 0].sum()
+
+    grads = []
+    for wrap in (loss, lambda x, z: torch.utils.checkpoint.checkpoint(loss, x, z, use_reentrant=use_reentrant)):
+        x, z = features.clone().requires_grad_(), prototypes.clone().requires_grad_()
+        wrap(x, z).backward()
+        grads.append((x.grad, z.grad, project.weight.grad.clone()))
+        project.zero_grad()
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_vmap_matches_a_loop():
     """Under torch.func.vmap (an extra leading dimension) the registered op runs: the same values
     as one call per slice."""
