@@ -172,6 +172,10 @@ class GSP(nn.Module):
                 f"got shape {tuple(feature_maps.shape)}"
             )
         vectors = vectors.float()
+        if vectors.shape[0] < self.num_prototypes:
+            raise ValueError(f"{self.num_prototypes} prototypes need at least as many candidate vectors, got {vectors.shape[0]}")
+        if not torch.isfinite(vectors).all():  # one sync, once: NaN prototypes would poison every output
+            raise ValueError("the candidate vectors have non-finite values; the prototypes are left unchanged")
         normalized, _ = _reference.normalize_rows(vectors, self.normalize)
         indices = kcenter_indices(normalized, self.num_prototypes, start_index)
         self.prototypes.copy_(vectors[indices].to(self.prototypes))

@@ -105,8 +105,14 @@ def test_init_prototypes_kcenter_from_maps_and_vectors():
     indices = layer.init_prototypes_kcenter(vectors, start_index=5)
     assert indices[0] == 5
     torch.testing.assert_close(layer.prototypes.detach(), vectors[indices])
-    with pytest.raises(ValueError, match="k must be in"):
+    with pytest.raises(ValueError, match="6 prototypes need at least as many candidate vectors, got 3"):
         layer.init_prototypes_kcenter(torch.randn(3, 4))
+    before = layer.prototypes.detach().clone()
+    bad_map = feature_map.clone()
+    bad_map[1, 2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.init_prototypes_kcenter(bad_map)
+    assert torch.equal(layer.prototypes.detach(), before)
     with pytest.raises(ValueError, match="expected backbone maps"):
         layer.init_prototypes_kcenter(torch.randn(3, 5))
 
