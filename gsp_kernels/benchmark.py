@@ -70,7 +70,10 @@ class Shape:
     @classmethod
     def parse(cls, text: str) -> "Shape":
         """'64x49x512x64' (B x N x D x M)."""
-        parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
+        try:
+            parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
+        except ValueError:
+            parts = []
         if len(parts) != 4 or min(parts) < 1:
             raise ValueError(f"shape must be BxNxDxM with positive sizes, got {text!r}")
         return cls(*parts)

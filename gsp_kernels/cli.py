@@ -18,6 +18,76 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _arg_type(convert):
+    """An argparse type from a converter raising ValueError: a bad value then ends in
+    "gsp-kernels bench: error: argument --shapes: ..." (exit 2), not a traceback."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = convert.__name__.lstrip("_")
+    return parse
+
+
+def _choices(text: str, allowed, what: str) -> list[str]:
+    items = _csv(text)
+    unknown = [item for item in items if item not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    return items
+
+
+def _backend_specs(text: str) -> list[str]:
+    """'cuda,cuda@tf32x3' -> the specs, each a known backend with a known precision."""
+    from .benchmark import parse_backend_spec
+
+    specs = _csv(text)
+    _choices(",".join(parse_backend_spec(spec)[0] for spec in specs), BACKENDS, "backend(s)")
+    return specs
+
+
+def _backend_names(text: str) -> list[str]:
+    return _choices(text, BACKENDS, "backend(s)")
+
+
+def _dtypes(text: str) -> list[str]:
+    return _choices(text, ("float64", "float32", "bfloat16", "float16"), "dtype(s)")
+
+
+def _baselines(text: str) -> list[str]:
+    return _choices(text, ("paper", "compile"), "baseline(s)")
+
+
+def _shapes(text: str) -> list:
+    from .benchmark import Shape
+
+    return [Shape.parse(item) for item in _csv(text)]
+
+
+def _peaks(text: str) -> list[float]:
+    peaks = [float(item) for item in _csv(text)]
+    if not 1 <= len(peaks) <= 3 or min(peaks) <= 0:
+        raise ValueError(f"expected FP32[,TF32[,BF16]] positive TFLOP/s, got {text!r}")
+    return peaks
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _device(args) -> torch.device:
     if args.device:
         return torch.device(args.device)
@@ -36,14 +106,9 @@ def _write_json(path: str, payload) -> None:
 
 def cmd_check(args) -> int:
     """Compare every available backend with the float64 reference; 1 if any comparison fails."""
-    from .check import DTYPES, format_table, rows_as_dicts, run_check
+    from .check import format_table, rows_as_dicts, run_check
 
-    dtypes = _csv(args.dtypes) if args.dtypes else None
-    unknown = [d for d in dtypes or [] if d not in DTYPES]
-    if unknown:
-        raise SystemExit(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
-    backends = _csv(args.backends) if args.backends else None
-    rows = run_check(backends=backends, dtypes=dtypes, device=_device(args), seed=args.seed)
+    rows = run_check(backends=args.backends or None, dtypes=args.dtypes or None, device=_device(args), seed=args.seed)
     failed = [row for row in rows if row.status == "FAIL"]
     if args.json:
         _write_json(args.json, {"passed": not failed, "rows": rows_as_dicts(rows)})
@@ -58,7 +123,7 @@ def cmd_bench(args) -> int:
     """Time backends and baselines; table on stdout, JSON report with --json, PNG with --plot.
 
     With --from-json, no measuring: the tables (and --plot's PNG) of a saved report."""
-    from .benchmark import DEFAULT_SHAPES, QUICK_SHAPES, Shape, run_bench
+    from .benchmark import DEFAULT_SHAPES, QUICK_SHAPES, run_bench
 
     if args.plot:
         from .bench_plot import require_matplotlib
@@ -72,22 +137,21 @@ def cmd_bench(args) -> int:
         with open(args.from_json) as handle:
             report = json.load(handle)
         return _bench_output(report, args)
-    shapes = tuple(Shape.parse(s) for s in _csv(args.shapes)) if args.shapes else None
-    shapes = shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    shapes = tuple(args.shapes or ()) or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     # torch.compile costs tens of seconds per graph on a CPU: --quick leaves it out unless asked.
-    baselines = _csv(args.baselines) if args.baselines is not None else (["paper"] if args.quick else ["paper", "compile"])
+    baselines = args.baselines if args.baselines is not None else (["paper"] if args.quick else ["paper", "compile"])
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run_bench(
         shapes=shapes,
-        dtypes=_csv(args.dtypes) if args.dtypes else None,
-        backends=_csv(args.backends) if args.backends else None,
+        dtypes=args.dtypes or None,
+        backends=args.backends or None,
         baselines=tuple(baselines),
         device=_device(args),
         warmup=2,
         repeats=args.repeats or (5 if args.quick else 9),
         newton_iterations=args.newton_iterations,
-        peak_tflops=[float(v) for v in _csv(args.peak_tflops)] if args.peak_tflops else None,
+        peak_tflops=args.peak_tflops,
         peak_gbps=args.peak_gbps,
         training_step=args.training_step,
     )
@@ -170,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
 
     check = subparsers.add_parser("check", help="compare every available backend with the float64 reference")
-    check.add_argument("--backends", help="comma-separated backends (default: all available here)")
-    check.add_argument("--dtypes", help="comma-separated dtypes (default: float64,float32,bfloat16,float16)")
+    check.add_argument("--backends", type=_arg_type(_backend_names),
+                       help="comma-separated backends (default: all available here)")
+    check.add_argument("--dtypes", type=_arg_type(_dtypes),
+                       help="comma-separated dtypes (default: float64,float32,bfloat16,float16)")
     check.add_argument("--device", help="device to run the backends on (default: cuda if present, else cpu)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     check.add_argument("--json", metavar="PATH", help="also write the rows as JSON ('-' for stdout only)")
@@ -179,19 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = subparsers.add_parser("bench", help="time backends against the paper's algorithm and torch.compile")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats, no torch.compile baseline")
-    bench.add_argument("--shapes", help="comma-separated BxNxDxM (default: 64x49x512x64,256x196x512x128)")
-    bench.add_argument("--backends", help="comma-separated backends (default: all available here); "
+    bench.add_argument("--shapes", type=_arg_type(_shapes), help="comma-separated BxNxDxM (default: 64x49x512x64,256x196x512x128)")
+    bench.add_argument("--backends", type=_arg_type(_backend_specs), help="comma-separated backends (default: all available here); "
                        "name@precision times a product precision, e.g. cuda,cuda@tf32x3")
-    bench.add_argument("--baselines", help="comma-separated from paper,compile (default: both; --quick: paper)")
-    bench.add_argument("--dtypes", help="comma-separated dtypes (default: float32, plus bfloat16 on a GPU)")
+    bench.add_argument("--baselines", type=_arg_type(_baselines), help="comma-separated from paper,compile (default: both; --quick: paper)")
+    bench.add_argument("--dtypes", type=_arg_type(_dtypes), help="comma-separated dtypes (default: float32, plus bfloat16 on a GPU)")
     bench.add_argument("--device", help="device (default: cuda if present, else cpu)")
-    bench.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's); 1 is steadier on a busy machine")
-    bench.add_argument("--repeats", type=int, help="timed repeats per measurement on the CPU (default 9; --quick 5)")
-    bench.add_argument("--newton-iterations", type=int, default=20,
+    bench.add_argument("--threads", type=_arg_type(_positive_int), help="CPU intra-op threads (default: torch's); 1 is steadier on a busy machine")
+    bench.add_argument("--repeats", type=_arg_type(_positive_int), help="timed repeats per measurement on the CPU (default 9; --quick 5)")
+    bench.add_argument("--newton-iterations", type=_arg_type(_positive_int), default=20,
                        help="fixed Newton steps of the torch.compile baseline (default 20)")
-    bench.add_argument("--peak-tflops", help="FP32[,TF32[,BF16]] peaks for the roofline floor (default: H200 "
+    bench.add_argument("--peak-tflops", type=_arg_type(_peaks), help="FP32[,TF32[,BF16]] peaks for the roofline floor (default: H200 "
                        "67,495,990 on an H200, else measured)")
-    bench.add_argument("--peak-gbps", type=float, help="memory bandwidth for the floor (H200 default 4300)")
+    bench.add_argument("--peak-gbps", type=_arg_type(_positive_float), help="memory bandwidth for the floor (H200 default 4300)")
     bench.add_argument("--training-step", action="store_true",
                        help="also time a training step (gsp_kernels.training.bench_step)")
     bench.add_argument("--json", metavar="PATH", help="write the full report as JSON")

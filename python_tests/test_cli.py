@@ -96,6 +96,29 @@ def test_shape_parsing():
         Shape.parse("64x49x512")
 
 
+BAD_ARGUMENTS = [
+    (["bench", "--shapes", "4x9x16"], "--shapes: shape must be BxNxDxM"),
+    (["bench", "--shapes", "axbxcxd"], "--shapes: shape must be BxNxDxM"),
+    (["bench", "--backends", "reference,nope"], "--backends: unknown backend(s) 'nope'"),
+    (["bench", "--backends", "cuda@fast"], "--backends: precision in backend spec 'cuda@fast'"),
+    (["bench", "--dtypes", "float8"], "--dtypes: unknown dtype(s) 'float8'"),
+    (["bench", "--baselines", "paper,foo"], "--baselines: unknown baseline(s) 'foo'"),
+    (["bench", "--repeats", "0"], "--repeats: expected a positive integer"),
+    (["bench", "--peak-tflops", "67,0"], "--peak-tflops: expected FP32"),
+    (["check", "--backends", "tpu"], "--backends: unknown backend(s) 'tpu'"),
+    (["check", "--dtypes", "float32,int8"], "--dtypes: unknown dtype(s) 'int8'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    """A bad value ends in argparse's usage error (exit 2, the option named), before any work."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_training_subcommands_are_registered():
     parser = cli.build_parser()
     for name in ("train", "demo"):
