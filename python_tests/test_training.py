@@ -183,3 +183,21 @@ def test_training_step_rows_with_a_stand_in_trunk():
 def test_bad_training_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(**overrides))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--lr", "-1"], "gsp-kernels train: error: lr must be > 0"),
+        (["train", "--dataset", "/nonexistent/dataset"], "dataset must be 'collage' or a directory"),
+        (["train", "--samples-per-class", "61"], "samples_per_class must be in [1, batch_size=60], got 61"),
+        (["demo", "--epochs", "0"], "gsp-kernels demo: error: epochs must be >= 1"),
+    ],
+)
+def test_cli_settings_are_checked_before_any_work(argv, message, capsys):
+    from gsp_kernels import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

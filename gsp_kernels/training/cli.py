@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
-from .train import METRIC_LOSSES, TrainConfig
+from .train import METRIC_LOSSES, TrainConfig, _validate
 
 _HELP = {
     "dataset": "'collage' (embedded, no download) or the root of an ImageFolder-style benchmark (root/<class>/<images>)",
@@ -42,8 +43,15 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig, sk
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's settings; a bad one is a usage error (exit 2) before any data is loaded."""
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig) if hasattr(args, field.name)}
-    return TrainConfig(**values, progress=not args.no_progress)
+    config = TrainConfig(**values, progress=not args.no_progress)
+    try:
+        _validate(config)
+    except ValueError as exc:
+        print(f"gsp-kernels {args.command}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return config
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..backends import BACKENDS
 from ..losses import ZeroShotPredictionLoss
 from .data import ClassBalancedBatchSampler, CollageDataset, ImageFolderSplit
 from .models import ARCHITECTURES, POOLINGS, build_model
@@ -185,11 +186,25 @@ def _validate(config: TrainConfig) -> None:
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
-    for name in ("epochs", "batch_size", "embedding_dim", "num_prototypes"):
+    for name in ("epochs", "batch_size", "embedding_dim", "num_prototypes", "width", "class_embedding_dim",
+                 "image_size", "collages_per_digit"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.zero_shot_weight < 0:
-        raise ValueError(f"zero_shot_weight must be >= 0, got {config.zero_shot_weight}")
+    if not 1 <= config.samples_per_class <= config.batch_size:
+        raise ValueError(f"samples_per_class must be in [1, batch_size={config.batch_size}], got {config.samples_per_class}")
+    for name in ("zero_shot_weight", "weight_decay", "num_workers"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr}")
+    if not 0 < config.transport_ratio <= 1:
+        raise ValueError(f"transport_ratio must be in (0, 1], got {config.transport_ratio}")
+    if not config.gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {config.gamma}")
+    if config.backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {config.backend!r}")
+    if config.dataset != "collage" and not Path(config.dataset).is_dir():
+        raise ValueError(f"dataset must be 'collage' or a directory, got {config.dataset!r}")
 
 
 def train(config: TrainConfig) -> dict:
