@@ -39,11 +39,12 @@ def forward_backward(x, prototypes, cotangents):
 
 
 def reference(x, prototypes, cotangents):
-    """The same five tensors from the float64 reference on the same (rounded) inputs."""
+    """The same five tensors from the float64 reference on the same (rounded) inputs and
+    cotangents (rounded to x's dtype, as the triton outputs' are)."""
     x64 = x.detach().double().requires_grad_()
     z64 = prototypes.detach().double().requires_grad_()
     outputs = gsp_pool(x64, z64, backend="reference", return_weights=True)
-    grads = torch.autograd.grad(outputs, (x64, z64), [c.double() for c in cotangents])
+    grads = torch.autograd.grad(outputs, (x64, z64), [c.to(x.dtype).double() for c in cotangents])
     return [t.detach() for t in (*outputs, *grads)]
 
 
