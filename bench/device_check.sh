@@ -2,7 +2,7 @@
 # One call on the GPU machine: build, test, sanitize, benchmark, profile and sweep; logs and
 # JSON go to OUTDIR (at most 8 files, so the device tool can bring them all back); a short
 # table is printed last. Steps run in order of what the issues need first (build, GPU tests, the
-# split guard, the benchmarks with both baselines, the profile, ncu, sanitizers, training step, sweep);
+# split guard, the benchmarks with both baselines, sanitizers, the profile, ncu, training step, sweep);
 # each gets at most the time left before a deadline, so the run ends within 8 minutes with its
 # logs and the step list (the sweep, last, runs only in what is left, or with a later deadline).
 #   usage: bench/device_check.sh OUTDIR
@@ -90,6 +90,15 @@ if [ -n "${GSP_COMPILE_BENCH_ARGS-x}" ]; then
   run_step bench-compile "$bench_log" 150 $py -m gsp_kernels bench "${compile_args[@]}" --json "$out/bench_compile.json"
 fi
 
+san_log=$test_log
+if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
+  # Only this project's kernels (CUDA and Triton names contain "gsp"): torch's stay unchecked.
+  for tool in memcheck racecheck synccheck; do
+    run_step "$tool" "$san_log" 180 compute-sanitizer --tool "$tool" --kernel-name kns=gsp \
+      --error-exitcode 3 $py bench/sanitizer_case.py
+  done
+fi
+
 if [ "${GSP_SKIP_PROFILE:-0}" != "1" ]; then
   run_step profile "$bench_log" 180 $py bench/profile_backends.py
 fi
@@ -99,15 +108,6 @@ if [ "${GSP_SKIP_NCU:-0}" != "1" ] && command -v ncu >/dev/null; then
   run_step ncu "$out/ncu.log" 150 ncu --clock-control none --profile-from-start off --nvtx \
     --kernel-name-base demangled --kernel-name regex:gsp --section SpeedOfLight --section Occupancy \
     --section LaunchStats $py bench/ncu_case.py
-fi
-
-san_log=$test_log
-if command -v compute-sanitizer >/dev/null && [ -f bench/sanitizer_case.py ]; then
-  # Only this project's kernels (CUDA and Triton names contain "gsp"): torch's stay unchecked.
-  for tool in memcheck racecheck synccheck; do
-    run_step "$tool" "$san_log" 180 compute-sanitizer --tool "$tool" --kernel-name kns=gsp \
-      --error-exitcode 3 $py bench/sanitizer_case.py
-  done
 fi
 
 if [ "${GSP_SKIP_TRAINING_STEP:-0}" != "1" ]; then
