@@ -32,8 +32,8 @@ def _arg_type(convert):
     return parse
 
 
-def _choices(text: str, allowed, what: str) -> list[str]:
-    items = _csv(text)
+def _known(items: list[str], allowed, what: str) -> list[str]:
+    """`items`, or a ValueError naming those not in `allowed`."""
     unknown = [item for item in items if item not in allowed]
     if unknown:
         raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
@@ -45,20 +45,24 @@ def _backend_specs(text: str) -> list[str]:
     from .benchmark import parse_backend_spec
 
     specs = _csv(text)
-    _choices(",".join(parse_backend_spec(spec)[0] for spec in specs), BACKENDS, "backend(s)")
+    _known([parse_backend_spec(spec)[0] for spec in specs], BACKENDS, "backend(s)")
     return specs
 
 
 def _backend_names(text: str) -> list[str]:
-    return _choices(text, BACKENDS, "backend(s)")
+    return _known(_csv(text), BACKENDS, "backend(s)")
 
 
 def _dtypes(text: str) -> list[str]:
-    return _choices(text, ("float64", "float32", "bfloat16", "float16"), "dtype(s)")
+    from .benchmark import DTYPES
+
+    return _known(_csv(text), DTYPES, "dtype(s)")
 
 
 def _baselines(text: str) -> list[str]:
-    return _choices(text, ("paper", "compile"), "baseline(s)")
+    from .benchmark import BASELINES
+
+    return _known(_csv(text), BASELINES, "baseline(s)")
 
 
 def _shapes(text: str) -> list:
@@ -123,7 +127,7 @@ def cmd_bench(args) -> int:
     """Time backends and baselines; table on stdout, JSON report with --json, PNG with --plot.
 
     With --from-json, no measuring: the tables (and --plot's PNG) of a saved report."""
-    from .benchmark import DEFAULT_SHAPES, QUICK_SHAPES, run_bench
+    from .benchmark import BASELINES, DEFAULT_SHAPES, QUICK_SHAPES, run_bench
 
     if args.plot:
         from .bench_plot import require_matplotlib
@@ -139,7 +143,7 @@ def cmd_bench(args) -> int:
         return _bench_output(report, args)
     shapes = tuple(args.shapes or ()) or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     # torch.compile costs tens of seconds per graph on a CPU: --quick leaves it out unless asked.
-    baselines = args.baselines if args.baselines is not None else (["paper"] if args.quick else ["paper", "compile"])
+    baselines = args.baselines if args.baselines is not None else (["paper"] if args.quick else BASELINES)
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run_bench(

@@ -141,11 +141,9 @@ class _EagerGspPool(torch.autograd.Function):
             raise RuntimeError("gsp_pool has no double backward: its analytic backward is not differentiable "
                                "(backward or autograd.grad was called with create_graph=True)")
         x, prototypes, u = ctx.saved_tensors
-        transport_ratio, gamma, normalize, cost, precision, backend = ctx.params
+        *options, backend = ctx.params  # (mu, gamma, normalize, cost, precision), backend name
         grads = _output_grads(x, prototypes, grad_pooled, grad_attr, grad_weights)
-        grad_x, grad_z = get_backend(backend).backward(
-            *grads, x, prototypes, u, transport_ratio, gamma, normalize, cost, precision
-        )
+        grad_x, grad_z = get_backend(backend).backward(*grads, x, prototypes, u, *options)
         return grad_x, grad_z, None, None, None, None, None, None, None, None, None
 
 
