@@ -14,7 +14,7 @@
 #   GSP_SKIP_TRAINING_STEP=1  skip the ResNet-50 training-step benchmark
 #   GSP_RUN_CHECK=1         also run `gsp-kernels check` (the GPU tests cover the same ground)
 #   GSP_SKIP_PROFILE=1      skip bench/profile_backends.py (per-kernel GPU time, host-side time,
-#                           Triton split vs one program per sample)
+#                           Triton split vs one program per sample, register cap vs none)
 #   GSP_SKIP_NCU=1          skip Nsight Compute (speed of light, occupancy) on bench/ncu_case.py
 #   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's tile-config sweep (default 90, or what
 #                           the deadline leaves; 0 skips it)

@@ -9,7 +9,8 @@ host-side operations that take the CPU time, in µs per iteration, largest first
 time reaches the wall time, the step is bound by the host (for Triton, the part of the issue
 time spent in Triton's own launcher is shown too). Then the Triton kernels' GPU time (CUDA-graph
 replay) with samples split across programs against one program per sample
-(``_triton.SPLIT_SAMPLES``), per shape and dtype. Also re-runs the Triton
+(``_triton.SPLIT_SAMPLES``), per shape and dtype, and in bfloat16 with the half kernels'
+register cap (two programs per SM) against none (``_triton.PROGRAMS_PER_SM``). Also re-runs the Triton
 forward on a bfloat16 channels-first map several times and reports whether it is bitwise
 stable (a moving result is a race).
 """
@@ -119,28 +120,29 @@ def triton_stability(shape, runs=6):
     tri.BLOCK_OVERRIDE = None
 
 
-def split_comparison(shapes):
-    """GPU µs (CUDA-graph replay) of the Triton forward and forward+backward with each sample
-    split across programs and with one program per sample, side by side."""
+def knob_comparison(title, knob, settings, shapes, dtypes):
+    """GPU µs (CUDA-graph replay) of the Triton forward and forward+backward under each setting
+    of a module knob of ``gsp_kernels._triton`` (the first is the default), side by side."""
     import gsp_kernels._triton as tri
     from gsp_kernels.benchmark import graph_replay_ms
 
-    print("\n== triton: samples split across programs vs one program per sample (GPU µs, graph replay) ==")
+    print(f"\n== triton: {title} (GPU µs, graph replay) ==")
+    default = getattr(tri, knob)
     for shape in shapes:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             x, z = make_inputs(shape, dtype)
-            times = {}
+            times = []
             try:
-                for split in (True, False):
-                    tri.SPLIT_SAMPLES = split
+                for setting in settings:
+                    setattr(tri, knob, setting)
                     fwd = graph_replay_ms(lambda _i: gsp_pool(x.detach(), z.detach(), backend="triton"), x.device)
                     fwd_bwd = graph_replay_ms(lambda _i: step(x, z, "triton"), x.device)
-                    times[split] = (fwd * 1e3, fwd_bwd * 1e3)
+                    times.append((fwd * 1e3, fwd_bwd * 1e3))
             finally:
-                tri.SPLIT_SAMPLES = True
-            (f_split, fb_split), (f_whole, fb_whole) = times[True], times[False]
-            print(f"  {'x'.join(map(str, shape))} {str(dtype)[6:]}: fwd {f_split:.0f} vs {f_whole:.0f} "
-                  f"({f_whole / f_split:.2f}x), fwd+bwd {fb_split:.0f} vs {fb_whole:.0f} ({fb_whole / fb_split:.2f}x)")
+                setattr(tri, knob, default)
+            (f_first, fb_first), (f_other, fb_other) = times
+            print(f"  {'x'.join(map(str, shape))} {str(dtype)[6:]}: fwd {f_first:.0f} vs {f_other:.0f} "
+                  f"({f_other / f_first:.2f}x), fwd+bwd {fb_first:.0f} vs {fb_other:.0f} ({fb_other / fb_first:.2f}x)")
 
 
 def main():
@@ -161,7 +163,10 @@ def main():
             for dtype in (torch.float32, torch.bfloat16):
                 profile_backend(shape, dtype, backend, args.iters)
     if "triton" in backends:
-        split_comparison(split_shapes)
+        knob_comparison("samples split across programs vs one program per sample", "SPLIT_SAMPLES",
+                        (True, False), split_shapes, (torch.float32, torch.bfloat16))
+        knob_comparison("half kernels capped to two programs per SM (maxnreg) vs uncapped", "PROGRAMS_PER_SM",
+                        (2, 1), shapes, (torch.bfloat16,))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,11 @@ from . import _reference
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The solve holds ℓ of one sample in registers: N up to this.
 MAX_N = 4096
+# The half-precision per-sample kernels' occupancy target: programs in an SM's 64K registers
+# (sm_80 and sm_90), two so that one program's memory waits overlap the other's work; 1 lifts
+# the register cap that holds it (bench/profile_backends.py compares).
+_REGISTERS_PER_SM = 65536
+PROGRAMS_PER_SM = 2
 # Tests may set this to a dict with any of BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages
 # to force tiling at small sizes.
 BLOCK_OVERRIDE: dict | None = None
@@ -719,11 +724,12 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
     often each program re-reads the prototypes (once per feature tile). D goes 32 (float32)
     or 64 (half) per step. Prototype tiles, from sm_90 builds at N=196, M=128, D=512 with
     3 stages and 8 warps (``test_triton._compile_kernels_for_sm90``): the half-precision
-    kernels take the widest tile that fits two programs per SM (<= 128 registers): 64
-    prototypes in the forward (122 registers; 178 with 128), 32 in the backward (126; 167 with
-    64). The float32 ones fit one program per SM whatever the tile (three TF32 products per
-    step), so they take the widest that does not spill, and read each x tile fewer times: 128
-    in the forward (244), 64 in the backward (220). num_stages pipelines the loops that feed
+    kernels take the widest tile that fits two programs per SM (<= 128 registers, held there
+    by ``_launch_config``'s cap): 64 prototypes in the forward (122 registers; 178 with 128), 32
+    in the backward (126; 167 with 64). The float32 ones fit one program per SM whatever the
+    tile (three TF32 products per step), so they take the widest that does not spill, and read
+    each x tile fewer times: 128 in the forward (244), 64 in the backward (220). (Registers
+    from Triton 3.9's build of session 3.) num_stages pipelines the loops that feed
     tl.dot (the cost products over D, the pooling over N, the backward's GEMMs); loops that
     store to a program's own scratch are pinned to one stage in the kernels. To be tuned on
     the GPU (bench/sweep_triton.py).
@@ -747,10 +753,17 @@ def _sample_tiles(n: int, block_n: int) -> tuple[int, int]:
 
 
 def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False) -> dict:
-    """The cached table entry for this shape's bucket, then the test override if any."""
+    """The cached table entry for this shape's bucket, then the test override if any; for
+    half-precision inputs, ``maxnreg`` so that two programs fit per SM whatever the Triton
+    version's code generation (3.6 takes 165-174 registers for the 8-warp kernels that 3.9
+    builds in 95-106: one program per SM; capped at 128, neither spills)."""
     config = _tile_config(_next_pow2(n), _next_pow2(m), _next_pow2(d), half, backward)
     if BLOCK_OVERRIDE:
         config = {**config, **BLOCK_OVERRIDE}
+    if half:
+        registers_per_thread = _REGISTERS_PER_SM // (PROGRAMS_PER_SM * 32 * config["num_warps"])
+        if registers_per_thread < 255:  # a thread's own limit
+            config = {**config, "maxnreg": registers_per_thread}
     return config
 
 

@@ -3,6 +3,8 @@ the Triton interpreter and, marked `gpu`, on a CUDA device at training sizes."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from oracles import random_inputs
@@ -394,7 +396,6 @@ INT32_POINTERS = {"arrivals_ptr"}  # the forward's per-sample arrival counters
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
     """REG and STACK (bytes of local stack: spills, for these kernels) of a one-kernel cubin."""
-    import re
     import shutil
     import subprocess
     import tempfile
@@ -425,7 +426,7 @@ def _compile_kernels_for_sm90() -> list[str]:
     pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
     float_args = {"gamma", "snap", "inv_total", "target", "logit_mu", "log_mu", "log_target", "tol"}
 
-    def compile_one(kernel, dtype, f32_pointers, constexprs, num_warps, num_stages):
+    def compile_one(kernel, dtype, f32_pointers, constexprs, num_warps, num_stages, maxnreg=None):
         types, hints = {}, {}
         for index, name in enumerate(kernel.arg_names):
             if name in constexprs:
@@ -441,13 +442,14 @@ def _compile_kernels_for_sm90() -> list[str]:
         constants = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
         source = ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=hints)
         compiled = triton.compile(
-            source, target=GPUTarget(*SM90[0]), options={"num_warps": num_warps, "num_stages": num_stages}
+            source, target=GPUTarget(*SM90[0]),
+            options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg},
         )
         assert compiled.asm["cubin"], kernel
         usage = _resource_usage(compiled.asm["cubin"])
         blocks = {key: value for key, value in constexprs.items() if key.startswith("BLOCK")}
         return (
-            f"{kernel.fn.__name__} {str(dtype).removeprefix('torch.')} warps={num_warps} stages={num_stages} "
+            f"{kernel.fn.__name__} {str(dtype).removeprefix('torch.')} warps={num_warps} stages={num_stages} maxnreg={maxnreg} "
             f"{blocks} registers={usage['REG']} stack={usage['STACK']} "
             f"smem={compiled.metadata.shared} {sorted((k, v) for k, v in constexprs.items() if k not in blocks)}"
         )
@@ -461,7 +463,7 @@ def _compile_kernels_for_sm90() -> list[str]:
             cast_f32, dot_precision, f32_precision, _ = _triton._resolve_precision(x, prototypes, precision)
             half = dtype != torch.float32
             config = dict(_triton._launch_config(n, m, d, half))
-            launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+            launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
             # BLOCK_ALL_N (ℓ of a whole sample in registers): the typical N (196 -> 256), then 1024.
             for newton, gap, all_n in ((True, False, 256), (False, False, 256), (True, True, 256), (True, False, 1024)):
                 constexprs = dict(
@@ -473,7 +475,7 @@ def _compile_kernels_for_sm90() -> list[str]:
                 f32_pointers = {"u_ptr", "logits_ptr", "ell_ptr"}
                 lines.append(compile_one(_triton._gsp_forward_kernel, dtype, f32_pointers, constexprs, **launch))
             config = dict(_triton._launch_config(n, m, d, half, backward=True))
-            launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+            launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
             constexprs = dict(
                 config, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=cast_f32, PRECISION=dot_precision,
                 stride_xd=1, stride_zd=1,
@@ -518,3 +520,10 @@ def test_kernels_compile_for_sm90():
     assert len(lines) >= 20, result.stdout
     spilling = [line for line in lines if " stack=0 " not in line]
     assert not spilling, "Triton kernels that spill in an sm_90 build:\n" + "\n".join(spilling)
+    # The half-precision per-sample kernels are sized for two programs per SM (64K registers).
+    crowded = [
+        line for line in lines
+        if line.startswith(("_gsp_forward_kernel", "_gsp_backward_kernel")) and "float16" in line.split()[1]
+        and 2 * 32 * int(re.search(r"warps=(\d+)", line)[1]) * int(re.search(r"registers=(\d+)", line)[1]) > 65536
+    ]
+    assert not crowded, "half-precision kernels that no longer fit two programs per SM:\n" + "\n".join(crowded)
