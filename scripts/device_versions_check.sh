@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU machine's torch and Triton (bench/results/*/env_build.log), on this CPU machine: a venv
+# with them, the package built the way bench/device_check.sh builds it there, the CPU test suite,
+# and the sm_90 register table of every Triton kernel as that Triton builds it. Catches a version
+# mismatch before it costs device minutes. Downloads ~1.5 GB (the CUDA build of torch and its
+# libraries, ~5 GB installed): not part of CI.
+#   usage: scripts/device_versions_check.sh [VENV_DIR]      (default /tmp/gsp-device-versions)
+#   TORCH_VERSION, TRITON_VERSION: default the H200 machine's 2.11.0 and 3.6.0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${1:-/tmp/gsp-device-versions}
+torch_version=${TORCH_VERSION:-2.11.0}
+triton_version=${TRITON_VERSION:-3.6.0}
+
+if [ ! -x "$venv/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$venv"
+fi
+# numpy < 2.3: Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.3+ refuses.
+# setuptools >= 77 for pyproject's SPDX license string (the GPU machine's is new enough).
+"$venv/bin/python" -m pip install --quiet "torch==$torch_version" "triton==$triton_version" "numpy<2.3" \
+    "setuptools>=77,<82" pybind11 cmake ninja pytest hypothesis pytest-timeout scikit-learn tqdm \
+    "pytorch-metric-learning>=2.5" matplotlib
+# A copy of the committed tree: its native module is built against this torch, not .venv's.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+git archive HEAD | tar -x -C "$work"
+cd "$work"
+"$venv/bin/python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+"$venv/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
+"$venv/bin/python" -m pytest python_tests -q -p no:cacheprovider -p no:warnings --timeout=900
+cd python_tests
+env -u TRITON_INTERPRET "$venv/bin/python" -c \
+    "import test_triton; print('\n'.join(test_triton._compile_kernels_for_sm90()))"
