@@ -100,7 +100,11 @@ WORKER_BATCH = 16
 # features by BLOCK_D columns, BLOCK_M prototypes per step). num_stages pipelines the loops
 # that feed tl.dot. First come one-stage configs: the measured gain of pipelining. BLOCK_N also
 # sets how many programs share a sample (⌈N / BLOCK_N⌉: 4 of 49 features at N = 196 with 64,
-# 7 of 28 with 32, less padding for the float32 tensor-core work).
+# 7 of 28 with 32, less padding for the float32 tensor-core work). Register counts below are
+# Triton 3.9's builds; Triton 3.6 builds the half kernels larger, and every half-precision
+# config launches with the library's register cap (two programs per SM, ``_launch_config``:
+# 128 at 8 warps), so a wide 8-warp half tile is timed as the library would run it, spills
+# included.
 FORWARD_CANDIDATES = [
     (64, 128, 1, 8, 1),  # session-2 default
     (64, 64, 1, 8, 1),
