@@ -754,9 +754,9 @@ def _sample_tiles(n: int, block_n: int) -> tuple[int, int]:
 
 def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False) -> dict:
     """The cached table entry for this shape's bucket, then the test override if any; for
-    half-precision inputs, ``maxnreg`` so that two programs fit per SM whatever the Triton
-    version's code generation (3.6 takes 165-174 registers for the 8-warp kernels that 3.9
-    builds in 95-106: one program per SM; capped at 128, neither spills)."""
+    half-precision inputs, ``maxnreg`` so that ``PROGRAMS_PER_SM`` programs fit per SM whatever
+    the Triton version's code generation (3.6 takes 165-174 registers for the 8-warp kernels
+    that 3.9 builds in 95-106: one program per SM; capped at 128, neither spills)."""
     config = _tile_config(_next_pow2(n), _next_pow2(m), _next_pow2(d), half, backward)
     if BLOCK_OVERRIDE:
         config = {**config, **BLOCK_OVERRIDE}

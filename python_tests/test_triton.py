@@ -449,7 +449,8 @@ def _compile_kernels_for_sm90() -> list[str]:
         usage = _resource_usage(compiled.asm["cubin"])
         blocks = {key: value for key, value in constexprs.items() if key.startswith("BLOCK")}
         return (
-            f"{kernel.fn.__name__} {str(dtype).removeprefix('torch.')} warps={num_warps} stages={num_stages} maxnreg={maxnreg} "
+            f"{kernel.fn.__name__} {str(dtype).removeprefix('torch.')} "
+            f"warps={num_warps} stages={num_stages} maxnreg={maxnreg} "
             f"{blocks} registers={usage['REG']} stack={usage['STACK']} "
             f"smem={compiled.metadata.shared} {sorted((k, v) for k, v in constexprs.items() if k not in blocks)}"
         )
