@@ -18,15 +18,16 @@ fi
 # numpy < 2.3: Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.3+ refuses.
 # setuptools >= 77 for pyproject's SPDX license string (the GPU machine's is new enough).
 "$venv/bin/python" -m pip install --quiet "torch==$torch_version" "triton==$triton_version" "numpy<2.3" \
-    "setuptools>=77,<82" pybind11 cmake ninja pytest hypothesis pytest-timeout scikit-learn tqdm \
-    "pytorch-metric-learning>=2.5" matplotlib
+    "setuptools>=77,<82" pybind11 cmake ninja
 # A copy of the committed tree: its native module is built against this torch, not .venv's.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 git archive HEAD | tar -x -C "$work"
 cd "$work"
 "$venv/bin/python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-"$venv/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
+# The device's build (no build isolation: against the torch above); the test extra's other
+# requirements from pyproject.toml (the pins above already satisfy torch, triton and numpy).
+"$venv/bin/python" -m pip install --quiet --no-build-isolation -e ".[test]"
 "$venv/bin/python" -m pytest python_tests -q -p no:cacheprovider -p no:warnings --timeout=900
 cd python_tests
 env -u TRITON_INTERPRET "$venv/bin/python" -c \
