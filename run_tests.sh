@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite: sets up .venv (scripts/setup_venv.sh: torch==2.13.0 and the package with
-# its test extra), then pytest; extra arguments go to pytest.
+# Run the test suite: sets up .venv (scripts/setup_venv.sh: torch 2.14.1 with torchvision
+# 0.29.1, and the package with its test extra), then pytest; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup_venv.sh test

@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from . import _paper, _reference
+from . import _paper, _reference, tuning
 from .backends import available_backends, get_backend
 from .ops import PRECISIONS, gsp_pool
 
@@ -343,13 +343,30 @@ class BenchRow:
     note: str = ""
 
 
-def parse_backend_spec(spec: str) -> tuple[str, str]:
-    """'cuda' -> ('cuda', 'auto'); 'cuda@tf32x3' -> ('cuda', 'tf32x3')."""
-    backend, _, precision = spec.partition("@")
+def parse_backend_spec(spec: str) -> tuple[str, str | None, str]:
+    """'backend[:strategy][@precision]' -> (backend, strategy or None, precision):
+    'cuda' -> ('cuda', None, 'auto'); 'cuda@tf32x3' -> ('cuda', None, 'tf32x3');
+    'triton:gemm@ieee' -> ('triton', 'gemm', 'ieee'). A strategy (``tuning.STRATEGIES``) is the
+    Triton backend's design, forced for that row; without one the backend chooses per call."""
+    name, _, precision = spec.partition("@")
+    backend, _, strategy = name.partition(":")
     precision = precision or "auto"
     if precision not in PRECISIONS:
         raise ValueError(f"precision in backend spec {spec!r} must be one of {PRECISIONS}")
-    return backend, precision
+    if strategy and (backend != "triton" or strategy not in tuning.STRATEGIES):
+        raise ValueError(f"backend spec {spec!r}: only triton takes a strategy, one of {tuning.STRATEGIES}")
+    return backend, strategy or None, precision
+
+
+def _forcing_strategy(fn: Callable[[int], object], strategy: str) -> Callable[[int], object]:
+    """fn run with the Triton backend's strategy forced (forward and backward alike)."""
+    from . import _triton
+
+    def forced(i):
+        with _triton.use_strategy(strategy):
+            return fn(i)
+
+    return forced
 
 
 def build_candidates(
@@ -358,11 +375,14 @@ def build_candidates(
     """Candidates for the backends and baselines, plus rows for those that could not be built."""
     candidates, failed = [], []
     for spec in backends:
-        backend, precision = parse_backend_spec(spec)
+        backend, strategy, precision = parse_backend_spec(spec)
         op = lambda x, z, backend=backend, precision=precision: gsp_pool(  # noqa: E731
             x, z, transport_ratio=TRANSPORT_RATIO, gamma=GAMMA, precision=precision, backend=backend
         )
         candidate = autograd_candidate(spec, "backend", op, inputs)
+        if strategy is not None:
+            for phase in PHASES:
+                setattr(candidate, phase, _forcing_strategy(getattr(candidate, phase), strategy))
         candidate.graphable = backend != "reference"  # its Newton loop checks convergence on the host
         candidates.append(candidate)
     if "paper" in baselines:
@@ -613,7 +633,7 @@ def run_bench(
                 shape, dtype_name, device, backends, list(baselines), peaks, warmup, repeats, newton_iterations
             )
     log("measuring per-call overhead")
-    backend_names = list(dict.fromkeys(parse_backend_spec(spec)[0] for spec in backends))  # without @precision
+    backend_names = list(dict.fromkeys(parse_backend_spec(spec)[0] for spec in backends))  # without :strategy@precision
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -621,6 +641,7 @@ def run_bench(
         "load_average": os.getloadavg()[0],
         "timer": timer_name(device),
         "triton_split_samples": triton_split_samples(),
+        "triton_tuned_config": tuning.describe(device),
         "params": {"transport_ratio": TRANSPORT_RATIO, "gamma": GAMMA, "paper_iterations": PAPER_ITERATIONS,
                    "compiled_newton_iterations": newton_iterations, "repeats": repeats, "warmup": warmup},
         "peaks": {"fp32_tflops": peaks.fp32_tflops, "tensor_core_tflops": peaks.tensor_core_tflops,
@@ -696,6 +717,9 @@ def format_report(report: dict) -> str:
            if any(row["name"].startswith("triton") for row in report["rows"]) else ""),
         f"peaks: {report['peaks']['source']}; fwd = forward of a training step (inputs require grad), "
         "x paper = paper's time / this time",
+        *([f"triton tuned configuration: {report.get('triton_tuned_config', 'not recorded')}; "
+           "triton:fused / triton:gemm rows force that strategy, plain triton rows let the backend choose"]
+          if any(row["name"].startswith("triton") for row in report["rows"]) else []),
         render_table(headers, lines),
         "",
         "per-call overhead on a 1x1x1x1 input (gsp_pool vs the backend's functions called directly):",

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import __version__
+from . import __version__, tuning
 from ._build import build_info
 from .backends import BACKENDS, backend_status
 
@@ -178,7 +178,7 @@ def _bench_output(report: dict, args) -> int:
 
 
 def cmd_info(args) -> int:
-    """Versions, GPU, native build and backend availability."""
+    """Versions, GPU, native build, backend availability and the Triton tuned configuration in force."""
     try:
         import triton
 
@@ -196,6 +196,7 @@ def cmd_info(args) -> int:
         "build_info": build_info(),
         "device": str(device),
         "backends": {name: {"available": s.available, "reason": s.reason} for name, s in backend_status(device).items()},
+        "triton_tuned_config": tuning.describe(device),
     }
     if args.json:
         _write_json(args.json, info)
@@ -207,6 +208,7 @@ def cmd_info(args) -> int:
     for name in BACKENDS:
         status = info["backends"][name]
         print(f"  {name:10} {'available' if status['available'] else 'unavailable'}: {status['reason']}")
+    print(f"triton tuned configuration: {info['triton_tuned_config']}")
     return 0
 
 
@@ -251,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats, no torch.compile baseline")
     bench.add_argument("--shapes", type=_arg_type(_shapes), help="comma-separated BxNxDxM (default: 64x49x512x64,256x196x512x128)")
     bench.add_argument("--backends", type=_arg_type(_backend_specs), help="comma-separated backends (default: all available here); "
-                       "name@precision times a product precision, e.g. cuda,cuda@tf32x3")
+                       "name@precision times a product precision, e.g. cuda,cuda@tf32x3; triton:fused or triton:gemm forces "
+                       "that Triton strategy, e.g. triton:gemm@ieee")
     bench.add_argument("--baselines", type=_arg_type(_baselines), help="comma-separated from paper,compile (default: both; --quick: paper)")
     bench.add_argument("--dtypes", type=_arg_type(_dtypes), help="comma-separated dtypes (default: float32, plus bfloat16 on a GPU)")
     bench.add_argument("--device", help="device (default: cuda if present, else cpu)")

@@ -77,10 +77,16 @@ def test_bench_backend_with_precision(tmp_path):
 
 
 def test_backend_spec_parsing():
-    assert parse_backend_spec("cuda") == ("cuda", "auto")
-    assert parse_backend_spec("triton@tf32x3") == ("triton", "tf32x3")
+    assert parse_backend_spec("cuda") == ("cuda", None, "auto")
+    assert parse_backend_spec("triton@tf32x3") == ("triton", None, "tf32x3")
+    assert parse_backend_spec("triton:gemm") == ("triton", "gemm", "auto")
+    assert parse_backend_spec("triton:fused@ieee") == ("triton", "fused", "ieee")
     with pytest.raises(ValueError, match="precision"):
         parse_backend_spec("cuda@fast")
+    with pytest.raises(ValueError, match="only triton takes a strategy"):
+        parse_backend_spec("cuda:gemm")
+    with pytest.raises(ValueError, match="only triton takes a strategy"):
+        parse_backend_spec("triton:cublas")
 
 
 def test_cost_model_matches_spec():

@@ -1,0 +1,140 @@
+"""Per-device tuned configurations (gsp_kernels.tuning): file format, validation, merge, lookup
+rules, the environment override, and `gsp-kernels info`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gsp_kernels import tuning
+
+PRODUCED = {"date": "2026-12-01", "commit": "abc1234", "gpu": "NVIDIA H200", "driver": "570.1", "torch": "2.11.0",
+            "triton": "3.6.0", "cuda": "13.0", "command": "bench/sweep_triton.py"}
+FORWARD_TILES = {"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 2, "num_stages": 1}
+
+
+def entry(dtype="float32", prototype_dtype=None, precision="auto", batch=256, n=256, m=128, d=512, strategy="fused", **kernels):
+    return {"dtype": dtype, "prototype_dtype": prototype_dtype or dtype, "precision": precision, "batch": batch, "n": n,
+            "m": m, "d": d, "strategy": strategy, "forward": kernels.get("forward"), "backward": kernels.get("backward"),
+            "coef_x": kernels.get("coef_x"), "measured": {"shape": [batch, n, d, m]}}
+
+
+@pytest.fixture
+def clean_cache(monkeypatch):
+    monkeypatch.delenv(tuning.ENV_VAR, raising=False)
+    tuning.clear_cache()
+    yield monkeypatch
+    tuning.clear_cache()
+
+
+def test_buckets_and_file_names():
+    assert [tuning.bucket(v) for v in (1, 2, 3, 49, 64, 65, 196)] == [1, 2, 4, 64, 64, 128, 256]
+    assert tuning.config_filename("NVIDIA H200", "3.6.0") == "NVIDIA_H200__triton-3.6.json"
+    assert tuning.config_filename("NVIDIA H100 80GB HBM3", "3.8.0+git1234") == "NVIDIA_H100_80GB_HBM3__triton-3.8.json"
+
+
+def test_write_load_round_trip_and_merge(tmp_path):
+    first = tuning.write(tmp_path, "NVIDIA H200", "3.6.0", PRODUCED,
+                         [entry(strategy="gemm"), entry("bfloat16", batch=64, n=64, m=64, forward=FORWARD_TILES)])
+    path = tmp_path / "NVIDIA_H200__triton-3.6.json"
+    assert first.path == path and path.is_file()
+    loaded = tuning.load(path)
+    assert loaded == first and loaded.triton == "3.6" and loaded.produced_by == PRODUCED
+    assert {e["strategy"] for e in loaded.entries} == {"gemm", "fused"}
+    # A second run replaces the entry with the same key and keeps the other one.
+    second = tuning.write(path, "NVIDIA H200", "3.6.1", PRODUCED, [entry(strategy="fused")])
+    assert len(second.entries) == 2
+    assert [e["strategy"] for e in second.entries if e["dtype"] == "float32"] == ["fused"]
+    with pytest.raises(ValueError, match="NVIDIA H100.*another file"):
+        tuning.write(path, "NVIDIA H100", "3.6.0", PRODUCED, [entry()])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"strategy": "cublas"}, "strategy must be one of"),
+    ({"n": 196}, "n must be a power of two"),
+    ({"dtype": "float64"}, "dtype must be one of"),
+    ({"forward": {"BLOCK_N": 64}}, "forward must be null or an object with exactly"),
+    ({"coef_x": {**dict.fromkeys(tuning.GEMM_KEYS, 16), "num_warps": 0}}, "coef_x values must be positive"),
+])
+def test_malformed_entries_are_refused_naming_the_file(tmp_path, bad, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"schema": 1, "device_name": "X", "triton": "3.6", "entries": [{**entry(), **bad}]}))
+    with pytest.raises(ValueError, match=message) as info:
+        tuning.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tuning.load(tmp_path / "missing.json")
+    (tmp_path / "text.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        tuning.load(tmp_path / "text.json")
+    (tmp_path / "old.json").write_text(json.dumps({"schema": 0, "entries": []}))
+    with pytest.raises(ValueError, match="schema 1"):
+        tuning.load(tmp_path / "old.json")
+
+
+def test_lookup_rules(tmp_path):
+    config = tuning.write(tmp_path, "GPU", "3.8.0", PRODUCED, [
+        entry("float32", precision="auto", batch=256, strategy="gemm"),
+        entry("float32", precision="auto", batch=64, strategy="fused"),
+        entry("float32", precision="ieee", batch=256, strategy="fused"),
+        entry("bfloat16", precision="auto", batch=256, strategy="gemm"),
+        entry("bfloat16", "float32", precision="auto", batch=256, strategy="fused"),
+    ])
+    find = lambda *args: (config.lookup(*args) or {}).get("strategy")  # noqa: E731
+    assert find("float32", "float32", "auto", 256, 196, 128, 512) == "gemm"
+    assert find("float32", "float32", "auto", 300, 129 + 100, 100, 300) == "gemm"  # same buckets
+    assert find("float32", "float32", "auto", 64, 196, 128, 512) == "fused"  # nearest batch bucket
+    assert find("float32", "float32", "auto", 8, 196, 128, 512) == "fused"
+    assert config.lookup("float32", "float32", "auto", 128, 196, 128, 512)["batch"] == 256  # a tie: the larger
+    assert find("float32", "float32", "ieee", 256, 196, 128, 512) == "fused"
+    assert find("float32", "float32", "tf32", 256, 196, 128, 512) is None  # no entry for that precision
+    assert find("bfloat16", "bfloat16", "ieee", 256, 196, 128, 512) == "gemm"  # precision ignored: exact half products
+    assert find("bfloat16", "float32", "auto", 256, 196, 128, 512) == "fused"  # autocast's mixed dtypes: own entry
+    assert find("bfloat16", "float32", "ieee", 256, 196, 128, 512) is None  # mixed dtypes use the precision
+    assert find("float32", "float32", "auto", 256, 49, 128, 512) is None  # another N bucket
+    assert find("float16", "float16", "auto", 256, 196, 128, 512) is None
+
+
+def test_environment_override_and_describe(tmp_path, clean_cache):
+    cpu = torch.device("cpu")
+    assert tuning.active(cpu) is None
+    assert "not a CUDA device" in tuning.describe(cpu)
+    path = tuning.write(tmp_path, "NVIDIA H200", "3.6.0", PRODUCED, [entry(n=16, m=8, d=32, batch=2, strategy="gemm")]).path
+    clean_cache.setenv(tuning.ENV_VAR, str(path))
+    tuning.clear_cache()
+    assert tuning.active(cpu).path == path
+    assert tuning.lookup(cpu, torch.float32, torch.float32, "auto", 2, 9, 7, 20)["strategy"] == "gemm"
+    text = tuning.describe(cpu)
+    assert str(path) in text and "abc1234" in text and tuning.ENV_VAR in text
+    clean_cache.setenv(tuning.ENV_VAR, "none")
+    tuning.clear_cache()
+    assert tuning.active(cpu) is None and tuning.lookup(cpu, torch.float32, torch.float32, "auto", 2, 9, 7, 20) is None
+    clean_cache.setenv(tuning.ENV_VAR, str(tmp_path / "missing.json"))
+    tuning.clear_cache()
+    assert "does not exist" in tuning.describe(cpu)
+
+
+def test_shipped_files_are_valid():
+    """Every file shipped in the package loads, and is named for the GPU and Triton it records."""
+    for path in tuning.TUNED_CONFIG_DIR.glob("*.json"):
+        config = tuning.load(path)
+        assert path.name == tuning.config_filename(config.device_name, config.triton), path
+        for key in ("date", "commit", "gpu", "driver", "torch", "triton"):
+            assert config.produced_by.get(key), (path, key)
+
+
+def test_info_names_the_file_in_force(tmp_path, clean_cache, capsys):
+    from gsp_kernels import cli
+
+    assert cli.main(["info"]) == 0
+    assert "triton tuned configuration: none" in capsys.readouterr().out
+    path = tuning.write(tmp_path, "NVIDIA H200", "3.6.0", PRODUCED, [entry()]).path
+    clean_cache.setenv(tuning.ENV_VAR, str(path))
+    tuning.clear_cache()
+    assert cli.main(["info", "--json", str(tmp_path / "info.json")]) == 0
+    assert str(path) in json.loads((tmp_path / "info.json").read_text())["triton_tuned_config"]
