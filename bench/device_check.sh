@@ -8,19 +8,25 @@
 #   usage: bench/device_check.sh OUTDIR
 #   GSP_DEADLINE_S          seconds after which no step starts or runs on (default 470: issue 4 asks
 #                           for the whole check within 8 minutes; up to ~560 fits one device call)
-#   GSP_BENCH_ARGS          arguments of the first `gsp-kernels bench` (default: target shape, paper
-#                           baseline, every backend plus cuda@tf32x3 and triton@ieee)
+#   GSP_BENCH_ARGS          arguments of the first `gsp-kernels bench` (default: target shape and B=64,
+#                           paper baseline, every backend with both Triton strategies side by side
+#                           (triton:fused, triton:gemm) plus cuda@tf32x3 and triton:fused@ieee)
 #   GSP_COMPILE_BENCH_ARGS  arguments of the second, with torch.compile ("" skips it)
 #   GSP_SKIP_TRAINING_STEP=1  skip the ResNet-50 training-step benchmark
 #   GSP_RUN_CHECK=1         also run `gsp-kernels check` (the GPU tests cover the same ground)
 #   GSP_SKIP_PROFILE=1      skip bench/profile_backends.py (per-kernel GPU time, host-side time,
 #                           Triton split vs one program per sample, register cap vs none)
 #   GSP_SKIP_NCU=1          skip Nsight Compute (speed of light, occupancy) on bench/ncu_case.py
-#   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's tile-config sweep (default 90, or what
-#                           the deadline leaves; 0 skips it)
+#   GSP_SWEEP_BUDGET_S      seconds for bench/sweep_triton.py's strategy and tile sweep at the target
+#                           shape (default 90, or what the deadline leaves; 0 skips it); a strategy-only
+#                           sweep at B=64 follows in what is left
+#   GSP_COMMIT              the commit being measured (the device's copy has no .git), recorded in
+#                           tuned_config.json: run as GSP_COMMIT=$(git rev-parse --short HEAD) here
 # Files (8 at most): env_build.log (environment, build, Triton register report), tests.log (tests,
-# the split-sample guard, sanitizers, check), bench.log (benchmarks, training step, profile, sweep
-# table), ncu.log, bench.json, bench_compile.json, train_step.json, sweep.json.
+# the split-sample guard, sanitizers, check), bench.log (benchmarks, ncu, training step, profile,
+# sweep tables), bench.json, bench_compile.json, train_step.json, sweep.json, and tuned_config.json
+# (the sweep's winners as gsp_kernels/tuning's file for this GPU: copy it into
+# gsp_kernels/tuned_configs/ under the name it records, gsp_kernels.tuning.config_filename).
 set -uo pipefail
 out=${1:?usage: bench/device_check.sh OUTDIR}
 mkdir -p "$out"
@@ -83,7 +89,7 @@ rm -f "$registers_tmp"
 bench_log=$out/bench.log
 # Every backend and the paper's algorithm side by side at the target shape, then the same with the
 # torch.compile baseline added (the issues' targets are ratios to both).
-read -r -a bench_args <<<"${GSP_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper --backends cuda,cuda@tf32x3,triton,triton@ieee,reference}"
+read -r -a bench_args <<<"${GSP_BENCH_ARGS:---shapes 256x196x512x128,64x49x512x64 --baselines paper --backends cuda,cuda@tf32x3,triton:fused,triton:gemm,triton:fused@ieee,reference}"
 run_step bench "$bench_log" 150 $py -m gsp_kernels bench "${bench_args[@]}" --json "$out/bench.json"
 if [ -n "${GSP_COMPILE_BENCH_ARGS-x}" ]; then
   read -r -a compile_args <<<"${GSP_COMPILE_BENCH_ARGS:---shapes 256x196x512x128 --baselines paper,compile}"
@@ -102,11 +108,12 @@ fi
 if [ "${GSP_SKIP_PROFILE:-0}" != "1" ]; then
   run_step profile "$bench_log" 180 $py bench/profile_backends.py
 fi
-# Hardware counters of one forward+backward per backend and dtype: what bounds each kernel.
+# Hardware counters of one forward+backward per backend and dtype: what bounds each kernel (ours, and
+# the cuBLAS GEMMs of the Triton gemm strategy).
 # ncu reads them on some of the device tool's runtimes only (KINDS.md); a failure costs one line.
 if [ "${GSP_SKIP_NCU:-0}" != "1" ] && command -v ncu >/dev/null; then
-  run_step ncu "$out/ncu.log" 150 ncu --clock-control none --profile-from-start off --nvtx \
-    --kernel-name-base demangled --kernel-name regex:gsp --section SpeedOfLight --section Occupancy \
+  run_step ncu "$bench_log" 150 ncu --clock-control none --profile-from-start off --nvtx \
+    --kernel-name-base demangled --kernel-name "regex:gsp|gemm|nvjet|xmma|cutlass" --section SpeedOfLight --section Occupancy \
     --section LaunchStats $py bench/ncu_case.py
 fi
 
@@ -121,7 +128,14 @@ if [ "$sweep_budget" != 0 ]; then
   [ "$fit" -lt "$sweep_budget" ] && sweep_budget=$fit
   if [ "$sweep_budget" -ge 20 ]; then
     run_step sweep "$bench_log" $(( sweep_budget + 60 )) $py bench/sweep_triton.py \
-      --budget-s "$sweep_budget" --json "$out/sweep.json"
+      --budget-s "$sweep_budget" --json "$out/sweep.json" --write-config "$out/tuned_config.json"
+    # The strategy at a common metric-learning batch, merged into the same file.
+    if [ "$(time_left)" -ge 60 ]; then
+      run_step sweep-b64 "$bench_log" $(( $(time_left) - 10 )) $py bench/sweep_triton.py --shape 64x49x512x64 \
+        --kernels strategy --budget-s $(( $(time_left) - 40 )) --write-config "$out/tuned_config.json"
+    else
+      record sweep-b64 "SKIPPED (deadline)"
+    fi
   else
     record sweep "SKIPPED (deadline)"
   fi

@@ -4,7 +4,8 @@
         --kernel-name regex:gsp --section SpeedOfLight --section Occupancy --section LaunchStats \\
         python bench/ncu_case.py [--shape 256x196x512x128]
 
-Each case (backend, dtype, precision) runs twice unprofiled (compilation, caches), then once
+Each case (backend, dtype, precision, and for triton the strategy: fused, or gemm with its
+products on cuBLAS) runs twice unprofiled (compilation, caches), then once
 between cudaProfilerStart/Stop inside an NVTX range named after it, so ncu reports exactly one
 forward+backward per case: whether each kernel is bound by memory, compute or latency, and its
 achieved occupancy. Without ncu it runs the same work and prints the cases.
@@ -13,19 +14,22 @@ achieved occupancy. Without ncu it runs the same work and prints the cases.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
 from gsp_kernels import available_backends, gsp_pool
 
-# (backend, dtype, precision): the defaults of both backends, and CUDA's tensor-core candidate
-# for float32 (`auto` is its exact SIMT path).
+# (backend, dtype, precision, Triton strategy): the defaults of both backends, CUDA's tensor-core
+# candidate for float32 (`auto` is its exact SIMT path), and both Triton strategies.
 CASES = (
-    ("cuda", torch.float32, "auto"),
-    ("cuda", torch.float32, "tf32x3"),
-    ("cuda", torch.bfloat16, "auto"),
-    ("triton", torch.float32, "auto"),
-    ("triton", torch.bfloat16, "auto"),
+    ("cuda", torch.float32, "auto", None),
+    ("cuda", torch.float32, "tf32x3", None),
+    ("cuda", torch.bfloat16, "auto", None),
+    ("triton", torch.float32, "auto", "fused"),
+    ("triton", torch.bfloat16, "auto", "fused"),
+    ("triton", torch.float32, "auto", "gemm"),
+    ("triton", torch.bfloat16, "auto", "gemm"),
 )
 
 
@@ -46,22 +50,32 @@ def main(argv=None):
     x32 = torch.randn(batch, n, d, device="cuda", generator=gen)  # [B, N, D]
     z32 = torch.randn(m, d, device="cuda", generator=gen)  # [M, D]
     cudart = torch.cuda.cudart()
-    for backend, dtype, precision in CASES:
+    for backend, dtype, precision, strategy in CASES:
         if backend not in backends:
             print(f"{backend}: not available")
             continue
         x, prototypes = x32.to(dtype), z32.to(dtype)
-        for _ in range(2):
+        label = f"{backend}{':' + strategy if strategy else ''} {str(dtype)[6:]} {precision}"
+        with forcing(strategy):
+            for _ in range(2):
+                forward_backward(x, prototypes, backend, precision)
+            torch.cuda.synchronize()
+            cudart.cudaProfilerStart()
+            torch.cuda.nvtx.range_push(label)
             forward_backward(x, prototypes, backend, precision)
-        torch.cuda.synchronize()
-        label = f"{backend} {str(dtype)[6:]} {precision}"
-        cudart.cudaProfilerStart()
-        torch.cuda.nvtx.range_push(label)
-        forward_backward(x, prototypes, backend, precision)
-        torch.cuda.nvtx.range_pop()
-        torch.cuda.synchronize()
-        cudart.cudaProfilerStop()
+            torch.cuda.nvtx.range_pop()
+            torch.cuda.synchronize()
+            cudart.cudaProfilerStop()
         print(f"profiled: {label} at {args.shape}")
+
+
+def forcing(strategy):
+    """The Triton backend's strategy forced for the block (none for other backends)."""
+    if strategy is None:
+        return contextlib.nullcontext()
+    from gsp_kernels import _triton
+
+    return _triton.use_strategy(strategy)
 
 
 if __name__ == "__main__":

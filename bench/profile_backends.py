@@ -3,7 +3,7 @@
     python bench/profile_backends.py [--shapes 256x196x512x128] [--split-shapes 256x196x512x128,64x196x512x128]
                                      [--iters 5]
 
-Prints, for each shape, kernel backend and dtype, the wall time of one forward+backward (CUDA events),
+Prints, for each shape, kernel backend (Triton once per strategy, fused and gemm) and dtype, the wall time of one forward+backward (CUDA events),
 the CPU time to issue it (no synchronization), the CUDA kernels that take the GPU time and the
 host-side operations that take the CPU time, in µs per iteration, largest first: when the issue
 time reaches the wall time, the step is bound by the host (for Triton, the part of the issue
@@ -40,7 +40,7 @@ def step(x, z, backend):
     (pooled.float().sum() + attr.float().square().sum()).backward()
 
 
-def profile_backend(shape, dtype, backend, iters):
+def profile_backend(shape, dtype, backend, iters, label=None):
     x, z = make_inputs(shape, dtype)
     for _ in range(3):
         step(x, z, backend)
@@ -67,7 +67,7 @@ def profile_backend(shape, dtype, backend, iters):
     kernels = sorted((e for e in events if getattr(e, "self_device_time_total", 0) > 0),
                      key=lambda e: e.self_device_time_total, reverse=True)
     host_ops = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: e.self_cpu_time_total, reverse=True)
-    print(f"\n== {backend} {str(dtype)[6:]} {'x'.join(map(str, shape))}: {wall_us:.0f} µs per fwd+bwd (events), "
+    print(f"\n== {label or backend} {str(dtype)[6:]} {'x'.join(map(str, shape))}: {wall_us:.0f} µs per fwd+bwd (events), "
           f"{issue_us:.0f} µs to issue it (CPU, no sync){launcher}")
     print("  GPU kernels:")
     for e in kernels[:10]:
@@ -135,8 +135,9 @@ def knob_comparison(title, knob, settings, shapes, dtypes):
             try:
                 for setting in settings:
                     setattr(tri, knob, setting)
-                    fwd = graph_replay_ms(lambda _i: gsp_pool(x.detach(), z.detach(), backend="triton"), x.device)
-                    fwd_bwd = graph_replay_ms(lambda _i: step(x, z, "triton"), x.device)
+                    with tri.use_strategy("fused"):  # the knobs are the fused kernels'
+                        fwd = graph_replay_ms(lambda _i: gsp_pool(x.detach(), z.detach(), backend="triton"), x.device)
+                        fwd_bwd = graph_replay_ms(lambda _i: step(x, z, "triton"), x.device)
                     times.append((fwd * 1e3, fwd_bwd * 1e3))
             finally:
                 setattr(tri, knob, default)
@@ -161,7 +162,14 @@ def main():
     for shape in shapes:
         for backend in backends:
             for dtype in (torch.float32, torch.bfloat16):
-                profile_backend(shape, dtype, backend, args.iters)
+                if backend != "triton":
+                    profile_backend(shape, dtype, backend, args.iters)
+                    continue
+                import gsp_kernels._triton as tri
+
+                for strategy in tri.STRATEGIES:
+                    with tri.use_strategy(strategy):
+                        profile_backend(shape, dtype, backend, args.iters, f"triton:{strategy}")
     if "triton" in backends:
         knob_comparison("samples split across programs vs one program per sample", "SPLIT_SAMPLES",
                         (True, False), split_shapes, (torch.float32, torch.bfloat16))

@@ -6,11 +6,15 @@
 Covers a contiguous [B, N, D] input (B=2, N=7, D=33, M=5), a channels-first map read through
 its strides, mu = 1, and both cost options: every dtype on the cuda backend, bfloat16 on
 triton (its split-product paths; each Triton variant is compiled under the sanitizer, which is
-slow). Then float32 at N=130, M=131, D=97 (several tiles in every GEMM; two feature tiles per
-sample in Triton) with each product precision.
+slow), under each of the Triton backend's strategies (fused; gemm, whose Triton kernels read
+cuBLAS's products), and on gemm also bfloat16 features with float32 prototypes (the
+prototypes split into parts). Then float32 at N=130, M=131, D=97 (several tiles in every GEMM;
+two feature tiles per sample in Triton) with each product precision.
 Checks the outputs against the float64 reference loosely (the sanitizer's job is memory and
 races) and prints SANITIZER_CASE_OK with the backends it ran.
 """
+
+import contextlib
 
 import torch
 
@@ -48,29 +52,45 @@ def run_reference(x, prototypes, mu, **options):
 def main():
     status = backend_status("cuda")
     assert status["cuda"].available, f"cuda backend unavailable: {status['cuda'].reason}"
-    dtypes = {"cuda": (torch.float32, torch.bfloat16, torch.float16), "triton": (torch.bfloat16,)}
+    # (backend, Triton strategy or None, (feature dtype, prototype dtype) pairs)
+    runs = [("cuda", None, ((torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float16,) * 2))]
+    if status["triton"].available:
+        from gsp_kernels import _triton
+
+        runs += [("triton", "fused", ((torch.bfloat16,) * 2,)),
+                 ("triton", "gemm", ((torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)))]
     ran = []
-    for backend in (name for name in dtypes if status[name].available):
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        for dtype in dtypes[backend]:
-            x = torch.randn(2, 7, 33, device="cuda", generator=gen).to(dtype)
-            z = torch.randn(5, 33, device="cuda", generator=gen).to(dtype)
-            x[0, 3] = z[2]  # an exact feature/prototype match
-            for mu, cost in ((0.3, "euclidean"), (1.0, "sqeuclidean")):
-                got = run_case(x, z, backend, transport_ratio=mu, cost=cost)
-                check_close(x, z, got, mu, cost=cost)
-            x_map = torch.randn(2, 33, 3, 5, device="cuda", generator=gen).to(dtype)  # NCHW, N = 15
-            got = run_case(x_map, z, backend, transport_ratio=0.5, normalize="l2")
-            assert got[3].stride() == x_map.stride()
-            check_close(x_map, z, got, 0.5, normalize="l2")
-        # Several row, column and k tiles in every GEMM, and the tensor-core products.
-        x = torch.randn(2, 130, 97, device="cuda", generator=gen)
-        z = torch.randn(131, 97, device="cuda", generator=gen)
-        for precision in ("ieee", "tf32", "tf32x3"):
-            got = run_case(x, z, backend, precision=precision)
-            check_close(x, z, got, 0.3)
-        ran.append(backend)
+    for backend, strategy, dtypes in runs:
+        if not status[backend].available:
+            continue
+        forcing = _triton.use_strategy(strategy) if strategy else contextlib.nullcontext()
+        with forcing:
+            run_backend(backend, dtypes)
+        ran.append(f"{backend}:{strategy}" if strategy else backend)
     print("SANITIZER_CASE_OK", " ".join(ran))
+
+
+def run_backend(backend, dtypes):
+    """Every case of the module docstring on `backend`, for each (x, prototypes) dtype pair."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for x_dtype, z_dtype in dtypes:
+        x = torch.randn(2, 7, 33, device="cuda", generator=gen).to(x_dtype)
+        z = torch.randn(5, 33, device="cuda", generator=gen).to(z_dtype)
+        x[0, 3] = z[2]
+        z[2] = x[0, 3]  # an exact feature/prototype match in both dtypes
+        for mu, cost in ((0.3, "euclidean"), (1.0, "sqeuclidean")):
+            got = run_case(x, z, backend, transport_ratio=mu, cost=cost)
+            check_close(x, z, got, mu, cost=cost)
+        x_map = torch.randn(2, 33, 3, 5, device="cuda", generator=gen).to(x_dtype)  # NCHW, N = 15
+        got = run_case(x_map, z, backend, transport_ratio=0.5, normalize="l2")
+        assert got[3].stride() == x_map.stride()
+        check_close(x_map, z, got, 0.5, normalize="l2")
+    # Several row, column and k tiles in every GEMM, and the tensor-core products.
+    x = torch.randn(2, 130, 97, device="cuda", generator=gen)
+    z = torch.randn(131, 97, device="cuda", generator=gen)
+    for precision in ("ieee", "tf32", "tf32x3"):
+        got = run_case(x, z, backend, precision=precision)
+        check_close(x, z, got, 0.3)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,13 @@ SHAPES = ((256, 196, 512, 128), (64, 197, 512, 128), (16, 1024, 128, 256))
 
 
 def forward_backward(x, prototypes, cotangents):
-    """(pooled, attr, weights, grad_x, grad_prototypes) of the triton backend."""
+    """(pooled, attr, weights, grad_x, grad_prototypes) of the triton backend's fused strategy
+    (the one that splits samples across programs)."""
     x = x.detach().requires_grad_()
     prototypes = prototypes.detach().requires_grad_()
-    outputs = gsp_pool(x, prototypes, backend="triton", return_weights=True)
-    grads = torch.autograd.grad(outputs, (x, prototypes), [c.to(o.dtype) for c, o in zip(cotangents, outputs)])
+    with _triton.use_strategy("fused"):
+        outputs = gsp_pool(x, prototypes, backend="triton", return_weights=True)
+        grads = torch.autograd.grad(outputs, (x, prototypes), [c.to(o.dtype) for c, o in zip(cotangents, outputs)])
     return [t.detach().clone() for t in (*outputs, *grads)]
 
 

@@ -71,15 +71,18 @@ if not torch.cuda.is_available():
 import triton
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python bench/sweep_triton.py` without an install
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (REPO_ROOT, REPO_ROOT / "bench"):  # the package without an install; sweep_report beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from gsp_kernels import _reference, _triton
+from sweep_report import (  # noqa: E402
+    GEMM_KEYS, KEYS, config_header, config_key, config_keys, fmt, print_report, summarize, write_json,
+    write_tuned_config,
+)
 
-KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_D", "num_warps", "num_stages")
-# The backward's split-K GEMM (_gsp_coef_x_kernel, through _triton.GEMM_OVERRIDE).
-GEMM_KEYS = ("BLOCK_K", "BLOCK_M", "BLOCK_D", "num_warps", "num_stages", "programs_wanted")
-KERNELS = ("forward", "backward", "coef_x")
+from gsp_kernels import _reference, _triton, tuning  # noqa: E402
+
+KERNELS = ("strategy", "forward", "backward", "coef_x")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # SPEC.md's tolerances on ‖out − ref‖ / ‖ref‖ per input dtype.
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -206,14 +209,6 @@ class Group:
 # ----------------------------------------------------------------------------- configs
 
 
-def config_keys(kernel: str) -> tuple[str, ...]:
-    return GEMM_KEYS if kernel == "coef_x" else KEYS
-
-
-def config_key(config: dict) -> str:
-    return ",".join(str(config[k]) for k in (GEMM_KEYS if "BLOCK_K" in config else KEYS))
-
-
 def parse_config(text: str) -> dict:
     parts = [int(p) for p in text.split(",")]
     for keys in (KEYS, GEMM_KEYS):
@@ -235,6 +230,8 @@ def _pow2(v: int) -> bool:
 
 def config_problem(config: dict, kernel: str, dtype: str) -> str | None:
     """Why a config cannot be launched by these kernels (None if it can)."""
+    if kernel == "strategy":
+        return None if config["strategy"] in _triton.STRATEGIES else f"strategy must be one of {_triton.STRATEGIES}"
     for key in config_keys(kernel)[:3]:
         if not _pow2(config[key]) or config[key] < 16:  # tl.arange: powers of two; tl.dot: >= 16
             return f"{key}={config[key]} must be a power of two >= 16"
@@ -266,6 +263,9 @@ def default_config(problem: Problem, kernel: str, dtype: str, device: torch.devi
     """The config the kernels use today at this shape (no override) on `device` (default: the
     sweep's; the GEMM's programs_wanted depends on it)."""
     assert not _triton.BLOCK_OVERRIDE and not _triton.GEMM_OVERRIDE, "overrides must be None outside a measurement"
+    if kernel == "strategy":  # shape, dtype and device only: broadcast views of one element
+        one = torch.empty((1, 1, 1), dtype=DTYPES[dtype], device=device or sweep_device())
+        return {"strategy": _triton.strategy_for(one.expand(problem.batch, problem.n, problem.d), one[0].expand(problem.m, problem.d))}
     if kernel == "coef_x":
         config = _triton._gemm_config(problem.batch * problem.n, problem.m, problem.d, device or sweep_device())
     else:
@@ -279,6 +279,8 @@ def candidate_configs(problem: Problem, kernel: str, dtype: str, precision: str,
     default = default_config(problem, kernel, dtype)
     if given:
         raw = [dict(c) for c in given if set(c) == set(config_keys(kernel))]
+    elif kernel == "strategy":
+        raw = [{"strategy": name} for name in _triton.STRATEGIES]
     elif kernel == "coef_x":
         # programs_wanted per SM: the default's 2 per SM (_triton._programs_wanted) scaled.
         table = GEMM_CANDIDATES[:IEEE_CANDIDATES] if precision == "ieee" else GEMM_CANDIDATES
@@ -384,23 +386,43 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / denom if denom > 0 else num
 
 
-def kernel_call(group: Group, problem: Problem):
-    """A no-argument function running the group's kernel once, returning its outputs."""
+def kernel_call(group: Group, problem: Problem, config: dict | None = None):
+    """A no-argument function running the group's kernel once, returning its outputs: the tile
+    groups time the fused strategy (their overrides' kernels), the strategy group forward then
+    backward (on the forward's u) of ``config``'s strategy."""
     t = group.inputs
-    if group.kernel == "forward":
-        args = forward_args(problem, group.precision)
-        return lambda: _triton.forward(t["x"], t["z"], *args)
+    args = forward_args(problem, group.precision)
     extra = (problem.mu, problem.gamma, problem.normalize, problem.cost, group.precision)
-    return lambda: _triton.backward(*t["cotangents"], t["x"], t["z"], t["u"], *extra)
+    if group.kernel == "strategy":
+        def forward_backward():
+            with _triton.use_strategy(config["strategy"]):
+                outputs = _triton.forward(t["x"], t["z"], *args)
+                return (*outputs, *_triton.backward(*t["cotangents"], t["x"], t["z"], outputs[3], *extra))
+
+        return forward_backward
+    if group.kernel == "forward":
+        def forward():
+            with _triton.use_strategy("fused"):
+                return _triton.forward(t["x"], t["z"], *args)
+
+        return forward
+
+    def backward():
+        with _triton.use_strategy("fused"):
+            return _triton.backward(*t["cotangents"], t["x"], t["z"], t["u"], *extra)
+
+    return backward
 
 
 # ----------------------------------------------------------------------------- measurement
 
 
 def set_override(config: dict | None, kernel: str = "forward") -> None:
-    """The config on the hook its kernel reads (GEMM_OVERRIDE for coef_x); None: both off."""
-    _triton.BLOCK_OVERRIDE = dict(config) if config and kernel != "coef_x" else None
-    _triton.GEMM_OVERRIDE = dict(config) if config and kernel == "coef_x" else None
+    """The config on the hook its kernel reads (GEMM_OVERRIDE for coef_x; the strategy group's
+    configs act through kernel_call); None: both off."""
+    tiles = config if config and kernel != "strategy" else None
+    _triton.BLOCK_OVERRIDE = dict(tiles) if tiles and kernel != "coef_x" else None
+    _triton.GEMM_OVERRIDE = dict(tiles) if tiles and kernel == "coef_x" else None
 
 
 def context_ok(device: torch.device) -> bool:
@@ -420,14 +442,14 @@ def synchronize(device: torch.device) -> None:
 
 def measure(group: Group, config: dict, problem: Problem, refs: dict, device: torch.device, args) -> dict:
     """One row: first-call time, determinism, errors and median time of one config."""
-    names = FORWARD_OUTPUTS if group.kernel == "forward" else BACKWARD_OUTPUTS
+    names = {"forward": FORWARD_OUTPUTS, "strategy": FORWARD_OUTPUTS + BACKWARD_OUTPUTS}.get(group.kernel, BACKWARD_OUTPUTS)
     row = {
         "kernel": group.kernel, "dtype": group.dtype, "precision": group.precision, "config": dict(config),
         "is_default": config == group.default, "ms": None, "deterministic": None, "det_runs": 0,
         "rel_err": {}, "max_rel_err": None, "tol": TOL[group.dtype], "accurate": None,
         "first_call_s": None, "error": None,
     }
-    call = kernel_call(group, problem)
+    call = kernel_call(group, problem, config)
     set_override(config, group.kernel)
     try:
         start = time.perf_counter()
@@ -488,7 +510,7 @@ def worker_main(job_file: str) -> int:
         start, error, from_triton = time.perf_counter(), None, False
         set_override(job["config"], kernel)
         try:
-            kernel_call(group, problem)()
+            kernel_call(group, problem, job["config"])()
             synchronize(device)
         except Exception as exc:  # noqa: BLE001  (recorded; the main loop skips this config)
             error = f"{type(exc).__name__}: {exc}"[:600]
@@ -555,99 +577,6 @@ def collect_precompile(procs: list, deadline: float, scratch: Path, jobs: int) -
     return done
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def fmt(value, spec=".3g") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return format(value, spec)
-
-
-def summarize(report: dict) -> list[dict]:
-    """Per group: rows sorted by time (failures last), default and best deterministic config."""
-    summaries = []
-    groups = {}
-    for row in report["rows"]:
-        groups.setdefault((row["kernel"], row["dtype"], row["precision"]), []).append(row)
-    for (kernel, dtype, precision), rows in groups.items():
-        rows.sort(key=lambda r: (r["ms"] is None, r["ms"] if r["ms"] is not None else 0.0))
-        default = next((r for r in rows if r["is_default"]), None)
-        default_err = default["max_rel_err"] if default and default["max_rel_err"] is not None else 0.0
-
-        def usable(r, default_err=default_err):
-            if r["ms"] is None or not r["deterministic"] or r["max_rel_err"] is None:
-                return False
-            return r["accurate"] or r["max_rel_err"] <= 2.0 * default_err
-
-        best = next((r for r in rows if usable(r)), None)
-        speedup = None
-        if best and default and default["ms"]:
-            speedup = default["ms"] / best["ms"]
-        summaries.append({
-            "kernel": kernel, "dtype": dtype, "precision": precision, "rows": rows,
-            "default": default, "best": best, "speedup_over_default": speedup,
-        })
-    return summaries
-
-
-def config_header(kernel: str) -> str:
-    return "BLOCK_K,M,D,warps,stages,programs" if kernel == "coef_x" else "BLOCK_N,M,D,warps,stages"
-
-
-def print_report(report: dict) -> None:
-    print(f"\n{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['shape']} | "
-          f"{report['elapsed_s']:.0f} s{' (budget reached)' if report['budget_reached'] else ''}")
-    for s in summarize(report):
-        print(f"\n== {s['kernel']} {s['dtype']} precision={s['precision']}")
-        print(f"{config_header(s['kernel']):<34}{'ms':>9}{'x default':>11}{'det':>5}{'max err':>10}  {'acc':<4}note")
-        base = s["default"]["ms"] if s["default"] and s["default"]["ms"] else None
-        for r in s["rows"]:
-            ratio = base / r["ms"] if base and r["ms"] else None
-            note = "default " if r["is_default"] else ""
-            if r["error"]:
-                note += r["error"].splitlines()[0][:70]
-            elif r["max_rel_err"] is not None:
-                worst = max(r["rel_err"], key=r["rel_err"].get)
-                note += f"worst {worst}"
-            print(f"{config_key(r['config']):<34}{fmt(r['ms'], '.4f'):>9}{fmt(ratio, '.2f'):>11}"
-                  f"{fmt(r['deterministic']):>5}{fmt(r['max_rel_err'], '.2e'):>10}  {fmt(r['accurate']):<4}{note}")
-        best = s["best"]
-        if best:
-            print(f"best deterministic & accurate: {config_key(best['config'])} {best['ms']:.4f} ms, "
-                  f"{fmt(s['speedup_over_default'], '.2f')}x the default")
-        else:
-            print("best deterministic & accurate: none")
-    if report["not_run"]:
-        print(f"\nnot run (budget): {len(report['not_run'])} configs")
-
-
-def _jsonable(value):
-    """Standard JSON: non-finite floats (errors of non-finite outputs) as the strings inf / nan."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_json(report: dict, path: str | None) -> None:
-    """Atomically (temp file, then rename), so a killed run leaves the last complete file."""
-    if not path:
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(report), indent=1, default=str, allow_nan=False))
-    os.replace(tmp, target)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -659,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", default="lipschitz", choices=_reference.NORMALIZE_MODES)
     p.add_argument("--cost", default="euclidean", choices=_reference.COST_MODES)
     p.add_argument("--solver", default="newton", choices=_reference.SOLVERS)
-    p.add_argument("--kernels", default="forward,backward,coef_x", help="comma list of forward, backward, coef_x")
+    p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {', '.join(KERNELS)}")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16")
     p.add_argument("--precisions", default="auto,ieee", help="float32 precisions (bfloat16 always runs auto)")
     p.add_argument("--configs", type=parse_config, action="append", default=None,
@@ -674,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes precompiling the configs on a GPU (default min(12, cpus - 2); 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--write-config", metavar="PATH", default=None,
+                   help="write (or merge into) a tuned-configuration file for this GPU and Triton (gsp_kernels.tuning): "
+                        "per dtype the fastest deterministic, accurate strategy and tiles; a folder gets the standard name")
+    p.add_argument("--commit", default=os.environ.get("GSP_COMMIT"),
+                   help="the commit measured, recorded in --write-config's file (default $GSP_COMMIT, else git)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny shape {SMOKE_SHAPE}, two configs per kernel, float32 auto only (CPU: interpreter)")
     p.add_argument("--dry-run", action="store_true", help="print the groups and configs, run nothing")
@@ -683,8 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def smoke_configs(problem: Problem, kernel: str) -> list[dict]:
     """Two configs: the default and one with small D tiles (D spans two tiles); for coef_x
-    also small feature tiles and twice the programs (the features then split in two)."""
+    also small feature tiles and twice the programs (the features then split in two); for the
+    strategy group both strategies."""
     default = default_config(problem, kernel, "float32")
+    if kernel == "strategy":
+        return [default, *({"strategy": name} for name in _triton.STRATEGIES if name != default["strategy"])]
     small = {**default, "BLOCK_D": 16, "num_warps": 2, "num_stages": 2}
     if kernel == "coef_x":
         small.update(BLOCK_K=16, programs_wanted=2 * default["programs_wanted"])
@@ -693,8 +630,22 @@ def smoke_configs(problem: Problem, kernel: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.compile_worker:
-        return worker_main(args.compile_worker)
+    # Defaults are the built-in rules, not a tuned file already in force (workers inherit this).
+    saved = os.environ.get(tuning.ENV_VAR)
+    os.environ[tuning.ENV_VAR] = "none"
+    tuning.clear_cache()
+    try:
+        return worker_main(args.compile_worker) if args.compile_worker else sweep(args, argv)
+    finally:
+        if saved is None:
+            os.environ.pop(tuning.ENV_VAR, None)
+        else:
+            os.environ[tuning.ENV_VAR] = saved
+        tuning.clear_cache()
+
+
+def sweep(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """The sweep main() runs: groups, precompile, measurements, report (and tuned file)."""
     t0 = time.monotonic()
     device = sweep_device()
     unavailable = _triton.availability(device)
@@ -844,6 +795,8 @@ def main(argv: list[str] | None = None) -> dict:
            "best_ms": s["best"]["ms"] if s["best"] else None}
         for s in summarize(report)
     ]
+    if args.write_config:
+        report["tuned_config"] = write_tuned_config(report, problem, args)
     write_json(report, args.json)
     print_report(report)
     return report

@@ -3,6 +3,8 @@
 Public names:
     gsp_pool: the op (SPEC.md), differentiable, dispatcher-registered.
     GSP, GSPOutput, GSPNet, replace_global_pool: the pooling layer for metric learning.
+    PatchTokens: a vision transformer's patch tokens with their grid (GSP input).
+    load_backbone_weights: a local timm/torchvision checkpoint into a backbone (no downloads).
     ZeroShotPredictionLoss (alias ZeroShotLoss): the paper's zero-shot prediction regularizer.
     backend_status, available_backends, BackendStatus: which backends run here, and why not.
     build_info: how the native extension ``gsp_kernels._C`` was built (or why it is absent).
@@ -11,8 +13,10 @@ Public names:
 from ._build import build_info
 from .backends import BackendStatus, available_backends, backend_status
 from .losses import ZeroShotLoss, ZeroShotPredictionLoss
+from .backbones import PatchTokens
 from .nn import GSP, GSPNet, GSPOutput, replace_global_pool
 from .ops import gsp_pool
+from .pretrained import load_backbone_weights
 
 __all__ = [
     "gsp_pool",
@@ -20,6 +24,8 @@ __all__ = [
     "GSPOutput",
     "GSPNet",
     "replace_global_pool",
+    "PatchTokens",
+    "load_backbone_weights",
     "ZeroShotPredictionLoss",
     "ZeroShotLoss",
     "backend_status",

@@ -1,6 +1,11 @@
 """The `triton` backend: GSP forward in one fused launch, backward in two launches plus one GEMM.
 
-Math and symbols: SPEC.md. Layout of the work:
+Two strategies (``STRATEGIES``), chosen per call by ``strategy_for`` (forced by
+``GSP_TRITON_STRATEGY`` at import or ``use_strategy``): "fused", this module's kernels, which
+compute the cost products themselves, and "gemm" (``_triton_gemm``), which takes the products
+from the vendor GEMM and runs the same per-sample kernels on them (their ``PARTS`` argument).
+The @triton.jit math both use lives in ``_triton_math``. Math and symbols: SPEC.md. Layout of
+the fused strategy's work:
 
 - Forward (``_gsp_forward_kernel``), one program per (sample, tile of at most BLOCK_N
   features): B·⌈N/BLOCK_N⌉ programs, so that small batches still fill the GPU.
@@ -84,7 +89,23 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _reference
+from . import _reference, tuning
+from ._triton_math import (
+    _coef_product,
+    _grad_x_epilogue,
+    _last_to_arrive,
+    _plan_sigma,
+    _prototype_grad_program,
+    _row_divisor,
+    _sample_tile,
+    _snapped_costs,
+    _solve_fixed_point,
+    _solve_newton,
+    _split_half,
+    _split_half_dot,
+    _tile_products,
+    _tile_weights,
+)
 
 # How the kernels were built: triton.jit picks the interpreter at decoration time.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -110,195 +131,57 @@ SPLIT_SAMPLES = os.environ.get("GSP_TRITON_SPLIT", "1") != "0"
 _NORMALIZE_CODES = {"lipschitz": 0, "l2": 1, "none": 2}
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
+# The backend's two designs: "fused" (this module's kernels compute the products too) and "gemm"
+# (``_triton_gemm``: the products on the vendor GEMM, the rest in the same per-sample kernels).
+STRATEGIES = tuning.STRATEGIES
+
+
+def _strategy_from_environment() -> str | None:
+    """GSP_TRITON_STRATEGY: unset or empty (chosen per call), or one of STRATEGIES."""
+    value = os.environ.get("GSP_TRITON_STRATEGY", "")
+    if value and value not in STRATEGIES:
+        raise ValueError(f"GSP_TRITON_STRATEGY must be one of {STRATEGIES} or unset, got {value!r}")
+    return value or None
+
+
+# Forced for every call by GSP_TRITON_STRATEGY (read at import, like GSP_TRITON_SPLIT); None:
+# ``strategy_for`` chooses per call.
+STRATEGY: str | None = _strategy_from_environment()
+_forced_strategy: str | None = None  # use_strategy's override
+
+
+@contextlib.contextmanager
+def use_strategy(name: str):
+    """Force the strategy of every call inside the block (forward and backward alike); the
+    block gets the name."""
+    global _forced_strategy
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    previous, _forced_strategy = _forced_strategy, name
+    try:
+        yield name
+    finally:
+        _forced_strategy = previous
+
+
+def tuned_entry(x: torch.Tensor, prototypes: torch.Tensor, precision: str = "auto") -> dict | None:
+    """The tuned configuration's entry for a call on these inputs (``gsp_kernels.tuning``: the
+    file for this GPU and Triton version, by dtype, precision and shape bucket), or None."""
+    batch, n, d = x.shape
+    return tuning.lookup(x.device, x.dtype, prototypes.dtype, precision, batch, n, prototypes.shape[0], d)
+
+
+def strategy_for(x: torch.Tensor, prototypes: torch.Tensor, precision: str = "auto") -> str:
+    """The strategy of a call on these inputs: ``use_strategy``'s, else STRATEGY's, else the tuned
+    entry's (``tuned_entry``), else "fused" (a function of the inputs only, so that the backward
+    takes the forward's)."""
+    if _forced_strategy or STRATEGY:
+        return _forced_strategy or STRATEGY
+    entry = tuned_entry(x, prototypes, precision)
+    return entry["strategy"] if entry is not None else "fused"
+
 
 # ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _row_divisor(sum_sq, NORMALIZE: tl.constexpr):
-    """d = max(1, |v|) (lipschitz), max(|v|, eps) (l2) or 1 (none), from |v|²."""
-    if NORMALIZE == 0:
-        return tl.maximum(tl.sqrt(sum_sq), 1.0)
-    elif NORMALIZE == 1:
-        return tl.maximum(tl.sqrt(sum_sq), 1e-12)
-    else:
-        return tl.full(sum_sq.shape, 1.0, tl.float32)
-
-
-@triton.jit
-def _raw_products(
-    x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, gy_sample,
-    rows, protos, N, M, D,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, WITH_GY: tl.constexpr,
-):
-    """x·z [BLOCK_N, BLOCK_M], |x|² [BLOCK_N], |z|² [BLOCK_M] and x·gy [BLOCK_N] over D tiles: the
-    loop that the kernel's num_stages software-pipelines (the x and z tiles are staged in shared
-    memory, so the sums of squares cost no registers next to the tensor-core operands)."""
-    row_ok = rows < N
-    proto_ok = protos < M
-    dots = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    x_sq = tl.zeros((BLOCK_N,), tl.float32)
-    z_sq = tl.zeros((BLOCK_M,), tl.float32)
-    x_gy = tl.zeros((BLOCK_N,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        x_tile = tl.load(  # [BLOCK_N, BLOCK_D]
-            x_sample + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
-            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-        )
-        z_tile = tl.load(  # [BLOCK_D, BLOCK_M]: zᵀ
-            z_ptr + cols[:, None] * stride_zd + protos[None, :] * stride_zm,
-            mask=col_ok[:, None] & proto_ok[None, :], other=0.0,
-        )
-        x_f32 = x_tile.to(tl.float32)
-        z_f32 = z_tile.to(tl.float32)
-        if CAST_F32:
-            dots = tl.dot(x_f32, z_f32, dots, input_precision=PRECISION)
-        else:
-            dots = tl.dot(x_tile, z_tile, dots, input_precision=PRECISION)
-        x_sq += tl.sum(x_f32 * x_f32, 1)
-        z_sq += tl.sum(z_f32 * z_f32, 0)
-        if WITH_GY:
-            gy = tl.load(gy_sample + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-            x_gy += tl.sum(x_f32 * gy[None, :], 1)
-    return dots, x_sq, z_sq, x_gy
-
-
-@triton.jit
-def _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr):
-    """Costs c and x̂·ẑ [BLOCK_N, BLOCK_M], and 1/d_z, from raw products and squared norms."""
-    inv_dx = 1.0 / _row_divisor(x_sq, NORMALIZE)  # [BLOCK_N]
-    inv_dz = 1.0 / _row_divisor(z_sq, NORMALIZE)  # [BLOCK_M]
-    xh_sq = x_sq * inv_dx * inv_dx
-    zh_sq = z_sq * inv_dz * inv_dz
-    xz = dots * inv_dx[:, None] * inv_dz[None, :]
-    norms = xh_sq[:, None] + zh_sq[None, :]
-    sq = norms - 2.0 * xz
-    sq = tl.where(sq <= snap * norms, 0.0, sq)  # NaN stays NaN
-    if EUCLIDEAN:
-        cost = tl.sqrt(sq)
-    else:
-        cost = sq
-    return cost, xz, inv_dz
-
-
-@triton.jit
-def _sigmoid(t):
-    """Logistic sigmoid without overflow: exp of −|t| only."""
-    decay = tl.exp(-tl.abs(t))
-    return tl.where(t >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
-
-
-@triton.jit
-def _split_half_dot(v, other, acc, NATIVE_HALF_DOT: tl.constexpr):
-    """acc + v @ other for float32 v and half-precision other (bfloat16 or float16) as two
-    products in other's dtype, v = hi + lo: v keeps ~16 (bfloat16) or ~22 (float16, for |v| <= 1)
-    significant bits, other is exact, the accumulation is float32."""
-    v_hi = v.to(other.dtype)
-    v_lo = (v - v_hi.to(tl.float32)).to(other.dtype)
-    if NATIVE_HALF_DOT:
-        acc = tl.dot(v_hi, other, acc)
-        acc = tl.dot(v_lo, other, acc)
-    else:  # the interpreter's tl.dot misreads bfloat16: the same values through float32
-        acc = tl.dot(v_hi.to(tl.float32), other.to(tl.float32), acc, input_precision="ieee")
-        acc = tl.dot(v_lo.to(tl.float32), other.to(tl.float32), acc, input_precision="ieee")
-    return acc
-
-
-@triton.jit
-def _coef_product(v, other, acc, SPLIT: tl.constexpr, NATIVE_HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + v @ other for float32 v: bfloat16 other as hi + lo products (SPLIT), else in
-    float32 at PRECISION."""
-    if SPLIT:
-        acc = _split_half_dot(v, other, acc, NATIVE_HALF_DOT)
-    else:
-        acc = tl.dot(v, other.to(tl.float32), acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _plan_sigma(u, ell, GAP: tl.constexpr):
-    """σ_i = σ(u + ℓ_i); exactly 1 for μ = 1."""
-    if GAP:
-        return tl.full(ell.shape, 1.0, tl.float32)
-    else:
-        return _sigmoid(u + ell)
-
-
-@triton.jit
-def _tile_weights(ell_sample, rows, N, u, inv_total, GAP: tl.constexpr):
-    """(w_i = σ(u + ℓ_i) / (μN), 0 past N; in-range mask) for the feature rows `rows`, ℓ from
-    scratch (other programs wrote it: read from L2, ``.cg``)."""
-    row_ok = rows < N
-    ell = tl.load(ell_sample + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-    return tl.where(row_ok, _plan_sigma(u, ell, GAP) * inv_total, 0.0), row_ok, ell
-
-
-@triton.jit
-def _solve_newton(ell, ok, target, logit_mu, n_float, tol, max_iter):
-    """Bracketed Newton for Σ σ(u + ℓ_i) = μN, the rules of _reference.solve_newton."""
-    lo = logit_mu - tl.max(tl.where(ok, ell, -float("inf")), 0)
-    hi = logit_mu - tl.min(tl.where(ok, ell, float("inf")), 0)
-    u = tl.minimum(tl.maximum(logit_mu - tl.sum(tl.where(ok, ell, 0.0), 0) / n_float, lo), hi)
-    it = tl.zeros((), tl.int32)
-    active = max_iter > 0
-    while active:
-        s = tl.where(ok, _sigmoid(u + ell), 0.0)
-        residual = tl.sum(s, 0) - target
-        slope = tl.sum(s * (1.0 - s), 0)
-        # A small or non-finite residual stops before any step: on a plateau of Σσ the slope
-        # can vanish, and a bisection from an exact root would leave it.
-        settled = (tl.abs(residual) <= tol * target) | (residual != residual) | (tl.abs(residual) == float("inf"))
-        hi = tl.where(residual > 0, u, hi)
-        lo = tl.where(residual < 0, u, lo)
-        u_newton = u - residual / slope
-        inside = (u_newton >= lo) & (u_newton <= hi)  # False for NaN/inf steps too
-        u_next = tl.where(inside, u_newton, 0.5 * (lo + hi))
-        u_next = tl.where(settled, u, u_next)
-        step = tl.abs(u_next - u)
-        u = u_next
-        scale = tol * tl.maximum(tl.abs(u), 1.0)
-        done = settled | (step <= scale) | ((hi - lo) <= scale)
-        it += 1
-        active = (done == 0) & (it < max_iter)
-    return u
-
-
-@triton.jit
-def _solve_fixed_point(ell, ok, log_mu, log_target, max_iter):
-    """The paper's iteration in the log domain: u ← u + log(μN) − log Σ σ(u + ℓ_i)."""
-    u = log_mu + tl.zeros((), tl.float32)
-    for _ in range(max_iter):
-        t = u + ell
-        log_sigma = tl.minimum(t, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(t)))
-        log_sigma = tl.where(ok, log_sigma, -float("inf"))
-        top = tl.max(log_sigma, 0)
-        log_mass = top + tl.log(tl.sum(tl.exp(log_sigma - top), 0))
-        u = u + (log_target - log_mass)
-    return u
-
-
-@triton.jit
-def _sample_tile(tiles_per_sample, rows_per_tile, N):
-    """This program's sample (int64), its tile of the sample's features and the tile's feature
-    range [row_start, row_end): rows_per_tile features (fewer in the last tile), walked in
-    BLOCK_N steps (one step unless ``SPLIT_SAMPLES`` is off)."""
-    sample = (tl.program_id(0) // tiles_per_sample).to(tl.int64)
-    tile = tl.program_id(0) % tiles_per_sample
-    row_start = tile * rows_per_tile
-    return sample, tile, row_start, tl.minimum(row_start + rows_per_tile, N)
-
-
-@triton.jit
-def _last_to_arrive(arrivals_ptr, sample, tiles_per_sample):
-    """True in the last of a sample's programs to get here: a ticket from the sample's arrival
-    counter (zeroed per call). The barrier and the counter's acq_rel (GPU scope) order every
-    thread's scratch stores before the ticket, and the last program's loads after it."""
-    tl.debug_barrier()
-    ticket = tl.atomic_add(arrivals_ptr + sample, 1, sem="acq_rel", scope="gpu")
-    return ticket == tiles_per_sample - 1
 
 
 @triton.jit(do_not_specialize=["max_iter"])
@@ -307,19 +190,21 @@ def _gsp_forward_kernel(
     z_ptr, stride_zm, stride_zd,
     pooled_ptr, attr_ptr, weights_ptr, u_ptr,
     logits_ptr, ell_ptr, arrivals_ptr,  # scratch: [B, N, M], [B, N] float32; [B] int32 zeros
+    stride_lb, stride_ln, stride_lm, x_sq_ptr, z_sq_ptr,  # the logits' strides; PARTS > 0: |x|² [B·N], |z|² [M]
     N, M, D, rows_per_tile, tiles_per_sample,
     gamma, snap, inv_total, target, logit_mu, log_mu, log_target, tol, max_iter,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ALL_N: tl.constexpr,
     NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr, NEWTON: tl.constexpr, GAP: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr, POOL_PRECISION: tl.constexpr,
-    SPLIT_HALF: tl.constexpr, NATIVE_HALF_DOT: tl.constexpr,
+    SPLIT_HALF: tl.constexpr, NATIVE_HALF_DOT: tl.constexpr, PARTS: tl.constexpr,
 ):
     """A program per (sample, tile of at most BLOCK_N features): the costs and ℓ of its features;
     the sample's last program to finish then solves u and writes pooled [D], attr [M],
-    weights [N] and u."""
+    weights [N] and u. PARTS > 0 (the gemm strategy): the logits scratch holds the products x·z
+    on entry, as PARTS column blocks of M, and the logits are written over the first block."""
     sample, _tile, row_start, row_end = _sample_tile(tiles_per_sample, rows_per_tile, N)
     x_sample = x_ptr + sample * stride_xb
-    logits_sample = logits_ptr + sample * N * M
+    logits_sample = logits_ptr + sample * stride_lb
     ell_sample = ell_ptr + sample * N
 
     # 1. This tile's logits −γc to scratch, ℓ by online logsumexp over prototype tiles (the
@@ -332,14 +217,15 @@ def _gsp_forward_kernel(
         for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
             protos = m0 + tl.arange(0, BLOCK_M)
             proto_ok = protos < M
-            dots, x_sq, z_sq, _ = _raw_products(
+            dots, x_sq, z_sq, _ = _tile_products(
                 x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, x_sample,
-                rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False,
+                logits_sample, stride_ln, stride_lm, x_sq_ptr + sample * N, x_sq_ptr, z_sq_ptr,
+                rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False, PARTS,
             )
             cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
             logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))  # [BLOCK_N, BLOCK_M]
             tl.store(
-                logits_sample + rows[:, None] * M + protos[None, :], logits,
+                logits_sample + rows[:, None] * stride_ln + protos[None, :] * stride_lm, logits,
                 mask=row_ok[:, None] & proto_ok[None, :],
             )
             new_max = tl.maximum(running_max, tl.max(logits, 1))
@@ -398,7 +284,7 @@ def _gsp_forward_kernel(
                 w, row_ok, ell = _tile_weights(ell_sample, rows, N, u, inv_total, GAP)
                 tl.store(weights_ptr + sample * N + rows, w.to(weights_ptr.dtype.element_ty), mask=row_ok & (m0 == 0))
                 logits = tl.load(
-                    logits_sample + rows[:, None] * M + protos[None, :],
+                    logits_sample + rows[:, None] * stride_ln + protos[None, :] * stride_lm,
                     mask=row_ok[:, None] & proto_ok[None, :], other=-float("inf"), cache_modifier=".cg",
                 )
                 assign = tl.exp(logits - ell[:, None])  # A_ki laid out [i, k]
@@ -416,18 +302,23 @@ def _gsp_backward_kernel(
     coef_ptr, row_coefs_ptr,  # out: V [B, N, M] (raw x·z until pass 2), (β, w) [B, 2, N] float32
     rows_ptr, z_sq_ptr, col_sum_ptr,  # scratch [B, 4, N]; out: |z|² [B, M], Σ_i W_ki [B, M] float32
     tile_sums_ptr, arrivals_ptr,  # scratch: Σ h, Σ h e per tile [B, tiles, 2] float32; [B] int32 zeros
+    stride_cb, stride_cn, stride_cm,  # V's strides
+    x_sq_ptr, x_gy_ptr, z_sq_in_ptr,  # PARTS > 0: |x|², x·gy [B·N], |z|² [M] float32
+    pair_ptr, stride_vb, stride_vn, stride_vm,  # V_PAIR: V as hi, lo [B, N, 2M] in x's dtype (strided)
     N, M, D, rows_per_tile, tiles_per_sample,
     gamma, snap, inv_total,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr, GAP: tl.constexpr,
-    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr, PARTS: tl.constexpr, V_PAIR: tl.constexpr,
 ):
     """A program per (sample, tile of at most BLOCK_N features) for pass 1; the sample's last
     program to finish it runs pass 2: V = W / (d_x d_z) [N, M], the column sums of W [M], and
-    per feature the coefficients of grad_x = β x − V z + w gy (``_grad_x_tile``)."""
+    per feature the coefficients of grad_x = β x − V z + w gy (``_grad_x_tile``). PARTS > 0
+    (the gemm strategy): V's buffer holds the products x·z on entry, as PARTS column blocks of
+    M (``_tile_products``), and V is written over the first block."""
     sample, tile, row_start, row_end = _sample_tile(tiles_per_sample, rows_per_tile, N)
     x_sample = x_ptr + sample * stride_xb
-    coef_sample = coef_ptr + sample * N * M
+    coef_sample = coef_ptr + sample * stride_cb
     ell_row = rows_ptr + sample * 4 * N  # rows scratch: ℓ, ā, e, |x|²
     abar_row = ell_row + N
     e_row = ell_row + 2 * N
@@ -455,11 +346,16 @@ def _gsp_backward_kernel(
         for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
             protos = m0 + tl.arange(0, BLOCK_M)
             proto_ok = protos < M
-            dots, x_sq, z_sq, x_gy = _raw_products(
+            dots, x_sq, z_sq, x_gy = _tile_products(
                 x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_sample,
-                rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, True,
+                coef_sample, stride_cn, stride_cm, x_sq_ptr + sample * N, x_gy_ptr + sample * N, z_sq_in_ptr,
+                rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, True, PARTS,
             )
-            tl.store(coef_sample + rows[:, None] * M + protos[None, :], dots, mask=row_ok[:, None] & proto_ok[None, :])
+            if PARTS != 1:  # one block of given products is in place already
+                tl.store(
+                    coef_sample + rows[:, None] * stride_cn + protos[None, :] * stride_cm, dots,
+                    mask=row_ok[:, None] & proto_ok[None, :],
+                )
             if n0 == 0:
                 tl.store(z_sq_sample + protos, z_sq, mask=proto_ok)
             cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
@@ -513,7 +409,7 @@ def _gsp_backward_kernel(
                 protos = m0 + tl.arange(0, BLOCK_M)
                 proto_ok = protos < M
                 tile_ok = row_ok[:, None] & proto_ok[None, :]
-                tile_ptrs = coef_sample + rows[:, None] * M + protos[None, :]
+                tile_ptrs = coef_sample + rows[:, None] * stride_cn + protos[None, :] * stride_cm
                 dots = tl.load(tile_ptrs, mask=tile_ok, other=0.0, cache_modifier=".cg")
                 z_sq = tl.load(z_sq_sample + protos, mask=proto_ok, other=0.0, cache_modifier=".cg")
                 cost, xz, inv_dz = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
@@ -529,7 +425,13 @@ def _gsp_backward_kernel(
                 previous = tl.load(col_sum_sample + protos, mask=proto_ok & (n0 > 0), other=0.0)
                 tl.debug_barrier()  # every thread has read the products and column sums it overwrites
                 tl.store(col_sum_sample + protos, previous + tl.sum(coef, 0), mask=proto_ok)
-                tl.store(tile_ptrs, coef * inv_dx[:, None] * inv_dz[None, :], mask=tile_ok)
+                coef_v = coef * inv_dx[:, None] * inv_dz[None, :]
+                tl.store(tile_ptrs, coef_v, mask=tile_ok)
+                if V_PAIR:
+                    v_hi, v_lo = _split_half(coef_v, pair_ptr.dtype.element_ty)
+                    pair_ptrs = pair_ptr + sample * stride_vb + rows[:, None] * stride_vn + protos[None, :] * stride_vm
+                    tl.store(pair_ptrs, v_hi, mask=tile_ok)
+                    tl.store(pair_ptrs + M * stride_vm, v_lo, mask=tile_ok)
             tl.debug_barrier()  # the column sums, read back by the next feature tile
 
             # r_i = x̂·gx̂; grad_x = x (S − r·[projects]) / d_x² − V z + w gy = β x − V z + w gy.
@@ -558,8 +460,6 @@ def _grad_x_tile(
     feature = feature_tile * BLOCK_R + tl.arange(0, BLOCK_R)
     feature_ok = feature < total_rows
     col_ok = cols < D
-    sample = (feature // N).to(tl.int64)
-    row = feature % N
     coef_z = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     for k0 in range(0, M, BLOCK_K):
         protos = k0 + tl.arange(0, BLOCK_K)
@@ -573,17 +473,9 @@ def _grad_x_tile(
             mask=proto_ok[:, None] & col_ok[None, :], other=0.0,
         )
         coef_z = _coef_product(v_tile, z_tile, coef_z, SPLIT_BF16, NATIVE_HALF_DOT, PRECISION)
-    tile_ok = feature_ok[:, None] & col_ok[None, :]
-    beta = tl.load(row_coefs_ptr + sample * 2 * N + row, mask=feature_ok, other=0.0)  # [BLOCK_R]
-    w = tl.load(row_coefs_ptr + (sample * 2 + 1) * N + row, mask=feature_ok, other=0.0)
-    x_tile = tl.load(
-        x_ptr + (sample * stride_xb + row * stride_xn)[:, None] + cols[None, :] * stride_xd, mask=tile_ok, other=0.0
-    ).to(tl.float32)
-    gy = tl.load(grad_pooled_ptr + sample[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    grad_x = x_tile * beta[:, None] - coef_z + w[:, None] * gy
-    tl.store(
-        grad_x_ptr + (sample * stride_gb + row * stride_gn)[:, None] + cols[None, :] * stride_gd,
-        grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_ok,
+    _grad_x_epilogue(
+        coef_z, feature, feature_ok, cols, col_ok, row_coefs_ptr,
+        x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd, N, D,
     )
 
 
@@ -625,54 +517,6 @@ def _gsp_coef_x_kernel(
         partial_ptr + (split * M + protos[:, None]).to(tl.int64) * D + cols[None, :], acc,
         mask=proto_ok[:, None] & col_ok[None, :],
     )
-
-
-@triton.jit
-def _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, divisor, w_total):
-    """ẑ_k and gẑ_k = ẑ_k Σ W − d_z Σ_s partial_s,k on the columns `cols` [BLOCK_D]."""
-    z_hat = tl.load(z_row + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32) / divisor
-    coef_x = tl.zeros(cols.shape, tl.float32)
-    for split in range(splits):
-        coef_x += tl.load(partial_ptr + (split * M + k) * D + cols, mask=cols < D, other=0.0)
-    return z_hat, z_hat * w_total - divisor * coef_x
-
-
-@triton.jit
-def _prototype_grad_program(
-    k, partial_ptr, splits, col_sum_ptr, batch, z_ptr, stride_zm, stride_zd, grad_z_ptr, M, D,
-    BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, NORMALIZE: tl.constexpr,
-):
-    """Prototype k (int64): gẑ_k = ẑ_k Σ_b Σ_i W_ki − d_z Σ_s partial_s,k (= Σ W x̂), then the
-    normalization backward (gẑ − (ẑ·gẑ) ẑ [projects]) / d_z; every sum in a fixed order."""
-    col_total = tl.zeros((BLOCK_B,), tl.float32)
-    for b0 in range(0, batch, BLOCK_B):
-        samples = b0 + tl.arange(0, BLOCK_B)
-        col_total += tl.load(col_sum_ptr + samples.to(tl.int64) * M + k, mask=samples < batch, other=0.0)
-    w_total = tl.sum(col_total, 0)
-    z_row = z_ptr + k * stride_zm
-    z_sq = tl.zeros((BLOCK_D,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        z = tl.load(z_row + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32)
-        z_sq += z * z
-    divisor = _row_divisor(tl.sum(z_sq, 0), NORMALIZE)
-    # Pass 1: the radial part ẑ·gẑ; pass 2 recomputes gẑ (cheaper than a scratch row) and writes.
-    radial = tl.zeros((BLOCK_D,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        z_hat, grad_z_hat = _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, divisor, w_total)
-        radial += z_hat * grad_z_hat
-    if NORMALIZE == 0:
-        radial_sum = tl.where(divisor > 1.0, tl.sum(radial, 0), 0.0)
-    elif NORMALIZE == 1:
-        radial_sum = tl.where(divisor > 1e-12, tl.sum(radial, 0), 0.0)
-    else:
-        radial_sum = 0.0
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        z_hat, grad_z_hat = _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, divisor, w_total)
-        grad_z = (grad_z_hat - radial_sum * z_hat) / divisor
-        tl.store(grad_z_ptr + k * D + cols, grad_z.to(grad_z_ptr.dtype.element_ty), mask=cols < D)
 
 
 @triton.jit
@@ -752,14 +596,18 @@ def _sample_tiles(n: int, block_n: int) -> tuple[int, int]:
     return tiles, _cdiv(n, tiles)
 
 
-def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False) -> dict:
-    """The cached table entry for this shape's bucket, then the test override if any; for
-    half-precision inputs, ``maxnreg`` so that ``PROGRAMS_PER_SM`` programs fit per SM whatever
-    the Triton version's code generation (3.6 takes 165-174 registers for the 8-warp kernels
-    that 3.9 builds in 95-106: one program per SM; capped at 128, neither spills)."""
-    config = _tile_config(_next_pow2(n), _next_pow2(m), _next_pow2(d), half, backward)
-    if BLOCK_OVERRIDE:
-        config = {**config, **BLOCK_OVERRIDE}
+def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False, tuned: dict | None = None) -> dict:
+    """The tuned tiles if given (a tuned entry's "forward" or "backward"), else the cached table
+    entry for this shape's bucket; then the test override if any; for half-precision inputs,
+    ``maxnreg`` so that ``PROGRAMS_PER_SM`` programs fit per SM whatever the Triton version's code
+    generation (3.6 takes 165-174 registers for the 8-warp kernels that 3.9 builds in 95-106: one
+    program per SM; capped at 128, neither spills)."""
+    config = tuned or _tile_config(_next_pow2(n), _next_pow2(m), _next_pow2(d), half, backward)
+    return _register_cap({**config, **(BLOCK_OVERRIDE or {})}, half)
+
+
+def _register_cap(config: dict, half: bool) -> dict:
+    """config, with ``maxnreg`` for half-precision launches: ``PROGRAMS_PER_SM`` programs per SM."""
     if half:
         registers_per_thread = _REGISTERS_PER_SM // (PROGRAMS_PER_SM * 32 * config["num_warps"])
         if registers_per_thread < 255:  # a thread's own limit
@@ -792,10 +640,12 @@ def _programs_wanted(device: torch.device) -> int:
     return 4
 
 
-def _gemm_config(total_rows: int, m: int, d: int, device: torch.device) -> dict:
-    """The split-K GEMM's launch: num_warps 4, num_stages 3, programs_wanted from the device,
-    then the tuning override if any; blocks and split from ``_split_k_config``."""
-    gemm = {"num_warps": 4, "num_stages": 3, "programs_wanted": _programs_wanted(device), **(GEMM_OVERRIDE or {})}
+def _gemm_config(total_rows: int, m: int, d: int, device: torch.device, tuned: dict | None = None) -> dict:
+    """The split-K GEMM's launch: num_warps 4, num_stages 3, programs_wanted from the device, or
+    the tuned settings if given (a tuned entry's "coef_x"), then the sweep's override if any;
+    blocks and split from ``_split_k_config``."""
+    gemm = {"num_warps": 4, "num_stages": 3, "programs_wanted": _programs_wanted(device), **(tuned or {}),
+            **(GEMM_OVERRIDE or {})}
     block_k, block_m, block_d, rows_per_split, splits = _split_k_config(
         total_rows, m, d, gemm["programs_wanted"], gemm.get("BLOCK_K"), gemm.get("BLOCK_M"), gemm.get("BLOCK_D")
     )
@@ -842,29 +692,41 @@ def _on_device(device: torch.device):
 
 
 def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision="auto"):
-    """Fused forward: pooled [B, D], attr [B, M], weights [B, N] in x's dtype, u [B] float32."""
+    """pooled [B, D], attr [B, M], weights [B, N] in x's dtype, u [B] float32, by the strategy
+    ``strategy_for`` picks: fused (one launch) or gemm (``_triton_gemm``)."""
     with _on_device(x.device):
-        return _forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision)
+        if strategy_for(x, prototypes, precision) == "gemm":
+            return _triton_gemm.forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision)
+        tiles = (tuned_entry(x, prototypes, precision) or {}).get("forward")
+        config = _launch_config(x.shape[1], prototypes.shape[0], x.shape[2], x.dtype in _HALF_DTYPES, tuned=tiles)
+        logits = x.new_empty((x.shape[0], x.shape[1], prototypes.shape[0]), dtype=torch.float32)  # [B, N, M]
+        options = (mu, gamma, normalize, cost, solver, max_iter, tol, precision)
+        return _per_sample_forward(x, prototypes, *options, config, logits, logits.stride())
 
 
-def _forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision):
+def _per_sample_forward(
+    x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision, config, logits, logits_strides,
+    x_sq=None, z_sq=None, parts=0,
+):
+    """The per-sample forward kernel of both strategies: logits scratch [B, N, M] (strides
+    ``logits_strides``), computing the products itself (parts = 0) or reading them from the
+    scratch, as ``parts`` column blocks of M, with |x|² [B·N] and |z|² [M] (the gemm strategy)."""
     batch, n, d = x.shape
     m = prototypes.shape[0]
     gap = mu >= 1.0
     cast_f32, dot_precision, f32_precision, snap = _resolve_precision(x, prototypes, precision)
-    config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES)
     tiles_per_sample, rows_per_tile = _sample_tiles(n, config["BLOCK_N"])
     pooled = x.new_empty((batch, d))
     attr = x.new_empty((batch, m))
     weights = x.new_empty((batch, n))
     u = torch.empty((batch,), dtype=torch.float32, device=x.device)
-    logits = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)
     ell = torch.empty((batch, n), dtype=torch.float32, device=x.device)
     arrivals = torch.zeros((batch,), dtype=torch.int32, device=x.device)
     logit_mu = 0.0 if gap else math.log(mu) - math.log1p(-mu)
     _gsp_forward_kernel[(batch * tiles_per_sample,)](
         x, *x.stride(), prototypes, *prototypes.stride(),
         pooled, attr, weights, u, logits, ell, arrivals,
+        *logits_strides, logits if x_sq is None else x_sq, logits if z_sq is None else z_sq,
         n, m, d, rows_per_tile, tiles_per_sample,
         float(gamma), snap, 1.0 / (n * mu), mu * n,
         logit_mu, math.log(mu), math.log(mu * n), float(tol), int(max_iter),
@@ -872,46 +734,72 @@ def _forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, p
         NORMALIZE=_NORMALIZE_CODES[normalize], EUCLIDEAN=cost == "euclidean", NEWTON=solver == "newton",
         GAP=gap, CAST_F32=cast_f32, PRECISION=dot_precision,
         POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
-        SPLIT_HALF=x.dtype in _HALF_DTYPES, NATIVE_HALF_DOT=not _INTERPRETED, **config,
+        SPLIT_HALF=x.dtype in _HALF_DTYPES, NATIVE_HALF_DOT=not _INTERPRETED, PARTS=parts, **config,
     )
     return pooled, attr, weights, u
 
 
 def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision="auto"):
-    """grad_x (x's strides and dtype) and grad_prototypes in two launches and one GEMM: the
+    """grad_x (x's strides and dtype) and grad_prototypes, by the strategy ``strategy_for``
+    picks (the same as the forward's for the same inputs). Fused: two launches and one GEMM, the
     per-sample kernel (V, column sums, β and w), the split-K GEMM of the prototype gradient,
     then one launch that finishes both (the prototype epilogue; grad_x as a GEMM over the
     prototypes with its epilogue)."""
     with _on_device(x.device):
-        return _backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision)
+        args = (grad_pooled.contiguous(), grad_attr.contiguous(), grad_weights.contiguous(), x, prototypes, u,
+                mu, gamma, normalize, cost, precision)
+        if strategy_for(x, prototypes, precision) == "gemm":
+            return _triton_gemm.backward(*args)
+        return _backward(*args, tuned=tuned_entry(x, prototypes, precision) or {})
 
 
-def _backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision):
+def _per_sample_backward(
+    grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision, config,
+    coef, coef_strides, x_sq=None, x_gy=None, z_sq=None, parts=0, pair=None, pair_strides=(0, 0, 0),
+):
+    """The per-sample backward kernel of both strategies: V over ``coef`` [B, N, M] (strides
+    ``coef_strides``; with parts > 0 it holds the products on entry, see ``_per_sample_forward``,
+    and |x|², x·gy [B·N], |z|² [M] are given), also as hi + lo into ``pair`` [B, N, 2M] in x's
+    dtype when given; returns (β, w) [B, 2, N] and the per-sample column sums of W [B, M]."""
     batch, n, d = x.shape
     m = prototypes.shape[0]
-    cast_f32, dot_precision, f32_precision, snap = _resolve_precision(x, prototypes, precision)
-    config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES, backward=True)
+    cast_f32, dot_precision, _f32_precision, snap = _resolve_precision(x, prototypes, precision)
     tiles_per_sample, rows_per_tile = _sample_tiles(n, config["BLOCK_N"])
-    native_half_dot = not _INTERPRETED  # the interpreter's tl.dot misreads bfloat16 operands
-    grad_pooled = grad_pooled.contiguous()
-    coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # raw x·z, then V
     row_coefs = torch.empty((batch, 2, n), dtype=torch.float32, device=x.device)  # β, w
     row_scratch = torch.empty((batch, 4, n), dtype=torch.float32, device=x.device)
-    z_sq = torch.empty((batch, m), dtype=torch.float32, device=x.device)
+    z_sq_rows = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     col_sum = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     tile_sums = torch.empty((batch, tiles_per_sample, 2), dtype=torch.float32, device=x.device)
     arrivals = torch.zeros((batch,), dtype=torch.int32, device=x.device)
+    given = (coef, coef, coef) if x_sq is None else (x_sq, x_gy, z_sq)
     _gsp_backward_kernel[(batch * tiles_per_sample,)](
         x, *x.stride(), prototypes, *prototypes.stride(),
-        u.to(torch.float32), grad_pooled, grad_attr.contiguous(), grad_weights.contiguous(),
-        coef, row_coefs, row_scratch, z_sq, col_sum, tile_sums, arrivals,
+        u.to(torch.float32), grad_pooled, grad_attr, grad_weights,
+        coef, row_coefs, row_scratch, z_sq_rows, col_sum, tile_sums, arrivals,
+        *coef_strides, *given, coef if pair is None else pair, *pair_strides,
         n, m, d, rows_per_tile, tiles_per_sample,
         float(gamma), snap, 1.0 / (n * mu),
         NORMALIZE=_NORMALIZE_CODES[normalize], EUCLIDEAN=cost == "euclidean", GAP=mu >= 1.0,
-        CAST_F32=cast_f32, PRECISION=dot_precision, **config,
+        CAST_F32=cast_f32, PRECISION=dot_precision, PARTS=parts, V_PAIR=pair is not None, **config,
+    )
+    return row_coefs, col_sum
+
+
+def _backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision, tuned):
+    """The fused backward; ``tuned``: the tuned entry ({} for none), whose "backward" tiles and
+    "coef_x" GEMM settings replace the built-in ones where given."""
+    batch, n, d = x.shape
+    m = prototypes.shape[0]
+    _, _, f32_precision, _ = _resolve_precision(x, prototypes, precision)
+    config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES, backward=True, tuned=tuned.get("backward"))
+    native_half_dot = not _INTERPRETED  # the interpreter's tl.dot misreads bfloat16 operands
+    coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # raw x·z, then V
+    row_coefs, col_sum = _per_sample_backward(
+        grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision, config,
+        coef, coef.stride(),
     )
     # Σ_b Σ_i W_ki x̂_i = d_z,k Σ_b Σ_i V_ki x_i: one split-K GEMM over all B·N features.
-    gemm = _gemm_config(batch * n, m, d, x.device)
+    gemm = _gemm_config(batch * n, m, d, x.device, tuned=tuned.get("coef_x"))
     splits = gemm["splits"]
     partials = torch.empty((splits, m, d), dtype=torch.float32, device=x.device)
     _gsp_coef_x_kernel[(_cdiv(m, gemm["BLOCK_M"]), _cdiv(d, gemm["BLOCK_D"]), splits)](
@@ -932,9 +820,23 @@ def _backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma,
         prototypes, *prototypes.stride(), grad_z,
         x, *x.stride(), grad_pooled, grad_x, *grad_x.stride(),
         batch * n, n, m, d, col_tiles,
-        BLOCK_ZD=min(_next_pow2(d), 512), BLOCK_B=min(_next_pow2(batch), 256), NORMALIZE=_NORMALIZE_CODES[normalize],
+        BLOCK_ZD=_prototype_block_d(d), BLOCK_B=_prototype_block_b(batch), NORMALIZE=_NORMALIZE_CODES[normalize],
         BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d,
         SPLIT_BF16=prototypes.dtype == torch.bfloat16, NATIVE_HALF_DOT=native_half_dot, PRECISION=f32_precision,
         num_warps=4, num_stages=config["num_stages"],
     )
     return grad_x, grad_z
+
+
+def _prototype_block_d(d: int) -> int:
+    """The prototype epilogue's D tile: the whole row up to 512 columns."""
+    return min(_next_pow2(d), 512)
+
+
+def _prototype_block_b(batch: int) -> int:
+    """The prototype epilogue's tile of per-sample column sums: the whole batch up to 256."""
+    return min(_next_pow2(batch), 256)
+
+
+# The gemm strategy's glue launches the per-sample kernels above (imported last: it imports them).
+from . import _triton_gemm

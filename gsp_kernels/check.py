@@ -1,7 +1,8 @@
 """`gsp-kernels check`: every backend that runs here against the float64 reference.
 
-For each available backend and each dtype (and, for float32 on kernel backends, each
-product precision), run ``gsp_pool`` on fresh random inputs and compare the forward outputs
+For each available backend (the Triton backend once per strategy, ``triton:fused`` and
+``triton:gemm``) and each dtype (and, for float32 on kernel backends, each product precision),
+run ``gsp_pool`` on fresh random inputs and compare the forward outputs
 (pooled, attr, weights) and both gradients (x, prototypes) with the reference computed in
 float64 on the CPU from upcast copies of the same inputs. Errors are ‖out − ref‖ / ‖ref‖,
 judged against SPEC.md's tolerances.
@@ -9,10 +10,12 @@ judged against SPEC.md's tolerances.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import tuning
 from .backends import available_backends, get_backend
 from .ops import gsp_pool
 
@@ -106,8 +109,38 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out64 - ref64).norm() / ref64.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
 
 
-def run_with_grads(x, prototypes, grads, case: Case, backend: str, precision: str) -> dict[str, torch.Tensor]:
-    """Forward with weights, then backward of Σ pooled·gy + attr·ga + weights·gw."""
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """'triton:gemm' -> ('triton', 'gemm'); 'cuda' -> ('cuda', None). Only triton takes a strategy."""
+    backend, _, strategy = spec.partition(":")
+    if strategy and (backend != "triton" or strategy not in tuning.STRATEGIES):
+        raise ValueError(f"{spec!r}: only triton takes a strategy, one of {tuning.STRATEGIES}")
+    return backend, strategy or None
+
+
+def expand_specs(backends: list[str]) -> list[str]:
+    """Backends as checked: plain 'triton' becomes one spec per strategy."""
+    return [spec for name in backends
+            for spec in ([f"triton:{s}" for s in tuning.STRATEGIES] if name == "triton" else [name])]
+
+
+def _strategy(strategy: str | None):
+    """The Triton strategy forced for a call (nothing for other backends)."""
+    if strategy is None:
+        return contextlib.nullcontext()
+    from . import _triton
+
+    return _triton.use_strategy(strategy)
+
+
+def run_with_grads(x, prototypes, grads, case: Case, spec: str, precision: str) -> dict[str, torch.Tensor]:
+    """Forward with weights, then backward of Σ pooled·gy + attr·ga + weights·gw, by the backend
+    (and Triton strategy) that ``spec`` names."""
+    backend, strategy = split_spec(spec)
+    with _strategy(strategy):
+        return _run_with_grads(x, prototypes, grads, case, backend, precision)
+
+
+def _run_with_grads(x, prototypes, grads, case: Case, backend: str, precision: str) -> dict[str, torch.Tensor]:
     x = x.detach().requires_grad_()
     prototypes = prototypes.detach().requires_grad_()
     pooled, attr, weights = gsp_pool(
@@ -130,18 +163,18 @@ def run_with_grads(x, prototypes, grads, case: Case, backend: str, precision: st
     }
 
 
-def why_not(backend: str, x: torch.Tensor, prototypes: torch.Tensor, precision: str) -> str | None:
-    """None if `backend` runs this call here, else the reason (import, device or case)."""
+def why_not(spec: str, x: torch.Tensor, prototypes: torch.Tensor, precision: str) -> str | None:
+    """None if the backend of `spec` runs this call here, else the reason (import, device or case)."""
     try:
-        module = get_backend(backend)
+        module = get_backend(split_spec(spec)[0])
     except ValueError as exc:
         return str(exc)
     return module.availability(x.device) or module.unsupported(x, prototypes, "newton", "lipschitz", "euclidean", precision)
 
 
-def precisions_for(backend: str, dtype_name: str) -> tuple[str, ...]:
+def precisions_for(spec: str, dtype_name: str) -> tuple[str, ...]:
     """The reference ignores precision; kernel backends are checked at IEEE and TF32 in float32."""
-    if backend != "reference" and dtype_name == "float32":
+    if split_spec(spec)[0] != "reference" and dtype_name == "float32":
         return ("ieee", "tf32")
     return ("auto",)
 
@@ -153,11 +186,12 @@ def run_check(
     device: torch.device | str | None = None,
     seed: int = 0,
 ) -> list[CheckRow]:
-    """Compare each (backend, dtype, precision, case) with the float64 CPU reference."""
+    """Compare each (backend, dtype, precision, case) with the float64 CPU reference; backends
+    may name a Triton strategy ('triton:gemm'), plain 'triton' checks each."""
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
-    backends = backends or available_backends(device)
+    backends = expand_specs(backends or available_backends(device))
     dtypes = dtypes or list(DTYPES)
     generator = torch.Generator().manual_seed(seed)
     rows = []

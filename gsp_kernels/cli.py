@@ -50,7 +50,12 @@ def _backend_specs(text: str) -> list[str]:
 
 
 def _backend_names(text: str) -> list[str]:
-    return _known(_csv(text), BACKENDS, "backend(s)")
+    """'reference,triton:gemm' -> the names, each a known backend (triton may name a strategy)."""
+    from .check import split_spec
+
+    names = _csv(text)
+    _known([split_spec(name)[0] for name in names], BACKENDS, "backend(s)")
+    return names
 
 
 def _dtypes(text: str) -> list[str]:
@@ -213,7 +218,7 @@ def cmd_info(args) -> int:
 
 
 def _add_training_commands(subparsers) -> None:
-    """`train` and `demo` from gsp_kernels.training.cli, or stubs that say why they are missing."""
+    """`train`, `evaluate` and `demo` from gsp_kernels.training.cli, or stubs that say why they are missing."""
     try:
         from .training.cli import register
     except ImportError as exc:
@@ -226,7 +231,8 @@ def _add_training_commands(subparsers) -> None:
             print(f"gsp-kernels {args.command}: {reason}", file=sys.stderr)
             return 2
 
-        for name, help_text in (("train", "train a metric-learning model with GSP"), ("demo", "end-to-end demo")):
+        for name, help_text in (("train", "train a metric-learning model with GSP"), ("evaluate", "evaluate saved models"),
+                                ("demo", "end-to-end demo")):
             stub = subparsers.add_parser(name, help=f"{help_text} ({reason})")
             stub.set_defaults(func=unavailable)
         return
@@ -241,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = subparsers.add_parser("check", help="compare every available backend with the float64 reference")
     check.add_argument("--backends", type=_arg_type(_backend_names),
-                       help="comma-separated backends (default: all available here)")
+                       help="comma-separated backends (default: all available here; triton checks both strategies, "
+                       "triton:fused or triton:gemm one)")
     check.add_argument("--dtypes", type=_arg_type(_dtypes),
                        help="comma-separated dtypes (default: float64,float32,bfloat16,float16)")
     check.add_argument("--device", help="device to run the backends on (default: cuda if present, else cpu)")

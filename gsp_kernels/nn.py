@@ -1,9 +1,15 @@
 """`GSP`: Generalized Sum Pooling as an ``nn.Module`` that replaces global average pooling.
 
-The layer takes a backbone map ``[B, C, H, W]``, projects every position to the embedding
-space with a 1x1 convolution (the weights of a ``Linear(C, E)``, as in the paper's code),
-and pools the projected map with ``gsp_pool`` against M learnable prototypes.
-``replace_global_pool`` swaps the pooling of a torchvision ResNet or a timm model for it.
+The layer takes a backbone's local features, a CNN map ``[B, C, H, W]``, a token sequence
+``[B, N, C]`` or ``PatchTokens`` (a vision transformer's patch tokens with their grid),
+projects every feature to the embedding space with a ``Linear(C, E)`` (applied as a 1x1
+convolution to maps, as in the paper's code), and pools the projected features with
+``gsp_pool`` against M learnable prototypes. Transport always happens in the projected space.
+
+Options from the authors' code, all off by default (``pooling_method``, ``augment_max_pool``,
+``memory_size``), and the prototype initializations (a batch's local features, a warm-up
+memory of pooled embeddings, class proxies) are described in ``GSP``.
+``replace_global_pool`` swaps the pooling of a timm or torchvision model for the layer.
 """
 
 from __future__ import annotations
@@ -11,13 +17,17 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _reference
+from .backbones import PatchTokens, backbone_from_model
 from .ops import gsp_pool
 
 DEFAULT_NUM_PROTOTYPES = 64
+POOLING_METHODS = ("sum", "gem", "max")
+GEM_CLAMP = 1e-6  # generalized-mean inputs are clamped here (the authors' value)
 
 
 class GSPOutput(NamedTuple):
@@ -26,8 +36,10 @@ class GSPOutput(NamedTuple):
     embedding: ``[B, E]`` pooled embedding (not normalized; metric losses normalize it).
     attributes: ``[B, M]`` share of the transported mass per prototype (rows sum to 1),
         the input of ``ZeroShotPredictionLoss`` (None from heads without prototypes, such
-        as the GAP baseline of ``gsp_kernels.training.models``).
-    weights: ``[B, H, W]`` pooling weights (sum to 1 per sample) when asked for, else None.
+        as the GAP baseline of ``gsp_kernels.training.models``; zeros while a ``GSP`` with a
+        warm-up memory still pools by averaging).
+    weights: pooling weights (sum to 1 per sample) when asked for, else None: ``[B, H, W]``
+        for a map, ``[B, h, w]`` for tokens with a known grid, else ``[B, N]``.
     """
 
     embedding: Tensor
@@ -59,17 +71,86 @@ def kcenter_indices(points: Tensor, k: int, start_index: int = 0) -> Tensor:
     return chosen
 
 
+def local_features(features: Tensor | PatchTokens, grid: tuple[int, int] | None = None) -> tuple[Tensor, tuple[int, int] | None]:
+    """``(tokens [B, N, C], grid)`` of a backbone's output: a map ``[B, C, H, W]`` (a view,
+    grid ``(H, W)``), tokens ``[B, N, C]`` (grid as given, checked against N, or None) or
+    ``PatchTokens`` (its grid)."""
+    if isinstance(features, PatchTokens):
+        if grid is not None and tuple(grid) != tuple(features.grid):
+            raise ValueError(f"grid {tuple(grid)} contradicts the PatchTokens grid {tuple(features.grid)}")
+        features, grid = features.tokens, features.grid
+    if not isinstance(features, Tensor):
+        raise TypeError(f"GSP expects a Tensor or PatchTokens, got {type(features).__name__}")
+    if features.dim() == 4:
+        if grid is not None:
+            raise ValueError("grid is for token sequences [B, N, C]; a map [B, C, H, W] has its own")
+        return features.flatten(2).transpose(1, 2), (features.shape[2], features.shape[3])
+    if features.dim() != 3:
+        raise ValueError(
+            f"GSP expects a backbone map [B, C, H, W] or tokens [B, N, C] (or PatchTokens), got shape {tuple(features.shape)}"
+        )
+    if grid is not None:
+        if len(grid) != 2 or any(isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in grid):
+            raise ValueError(f"grid must be two positive ints (h, w), got {grid!r}")
+        if grid[0] * grid[1] != features.shape[1]:
+            raise ValueError(
+                f"{features.shape[1]} tokens do not fill a {grid[0]}x{grid[1]} grid ({grid[0] * grid[1]} positions); "
+                "drop the prefix (class, distillation, register) tokens first"
+            )
+        grid = (grid[0], grid[1])
+    return features, grid
+
+
+def uniform_weights(tokens: Tensor, grid: tuple[int, int] | None) -> Tensor:
+    """Average-pooling weights ``1/N`` of ``tokens`` ``[B, N, C]``: ``[B, h, w]`` on a grid, else ``[B, N]``."""
+    batch, count = tokens.shape[:2]
+    shape = (batch, *grid) if grid is not None else (batch, count)
+    return tokens.new_full(shape, 1.0 / count)
+
+
+def _gathered_across_ranks(rows: Tensor) -> Tensor:
+    """``rows`` ``[b, E]`` of every rank, in rank order (``rows`` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)
+
+
 class GSP(nn.Module):
-    """Generalized Sum Pooling head: ``[B, C, H, W]`` backbone map -> ``GSPOutput``.
+    """Generalized Sum Pooling head: local features -> ``GSPOutput``.
+
+    Input: a map ``[B, C, H, W]``, tokens ``[B, N, C]`` (``grid=(h, w)`` to get the weights on
+    the grid), or ``PatchTokens``. Every feature is projected by one ``Linear(C, E)``; transport,
+    prototypes and the default pooling live in the projected space.
 
     Args:
-        in_channels: C, channels of the backbone map.
-        embedding_dim: E, size of the embedding (the 1x1 projection's output).
+        in_channels: C, channels of the backbone's features.
+        embedding_dim: E, size of the embedding (the projection's output).
         num_prototypes: M (the paper uses 64, and 128 above 1000 training classes).
         transport_ratio: mu in (0, 1]: share of the feature mass pooled (1 is GAP).
         gamma: inverse temperature of the transport plan.
         normalize, cost: as in ``gsp_pool`` (cost-side normalization, distance).
         backend: ``gsp_pool`` backend ("auto", "reference", "triton", "cuda").
+        pooling_method: how the transport weights w (summing to 1) pool, with the authors' mixing
+            weights N·w_i: "sum" (default): Σ_i w_i P(x_i), the paper's layer (their 'gap');
+            "gem": P(GeM), GeM_c = (mean_i max(N·w_i·x_ic, 1e-6)^p)^(1/p) over the *backbone*
+            features with a learnable power p (their TensorFlow ``use_gemp``, ResNet-50 config);
+            "max": P(max_i N·w_i·x_i) over the backbone features (their PyTorch layer's 'gmp').
+            P is the projection (with its bias).
+        gem_power: initial p of "gem" (the authors' 3).
+        augment_max_pool: add W·max_i x_i, the projected global max pool of the backbone
+            features (the projection's weight, no second bias), to the embedding (their
+            ``augment_max_pool``, BN-Inception and large configs).
+        memory_size: 0 (default) uses the prototypes from the first forward. K > 0: the
+            authors' TensorFlow warm-up: the layer averages (GAP of the projected features,
+            zero attributes) and, in training mode after ``warm_up_steps`` forwards, stores the
+            pooled embeddings (all ranks' under torch.distributed) until K are stored; then
+            greedy k-center over them picks the prototypes, once, and GSP pooling starts. An
+            explicit ``init_prototypes_*`` call ends the warm-up too. While warming up, each
+            forward reads one flag from the device (a sync); afterwards none.
+        warm_up_steps: training forwards before the memory starts filling (0 for pair losses,
+            about an epoch for proxy losses in the authors' configs).
     """
 
     def __init__(
@@ -83,11 +164,19 @@ class GSP(nn.Module):
         normalize: str = "lipschitz",
         cost: str = "euclidean",
         backend: str = "auto",
+        pooling_method: str = "sum",
+        gem_power: float = 3.0,
+        augment_max_pool: bool = False,
+        memory_size: int = 0,
+        warm_up_steps: int = 0,
     ):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("embedding_dim", embedding_dim), ("num_prototypes", num_prototypes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("memory_size", memory_size), ("warm_up_steps", warm_up_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not 0.0 < transport_ratio <= 1.0:
             raise ValueError(f"transport_ratio must be in (0, 1], got {transport_ratio}")
         if not gamma > 0.0:
@@ -96,15 +185,34 @@ class GSP(nn.Module):
             raise ValueError(f"normalize must be one of {_reference.NORMALIZE_MODES}, got {normalize!r}")
         if cost not in _reference.COST_MODES:
             raise ValueError(f"cost must be one of {_reference.COST_MODES}, got {cost!r}")
+        if pooling_method not in POOLING_METHODS:
+            raise ValueError(f"pooling_method must be one of {POOLING_METHODS}, got {pooling_method!r}")
+        if not gem_power > 0.0:
+            raise ValueError(f"gem_power must be > 0, got {gem_power}")
+        if not isinstance(augment_max_pool, bool):
+            raise ValueError(f"augment_max_pool must be a bool, got {augment_max_pool!r}")
+        if 0 < memory_size < num_prototypes:
+            raise ValueError(f"memory_size must be 0 or at least num_prototypes ({num_prototypes}), got {memory_size}")
         self.transport_ratio = float(transport_ratio)
         self.gamma = float(gamma)
         self.normalize = normalize
         self.cost = cost
         self.backend = backend
-        # A Linear's weights applied as a 1x1 convolution (Linear's default init).
+        self.pooling_method = pooling_method
+        self.augment_max_pool = augment_max_pool
+        self.memory_size = memory_size
+        self.warm_up_steps = warm_up_steps
         self.projection = nn.Linear(in_channels, embedding_dim)
         # Default init: random directions of norm ~1, the scale of lipschitz-normalized features.
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, embedding_dim) / embedding_dim**0.5)
+        self.gem_power = nn.Parameter(torch.tensor(float(gem_power))) if pooling_method == "gem" else None
+        self._ready_cache = memory_size == 0
+        if memory_size:
+            self.register_buffer("memory", torch.zeros(memory_size, embedding_dim))  # [K, E] pooled embeddings
+            self.register_buffer("memory_filled", torch.zeros((), dtype=torch.long))
+            self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))
+            self.register_buffer("prototypes_ready", torch.zeros((), dtype=torch.bool))
+            self.register_load_state_dict_post_hook(_forget_ready_cache)
 
     @property
     def in_channels(self) -> int:
@@ -119,26 +227,45 @@ class GSP(nn.Module):
         return self.prototypes.shape[0]
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"in_channels={self.in_channels}, embedding_dim={self.embedding_dim}, "
             f"num_prototypes={self.num_prototypes}, transport_ratio={self.transport_ratio}, "
-            f"gamma={self.gamma}, normalize={self.normalize!r}, cost={self.cost!r}, backend={self.backend!r}"
+            f"gamma={self.gamma}, normalize={self.normalize!r}, cost={self.cost!r}, backend={self.backend!r}, "
+            f"pooling_method={self.pooling_method!r}"
         )
+        if self.augment_max_pool:
+            text += ", augment_max_pool=True"
+        if self.memory_size:
+            text += f", memory_size={self.memory_size}, warm_up_steps={self.warm_up_steps}"
+        return text
 
-    def project(self, feature_map: Tensor) -> Tensor:
-        """``[B, C, H, W]`` -> ``[B, E, H, W]``: the 1x1 projection of every position."""
-        if feature_map.dim() != 4:
-            raise ValueError(f"GSP expects a backbone map [B, C, H, W], got shape {tuple(feature_map.shape)}")
-        if feature_map.shape[1] != self.in_channels:
-            raise ValueError(f"GSP was built for {self.in_channels} channels, got a map with {feature_map.shape[1]}")
-        weight = self.projection.weight[:, :, None, None]  # [E, C, 1, 1]
-        return F.conv2d(feature_map, weight, self.projection.bias)
+    def _projected(self, features: Tensor) -> Tensor:
+        """A map ``[B, C, H, W]`` -> ``[B, E, H, W]`` (1x1 convolution), tokens ``[B, N, C]`` -> ``[B, N, E]``."""
+        if features.shape[-1 if features.dim() == 3 else 1] != self.in_channels:
+            raise ValueError(f"GSP was built for {self.in_channels} channels, got features of shape {tuple(features.shape)}")
+        if features.dim() == 4:
+            return F.conv2d(features, self.projection.weight[:, :, None, None], self.projection.bias)
+        return self.projection(features)
 
-    def forward(self, feature_map: Tensor, return_weights: bool = False) -> GSPOutput:
-        """Pool ``[B, C, H, W]``; returns ``GSPOutput(embedding [B, E], attributes [B, M],
-        weights [B, H, W] or None)``."""
-        projected = self.project(feature_map)  # [B, E, H, W]
-        # Under autocast the map is bf16/fp16 and the prototypes stay float32: gsp_pool
+    def project(self, features: Tensor | PatchTokens) -> Tensor:
+        """The projection of every local feature: a map ``[B, C, H, W]`` -> ``[B, E, H, W]``,
+        tokens ``[B, N, C]`` (or ``PatchTokens``) -> ``[B, N, E]``."""
+        if isinstance(features, PatchTokens):
+            features = features.tokens
+        local_features(features)  # validates the shape
+        return self._projected(features)
+
+    def forward(self, features: Tensor | PatchTokens, return_weights: bool = False, grid: tuple[int, int] | None = None) -> GSPOutput:
+        """Pool local features; returns ``GSPOutput(embedding [B, E], attributes [B, M], weights)``
+        with weights ``[B, H, W]`` / ``[B, h, w]`` / ``[B, N]`` (see ``GSPOutput``) or None."""
+        tokens, grid = local_features(features, grid)  # [B, N, C]
+        if isinstance(features, PatchTokens):
+            features = features.tokens
+        projected = self._projected(features)  # [B, E, H, W] or [B, N, E]
+        if not self._prototypes_ready():
+            return self._warm_up_forward(tokens, projected, grid, return_weights)
+        pools_backbone = self.pooling_method != "sum"
+        # Under autocast the features are bf16/fp16 and the prototypes stay float32: gsp_pool
         # computes in float32 either way and returns each gradient in its input's dtype.
         result = gsp_pool(
             projected,
@@ -148,29 +275,86 @@ class GSP(nn.Module):
             normalize=self.normalize,
             cost=self.cost,
             backend=self.backend,
-            return_weights=return_weights,
+            return_weights=return_weights or pools_backbone,
         )
-        weights = result[2] if return_weights else None
-        return GSPOutput(result[0], result[1], weights)
+        embedding, attributes = result[0], result[1]  # [B, E], [B, M]
+        if pools_backbone:  # gradients reach the plan through the weights
+            embedding = self._pool_backbone(tokens, result[2].reshape(tokens.shape[:2]))
+        if self.augment_max_pool:
+            embedding = embedding + self._max_pool_term(tokens)
+        weights = None
+        if return_weights:
+            weights = result[2] if grid is None or result[2].dim() == 3 else result[2].view(tokens.shape[0], *grid)
+        return GSPOutput(embedding, attributes, weights)
+
+    def _pool_backbone(self, tokens: Tensor, weights: Tensor) -> Tensor:
+        """``pooling_method`` "gem" or "max" of the backbone tokens ``[B, N, C]`` with the
+        mixing weights N·w_i (w ``[B, N]``), then the projection: ``[B, E]``."""
+        compute = torch.promote_types(tokens.dtype, torch.float32)  # GeM's powers in at least float32
+        mixed = tokens.to(compute) * (weights.to(compute) * tokens.shape[1]).unsqueeze(-1)  # [B, N, C]
+        if self.pooling_method == "max":
+            pooled = mixed.amax(dim=1)  # [B, C]
+        else:
+            power = self.gem_power.to(compute)
+            pooled = mixed.clamp_min(GEM_CLAMP).pow(power).mean(dim=1).pow(1.0 / power)  # [B, C]
+        return self.projection(pooled.to(tokens.dtype))
+
+    def _max_pool_term(self, tokens: Tensor) -> Tensor:
+        """W·max_i x_i ``[B, E]``: the projected global max pool (weight only; the embedding has the bias)."""
+        return F.linear(tokens.amax(dim=1), self.projection.weight)
+
+    def _prototypes_ready(self) -> bool:
+        if not self._ready_cache:
+            self._ready_cache = bool(self.prototypes_ready)  # one device read per forward while warming up
+        return self._ready_cache
+
+    def _warm_up_forward(self, tokens: Tensor, projected: Tensor, grid, return_weights: bool) -> GSPOutput:
+        """GAP of the projected features while the prototype memory fills (training mode)."""
+        embedding = projected.mean(dim=(2, 3)) if projected.dim() == 4 else projected.mean(dim=1)  # [B, E]
+        if self.augment_max_pool:
+            embedding = embedding + self._max_pool_term(tokens)
+        if self.training:
+            self._remember(embedding.detach())
+        # A zero-weighted touch of every parameter that GSP pooling uses, so that
+        # DistributedDataParallel (without find_unused_parameters) sees them all used.
+        touched = self.prototypes.sum() + (self.gem_power if self.gem_power is not None else 0.0)
+        embedding = embedding + 0.0 * touched
+        attributes = embedding.new_zeros(embedding.shape[0], self.num_prototypes)  # [B, M]
+        return GSPOutput(embedding, attributes, uniform_weights(tokens, grid) if return_weights else None)
 
     @torch.no_grad()
-    def init_prototypes_kcenter(self, feature_maps: Tensor, start_index: int = 0) -> Tensor:
-        """Set the prototypes to M of the projected local features of a batch, picked by
-        greedy k-center (the paper's initialization).
+    def _remember(self, embeddings: Tensor) -> None:
+        """Count a training forward; after the warm-up steps, store ``embeddings`` ``[B, E]``
+        (every rank's) in the memory and pick the prototypes once it is full."""
+        self.training_steps += 1
+        if int(self.training_steps) <= self.warm_up_steps:
+            return
+        embeddings = _gathered_across_ranks(embeddings.to(self.memory.dtype))
+        filled = int(self.memory_filled)
+        take = min(embeddings.shape[0], self.memory_size - filled)
+        self.memory[filled : filled + take] = embeddings[:take]
+        self.memory_filled += take
+        if filled + take == self.memory_size:
+            self.init_prototypes_kcenter(self.memory)
 
-        feature_maps: backbone maps ``[B, C, H, W]`` (projected here) giving B*H*W
-        candidates, or embedding-space vectors ``[P, E]`` used as they are. Distances are
-        measured after the layer's cost normalization. Returns the chosen indices ``[M]``.
+    @torch.no_grad()
+    def init_prototypes_kcenter(self, features: Tensor | PatchTokens, start_index: int = 0) -> Tensor:
+        """Set the prototypes to M candidate vectors picked by greedy k-center (the paper's
+        initialization), measured after the layer's cost normalization; ends any warm-up.
+
+        features: a batch's backbone features (a map ``[B, C, H, W]``, tokens ``[B, N, C]`` or
+        ``PatchTokens``, projected here: B*N candidates), or embedding-space vectors
+        ``[P, E]`` used as they are. Returns the chosen indices ``[M]``.
         """
-        if feature_maps.dim() == 4:
-            vectors = self.project(feature_maps).flatten(2).transpose(1, 2).reshape(-1, self.embedding_dim)  # [B*H*W, E]
-        elif feature_maps.dim() == 2 and feature_maps.shape[1] == self.embedding_dim:
-            vectors = feature_maps
+        if isinstance(features, Tensor) and features.dim() == 2:
+            if features.shape[1] != self.embedding_dim:
+                raise ValueError(
+                    f"expected backbone features [B, {self.in_channels}, H, W] / [B, N, {self.in_channels}] "
+                    f"or vectors [P, {self.embedding_dim}], got shape {tuple(features.shape)}"
+                )
+            vectors = features
         else:
-            raise ValueError(
-                f"expected backbone maps [B, {self.in_channels}, H, W] or vectors [P, {self.embedding_dim}], "
-                f"got shape {tuple(feature_maps.shape)}"
-            )
+            vectors = local_features(self.project(features))[0].reshape(-1, self.embedding_dim)  # [B*N, E]
         vectors = vectors.float()
         if vectors.shape[0] < self.num_prototypes:
             raise ValueError(f"{self.num_prototypes} prototypes need at least as many candidate vectors, got {vectors.shape[0]}")
@@ -179,85 +363,58 @@ class GSP(nn.Module):
         normalized, _ = _reference.normalize_rows(vectors, self.normalize)
         indices = kcenter_indices(normalized, self.num_prototypes, start_index)
         self.prototypes.copy_(vectors[indices].to(self.prototypes))
+        if self.memory_size:
+            self.prototypes_ready.fill_(True)
+            self._ready_cache = True
         return indices
+
+    def init_prototypes_from_proxies(self, proxies: Tensor, start_index: int = 0) -> Tensor:
+        """Greedy k-center over class proxies ``[P, E]`` (e.g. a proxy loss's ``proxies`` or a
+        classifier's weight rows; the authors' PyTorch initialization). Returns the indices ``[M]``."""
+        if not isinstance(proxies, Tensor) or proxies.dim() != 2 or proxies.shape[1] != self.embedding_dim:
+            shape = tuple(proxies.shape) if isinstance(proxies, Tensor) else type(proxies).__name__
+            raise ValueError(f"proxies must be [P, {self.embedding_dim}] (one embedding per class), got {shape}")
+        if proxies.shape[0] < self.num_prototypes:
+            raise ValueError(f"{self.num_prototypes} prototypes need at least as many proxies (classes), got {proxies.shape[0]}")
+        return self.init_prototypes_kcenter(proxies.detach(), start_index)
+
+
+def _forget_ready_cache(module: GSP, _incompatible_keys) -> None:
+    """After ``load_state_dict``, read the loaded ``prototypes_ready`` flag again."""
+    module._ready_cache = False
 
 
 class GSPNet(nn.Module):
-    """A backbone whose global pooling and classifier are replaced by a ``GSP`` layer.
+    """A backbone (images -> local features, see ``gsp_kernels.backbones``) whose global pooling
+    and classifier are replaced by a ``GSP`` layer; forward returns ``GSPOutput``."""
 
-    ``trunk`` maps images to a backbone map ``[B, C, H, W]`` (through its
-    ``forward_features`` when ``use_forward_features``, as for a timm model); forward returns
-    ``GSPOutput``.
-    """
-
-    def __init__(self, trunk: nn.Module, gsp: GSP, use_forward_features: bool = False):
+    def __init__(self, trunk: nn.Module, gsp: GSP):
         super().__init__()
         self.trunk = trunk
         self.gsp = gsp
-        self.use_forward_features = use_forward_features
 
-    def features(self, images: Tensor) -> Tensor:
-        """Images -> backbone map ``[B, C, H, W]``."""
-        return self.trunk.forward_features(images) if self.use_forward_features else self.trunk(images)
+    def features(self, images: Tensor) -> Tensor | PatchTokens:
+        """Images -> the backbone's local features (a map, or ``PatchTokens``)."""
+        return self.trunk(images)
 
     def forward(self, images: Tensor, return_weights: bool = False) -> GSPOutput:
-        """Images -> ``GSPOutput`` of the GSP head on the backbone map."""
+        """Images -> ``GSPOutput`` of the GSP head on the backbone's features."""
         return self.gsp(self.features(images), return_weights=return_weights)
 
 
-def _linear_in_features(head: nn.Module) -> int | None:
-    """in_features of a Linear head, or of the first Linear inside a head module."""
-    if isinstance(head, nn.Linear):
-        return head.in_features
-    for module in head.modules():
-        if isinstance(module, nn.Linear):
-            return module.in_features
-    return None
-
-
 def replace_global_pool(model: nn.Module, embedding_dim: int, *, in_channels: int | None = None, **gsp_kwargs) -> GSPNet:
-    """Swap the global average pooling (and classifier) of a CNN for a ``GSP`` layer.
+    """Swap the global pooling (and classifier) of an image model for a ``GSP`` layer.
 
-    Supported structures:
-      - torchvision style: children run in order, with an ``avgpool`` child followed by the
-        classifier (``fc``, as in ResNet). The trunk is the children before ``avgpool``.
-      - timm style: ``forward_features`` gives the map, ``global_pool``/``forward_head``
-        pool and classify; the classifier is removed with ``reset_classifier(0, "")``.
-
-    The returned ``GSPNet`` shares the backbone's parameters with ``model``. ``in_channels``
-    is read from the classifier (``fc.in_features``) or ``num_features`` unless given.
-    ``gsp_kwargs`` go to ``GSP`` (num_prototypes, transport_ratio, gamma, ...).
+    Supported (``gsp_kernels.backbones.backbone_from_model``): timm models, CNNs (ResNet,
+    ConvNeXt, EfficientNet, ...) and vision transformers (ViT, DeiT, DINO/DINOv2, register
+    tokens: the prefix tokens are not pooled, the grid comes from the patch embedding at the
+    images' size), torchvision's ``VisionTransformer``, and torchvision CNNs with an ``avgpool``
+    child (ResNet). The returned ``GSPNet`` shares the backbone's parameters with ``model``;
+    ``in_channels`` defaults to the backbone's ``num_features``; ``gsp_kwargs`` go to ``GSP``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if hasattr(model, "forward_features") and (hasattr(model, "global_pool") or hasattr(model, "forward_head")):
-        if in_channels is None:
-            in_channels = getattr(model, "num_features", None)
-        if hasattr(model, "reset_classifier"):
-            model.reset_classifier(0, "")  # drop the classifier so DDP sees no unused parameters
-        gsp = _build_gsp(in_channels, embedding_dim, gsp_kwargs, model)
-        return GSPNet(model, gsp, use_forward_features=True)
-    names = [name for name, _ in model.named_children()]
-    if "avgpool" in names:
-        pool_position = names.index("avgpool")
-        if in_channels is None:
-            for head_name in names[pool_position + 1 :]:
-                in_channels = _linear_in_features(getattr(model, head_name))
-                if in_channels is not None:
-                    break
-        trunk = nn.Sequential(*(child for _, child in list(model.named_children())[:pool_position]))
-        return GSPNet(trunk, _build_gsp(in_channels, embedding_dim, gsp_kwargs, model))
-    raise ValueError(
-        f"{type(model).__name__} has neither an 'avgpool' child (torchvision style) nor "
-        "'forward_features' with 'global_pool'/'forward_head' (timm style)"
-    )
-
-
-def _build_gsp(in_channels, embedding_dim, gsp_kwargs, model) -> GSP:
-    if in_channels is None:
-        raise ValueError(f"could not infer the channels of {type(model).__name__}'s map; pass in_channels")
+    backbone = backbone_from_model(model)
+    gsp = GSP(backbone.num_features if in_channels is None else in_channels, embedding_dim, **gsp_kwargs)
     reference = next(model.parameters(), None)
-    gsp = GSP(in_channels, embedding_dim, **gsp_kwargs)
     if reference is not None:
         gsp = gsp.to(device=reference.device, dtype=reference.dtype)
-    return gsp
+    return GSPNet(backbone, gsp)

@@ -22,6 +22,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def single_thread():
+    """One torch CPU thread for the test: tiny models run as fast on one, and stay fast when other
+    jobs load the CPUs (a module opts in with ``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64 (SPEC.md's metric); NaN anywhere gives inf."""
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()

@@ -28,6 +28,32 @@ def test_check_passes_for_the_reference():
     assert all(row.status == "pass" for row in rows), [r for r in rows if r.status != "pass"]
 
 
+@pytest.mark.skipif(_triton is None, reason="triton not installed")
+def test_check_runs_each_triton_strategy():
+    """Plain 'triton' is checked once per strategy (each really forced), 'triton:gemm' alone."""
+    if _triton.availability(torch.device("cpu")) is not None:
+        pytest.skip(_triton.availability(torch.device("cpu")))
+    tiny = (Case(2, 7, 9, 3, gamma=5.0, transport_ratio=0.3, clustered=False),)
+    seen = []
+    original = _triton.strategy_for
+
+    def spy(*args):
+        seen.append(original(*args))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_triton, "strategy_for", spy)
+        rows = run_check(backends=["triton"], dtypes=["float32"], cases=tiny, device="cpu")
+    assert [(row.backend, row.precision) for row in rows] == [
+        (f"triton:{strategy}", precision) for strategy in _triton.STRATEGIES for precision in ("ieee", "tf32")]
+    assert all(row.status == "pass" for row in rows), [r for r in rows if r.status != "pass"]
+    assert set(seen) == set(_triton.STRATEGIES)
+    rows = run_check(backends=["triton:gemm"], dtypes=["float32"], cases=tiny, device="cpu")
+    assert {row.backend for row in rows} == {"triton:gemm"}
+    with pytest.raises(ValueError, match="only triton takes a strategy"):
+        run_check(backends=["cuda:gemm"], cases=tiny, device="cpu")
+
+
 def test_check_command_exit_code_and_json(tmp_path, capsys):
     out = tmp_path / "check.json"
     code = cli.main(["check", "--backends", "reference", "--dtypes", "float32,bfloat16", "--json", str(out)])

@@ -79,15 +79,16 @@ def check_backend(backend: str, device: str, shape, params, precision: str, seed
 # derandomize: CI sees the same 25 examples every run (a tolerance test must not flake);
 # explore further by raising max_examples or dropping derandomize locally.
 @settings(max_examples=25, deadline=None, derandomize=True)
-@given(**EXAMPLES, small_tiles=st.booleans())
-def test_triton_matches_reference(shape, params, precision, seed, near_fraction, small_tiles):
+@given(**EXAMPLES, small_tiles=st.booleans(), strategy=st.sampled_from(_triton.STRATEGIES))
+def test_triton_matches_reference(shape, params, precision, seed, near_fraction, small_tiles, strategy):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if "triton" not in available_backends(device):
         pytest.skip("triton is not available here")
     previous = _triton.BLOCK_OVERRIDE
     _triton.BLOCK_OVERRIDE = SMALL_TILES if small_tiles else None  # several tiles along N, M and D
     try:
-        check_backend("triton", device, shape, params, precision, seed, near_fraction)
+        with _triton.use_strategy(strategy):
+            check_backend("triton", device, shape, params, precision, seed, near_fraction)
     finally:
         _triton.BLOCK_OVERRIDE = previous
 

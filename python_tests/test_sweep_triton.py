@@ -50,7 +50,7 @@ def test_smoke_sweep(sweep, tmp_path):
     gemm = sweep.smoke_configs(problem, "coef_x")[1]
     assert _triton._split_k_config(18, 7, 20, gemm["programs_wanted"], gemm["BLOCK_K"], gemm["BLOCK_M"],
                                    gemm["BLOCK_D"])[4] == 2 and gemm["BLOCK_D"] == 16
-    for kernel in ("forward", "backward", "coef_x"):
+    for kernel in sweep.KERNELS:
         expected = sweep.smoke_configs(problem, kernel)
         assert len(expected) == 2 and expected[0] != expected[1]
         rows = [r for r in report["rows"] if r["kernel"] == kernel]
@@ -58,7 +58,8 @@ def test_smoke_sweep(sweep, tmp_path):
         default = sweep.default_config(problem, kernel, "float32")
         assert [r["config"] for r in rows if r["is_default"]] == [default]
         assert report["defaults"][f"{kernel} float32 auto"] == default
-        outputs = sweep.FORWARD_OUTPUTS if kernel == "forward" else sweep.BACKWARD_OUTPUTS
+        outputs = {"forward": sweep.FORWARD_OUTPUTS, "strategy": sweep.FORWARD_OUTPUTS + sweep.BACKWARD_OUTPUTS}.get(
+            kernel, sweep.BACKWARD_OUTPUTS)
         for row in rows:
             what = f"{kernel} {sweep.config_key(row['config'])}"
             assert row["error"] is None, what
@@ -70,7 +71,46 @@ def test_smoke_sweep(sweep, tmp_path):
 
     # Each kernel's summary names a best config and a speedup measured against the default.
     summary = {(s["kernel"], s["dtype"], s["precision"]): s for s in report["summary"]}
-    assert set(summary) == {(kernel, "float32", "auto") for kernel in ("forward", "backward", "coef_x")}
+    assert set(summary) == {(kernel, "float32", "auto") for kernel in sweep.KERNELS}
+    assert {r["config"]["strategy"] for r in report["rows"] if r["kernel"] == "strategy"} == set(_triton.STRATEGIES)
     for s in summary.values():
         assert s["best"] is not None and s["speedup_over_default"] > 0
         assert s["default_ms"] > 0 and s["best_ms"] <= s["default_ms"]
+
+
+def test_write_config(sweep, tmp_path, monkeypatch):
+    """--write-config: per dtype the fastest deterministic and accurate strategy and tiles, in a
+    file that the backend then follows; the sweep itself measures against the built-in rules."""
+    from gsp_kernels import tuning
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not _triton._INTERPRETED else "cpu")
+    if _triton.availability(device) is not None:
+        pytest.skip(_triton.availability(device))
+    monkeypatch.setenv(tuning.ENV_VAR, str(tmp_path / "ignored-while-sweeping.json"))  # would fail if loaded
+    report = sweep.main(["--smoke", "--kernels", "strategy,forward", "--write-config", str(tmp_path), "--commit", "feed123"])
+    assert report["tuned_config"]["path"].startswith(str(tmp_path))
+    assert tuning.os.environ[tuning.ENV_VAR].endswith("ignored-while-sweeping.json"), "the sweep restores the variable"
+    written = tuning.load(report["tuned_config"]["path"])
+    assert written.produced_by["commit"] == "feed123" and written.produced_by["triton"]
+    (entry,) = written.entries
+    assert (entry["dtype"], entry["precision"], entry["batch"], entry["n"], entry["m"], entry["d"]) == ("float32", "auto", 2, 16, 8, 32)
+    rows = {(r["kernel"], sweep.config_key(r["config"])): r for r in report["rows"]}
+    winner = rows["strategy", entry["strategy"]]
+    assert winner["deterministic"] and winner["accurate"]
+    assert winner["ms"] == min(r["ms"] for (kernel, _), r in rows.items() if kernel == "strategy")
+    assert entry["backward"] is None and entry["coef_x"] is None  # not swept: built-in rules
+    if entry["forward"] is not None:
+        assert rows["forward", sweep.config_key(entry["forward"])]["accurate"]
+    assert set(entry["measured"]["strategy_ms"]) == set(_triton.STRATEGIES)
+
+    # The backend follows the file: its strategy for that bucket, the built-in one elsewhere.
+    monkeypatch.setenv(tuning.ENV_VAR, str(written.path))
+    tuning.clear_cache()
+    try:
+        x, z = torch.zeros(2, 9, 20), torch.zeros(7, 20)
+        assert _triton.strategy_for(x, z) == entry["strategy"]
+        assert _triton.strategy_for(torch.zeros(2, 40, 20), z) == "fused"
+        with _triton.use_strategy("gemm" if entry["strategy"] == "fused" else "fused") as forced:
+            assert _triton.strategy_for(x, z) == forced
+    finally:
+        tuning.clear_cache()

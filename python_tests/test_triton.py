@@ -1,5 +1,7 @@
 """The `triton` backend against the float64 reference (SPEC.md's tolerances), on the CPU through
-the Triton interpreter and, marked `gpu`, on a CUDA device at training sizes."""
+the Triton interpreter and, marked `gpu`, on a CUDA device at training sizes; every test that
+takes the `strategy` fixture runs under both strategies (fused, and gemm: its products by torch,
+on the CPU in float32), and the two are compared with each other."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 from oracles import random_inputs
 
-from gsp_kernels import _reference, _triton, gsp_pool
+from gsp_kernels import _reference, _triton, _triton_gemm, gsp_pool
 from gsp_kernels.ops import _gsp_pool_op
 
 # ‖out − ref‖ / ‖ref‖ per input dtype (SPEC.md "Oracles for tests").
@@ -18,6 +20,13 @@ TF32_TOL = 1e-2
 # Small tiles so that N, M and D span several tiles at interpreter-friendly sizes.
 SMALL_TILES = {"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 16}
 OUTPUT_NAMES = ("pooled", "attr", "weights", "grad_x", "grad_prototypes")
+
+
+@pytest.fixture(params=_triton.STRATEGIES)
+def strategy(request):
+    """The test under each of the backend's strategies, forced by use_strategy."""
+    with _triton.use_strategy(request.param):
+        yield request.param
 
 
 @pytest.fixture
@@ -72,6 +81,14 @@ def inputs(batch, n, m, d, seed=0, dtype=torch.float32, device="cpu", near_fract
     return x.to(device, dtype), prototypes.to(device, dtype)
 
 
+def channels_first_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Features [B, N = h·w, D] as a contiguous channels-first map [B, D, h, w] (a reshape of the
+    transpose alone can stay a view whose flattening is x itself again)."""
+    x_map = x.transpose(1, 2).contiguous().view(x.shape[0], x.shape[2], h, w)
+    assert x_map.is_contiguous() and x_map.flatten(2).transpose(1, 2).stride(1) == 1
+    return x_map
+
+
 # (shape B, N, M, D; options; small tiles?) on the CPU interpreter, float32 (tolerance TOL,
 # except where the float32 reference itself misses the float64 one by more).
 CPU_CASES = {
@@ -101,7 +118,7 @@ CPU_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CPU_CASES))
-def test_matches_reference(case, tiles):
+def test_matches_reference(case, tiles, strategy):
     shape, options, small_tiles, *tol = CPU_CASES[case]
     if small_tiles:
         tiles(SMALL_TILES)
@@ -112,7 +129,7 @@ def test_matches_reference(case, tiles):
 
 @pytest.mark.parametrize("normalize", ["lipschitz", "l2", "none"])
 @pytest.mark.parametrize("cost", ["euclidean", "sqeuclidean"])
-def test_feature_equal_to_prototype(normalize, cost):
+def test_feature_equal_to_prototype(normalize, cost, strategy):
     """An exact match costs exactly 0 (COST_SNAP) and its euclidean backward coefficient is 0.
 
     The other features are far from the prototypes: near misses at gamma = 20 amplify the
@@ -126,32 +143,41 @@ def test_feature_equal_to_prototype(normalize, cost):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("small_tiles", [False, True])
-def test_channels_first_map(dtype, small_tiles, tiles):
+def test_channels_first_map(dtype, small_tiles, tiles, strategy):
     """A [B, D, H, W] map is read through its strides; grad_x keeps that layout."""
     if small_tiles:
         tiles(SMALL_TILES)
     x, prototypes = inputs(2, 35, 6, 33, seed=5, dtype=dtype)
-    x_map = x.transpose(1, 2).reshape(2, 33, 5, 7)  # contiguous NCHW
+    x_map = channels_first_map(x, 5, 7)
     got = check_against_reference(x_map, prototypes, TOL[dtype], gamma=8.0)
     assert got[2].shape == (2, 5, 7)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("small_tiles", [False, True])
-def test_half_inputs(dtype, small_tiles, tiles):
+def test_half_inputs(dtype, small_tiles, tiles, strategy):
     if small_tiles:
         tiles(SMALL_TILES)
     x, prototypes = inputs(2, 31, 7, 63 if not small_tiles else 40, seed=7, dtype=dtype)
     check_against_reference(x, prototypes, TOL[dtype], gamma=10.0)
 
 
-def test_mixed_dtypes():
-    """bfloat16 features with float32 prototypes: upcast in registers, gradients in each dtype."""
+@pytest.mark.parametrize(
+    "x_dtype, prototype_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+)
+def test_mixed_dtypes(x_dtype, prototype_dtype, strategy):
+    """Half features with float32 prototypes (autocast) and the reverse: upcast in registers
+    (fused) or the prototypes split into half parts (gemm); gradients in each dtype."""
     x, prototypes = inputs(2, 15, 6, 17, seed=8)
-    check_against_reference(x.bfloat16(), prototypes, TOL[torch.bfloat16])
+    x, prototypes = x.to(x_dtype), prototypes.to(prototype_dtype)
+    # Clustered: an exact match and near misses make the costs cancellation-prone.
+    x[0, 2] = prototypes[1].to(x_dtype)
+    x[1, :3] = (prototypes[:3] + 0.01 * torch.randn(3, 17, generator=torch.Generator().manual_seed(1))).to(x_dtype)
+    check_against_reference(x, prototypes, TOL[torch.bfloat16], gamma=20.0)
 
 
-def test_tf32_precision():
+def test_tf32_precision(strategy):
     """The interpreter computes TF32 exactly, so this checks the tf32 path and its larger snap."""
     x, prototypes = inputs(2, 31, 7, 33, seed=9)
     x[0, 4] = prototypes[1]
@@ -159,7 +185,7 @@ def test_tf32_precision():
 
 
 @pytest.mark.parametrize("case", ["tiled_large", "gap_tiled", "fixed_point_tiled", "small"])
-def test_one_program_per_sample_matches_split(case, tiles, monkeypatch):
+def test_one_program_per_sample_matches_split(case, tiles, monkeypatch, strategy):
     """SPLIT_SAMPLES off (a program loops over its sample's feature tiles): the same function,
     to the same tolerance, and the same bits wherever one feature tile covers the sample."""
     shape, options, small_tiles, *_ = CPU_CASES[case]
@@ -177,9 +203,12 @@ def test_one_program_per_sample_matches_split(case, tiles, monkeypatch):
             assert torch.equal(a, b), name
 
 
-def test_backward_is_deterministic(tiles):
+@pytest.mark.parametrize("dtype, channels_first", [(torch.float32, False), (torch.bfloat16, True)])
+def test_backward_is_deterministic(dtype, channels_first, tiles, strategy):
     tiles(SMALL_TILES)
-    x, prototypes = inputs(3, 40, 20, 33, seed=10)
+    x, prototypes = inputs(3, 40, 20, 33, seed=10, dtype=dtype)
+    if channels_first:
+        x = channels_first_map(x, 5, 8)
     first = outputs_and_grads(x, prototypes, "triton")
     second = outputs_and_grads(x, prototypes, "triton")
     for name, a, b in zip(OUTPUT_NAMES, first, second):
@@ -189,7 +218,7 @@ def test_backward_is_deterministic(tiles):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("solver", ["newton", "fixed_point"])
-def test_non_finite_feature_poisons_only_its_sample(bad, solver):
+def test_non_finite_feature_poisons_only_its_sample(bad, solver, strategy):
     """The NaN policy of ops.gsp_pool: the bad sample's pooled vector is not finite, the other
     samples' outputs and grad_x are bitwise unchanged (one program per sample; the prototype
     gradient sums over the batch, so it is poisoned as in the reference)."""
@@ -203,7 +232,7 @@ def test_non_finite_feature_poisons_only_its_sample(bad, solver):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
-def test_nan_prototype_poisons_everything():
+def test_nan_prototype_poisons_everything(strategy):
     x, prototypes = inputs(3, 7, 5, 4, seed=30)
     prototypes[3, 1] = float("nan")
     for out in gsp_pool(x, prototypes, backend="triton", return_weights=True):
@@ -212,7 +241,7 @@ def test_nan_prototype_poisons_everything():
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
 @pytest.mark.parametrize("normalize", ["lipschitz", "l2", "none"])
-def test_huge_gamma_is_finite(normalize):
+def test_huge_gamma_is_finite(normalize, strategy):
     """gamma = 1000: exp(−γc) underflows float32, the log-domain kernels do not (the Newton
     slope underflows to 0 and the infinite step bisects)."""
     x, prototypes = inputs(2, 11, 6, 5, seed=31)
@@ -240,7 +269,7 @@ def test_block_sizes_are_bucketed():
         assert min(config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_D"]) >= 16
 
 
-def test_opcheck():
+def test_opcheck(strategy):
     x, prototypes = inputs(2, 5, 3, 4, seed=11)
     x.requires_grad_()
     prototypes.requires_grad_()
@@ -248,7 +277,7 @@ def test_opcheck():
     torch.library.opcheck(_gsp_pool_op, args)
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(strategy):
     class Pool(torch.nn.Module):
         def __init__(self, prototypes):
             super().__init__()
@@ -274,6 +303,147 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(module.prototypes.grad, eager_grads[1])
 
 
+# ----------------------------------------------------------------------------- strategies
+
+
+def test_use_strategy_forces_and_restores():
+    x, prototypes = inputs(1, 4, 3, 5)
+    default = _triton.strategy_for(x, prototypes)
+    assert default == (_triton.STRATEGY or "fused")
+    with _triton.use_strategy("gemm"):
+        assert _triton.strategy_for(x, prototypes) == "gemm"
+        with _triton.use_strategy("fused"):
+            assert _triton.strategy_for(x, prototypes) == "fused"
+        assert _triton.strategy_for(x, prototypes) == "gemm"
+    assert _triton.strategy_for(x, prototypes) == default
+    with pytest.raises(RuntimeError, match="inside"), _triton.use_strategy("gemm"):
+        raise RuntimeError("inside")
+    assert _triton.strategy_for(x, prototypes) == default
+    with pytest.raises(ValueError, match=r"strategy must be one of \('fused', 'gemm'\), got 'cublas'"), \
+            _triton.use_strategy("cublas"):
+        pass
+
+
+def test_environment_strategy_is_the_default_and_use_strategy_overrides_it(monkeypatch):
+    x, prototypes = inputs(1, 4, 3, 5)
+    monkeypatch.setattr(_triton, "STRATEGY", "gemm")
+    assert _triton.strategy_for(x, prototypes) == "gemm"
+    with _triton.use_strategy("fused"):
+        assert _triton.strategy_for(x, prototypes) == "fused"
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), ("", None), ("fused", "fused"), ("gemm", "gemm")])
+def test_strategy_from_environment(value, expected, monkeypatch):
+    if value is None:
+        monkeypatch.delenv("GSP_TRITON_STRATEGY", raising=False)
+    else:
+        monkeypatch.setenv("GSP_TRITON_STRATEGY", value)
+    assert _triton._strategy_from_environment() == expected
+
+
+@pytest.mark.parametrize("value", ["gemm", "GEMM"])
+def test_strategy_environment_is_read_at_import(value):
+    """GSP_TRITON_STRATEGY=gemm forces it for every call; a value not in STRATEGIES fails the
+    import with an error naming the variable and the choices."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GSP_TRITON_STRATEGY": value, "TRITON_INTERPRET": "1"}
+    script = "from gsp_kernels import _triton; print(_triton.STRATEGY)"
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    if value == "gemm":
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.split() == ["gemm"]
+    else:
+        assert result.returncode != 0
+        assert "ValueError: GSP_TRITON_STRATEGY must be one of ('fused', 'gemm') or unset, got 'GEMM'" in result.stderr
+
+
+@pytest.mark.parametrize("name", _triton.STRATEGIES)
+def test_forward_and_backward_take_the_forced_strategy(name, monkeypatch):
+    """Both directions dispatch on strategy_for: the gemm strategy's GEMMs run exactly when it is
+    forced (once per direction), never under the fused one."""
+    products = []
+    real = _triton_gemm._products
+    monkeypatch.setattr(_triton_gemm, "_products", lambda *args: products.append(args) or real(*args))
+    x, prototypes = inputs(2, 7, 5, 9, seed=1)
+    with _triton.use_strategy(name):
+        outputs_and_grads(x, prototypes, "triton")
+    assert len(products) == (2 if name == "gemm" else 0)
+
+
+# Cases for the two strategies side by side: (shape, dtype, channels-first, options, small tiles).
+AGREEMENT_CASES = {
+    "tiled": ((2, 40, 20, 70), torch.float32, False, {"normalize": "none", "gamma": 2.0}, True),
+    "nchw_bf16": ((2, 35, 6, 33), torch.bfloat16, True, {"gamma": 8.0}, False),
+    "gap_l2": ((2, 15, 6, 17), torch.float32, False, {"transport_ratio": 1.0, "normalize": "l2"}, False),
+    "fixed_point_nchw": ((2, 20, 7, 9), torch.float32, True, {"solver": "fixed_point", "transport_ratio": 0.5}, False),
+}
+
+
+@pytest.mark.parametrize("case", list(AGREEMENT_CASES))
+def test_strategies_agree(case, tiles):
+    """fused and gemm compute one function: every output and gradient within twice the input
+    dtype's tolerance of each other (each is within it of the float64 reference), in the same
+    dtype and layout."""
+    shape, dtype, channels_first, options, small_tiles = AGREEMENT_CASES[case]
+    if small_tiles:
+        tiles(SMALL_TILES)
+    x, prototypes = inputs(*shape, seed=len(case), dtype=dtype)
+    if channels_first:
+        x = channels_first_map(x, 1, shape[1])
+    results = {}
+    for name in _triton.STRATEGIES:
+        with _triton.use_strategy(name):
+            results[name] = outputs_and_grads(x, prototypes, "triton", **options)
+    for what, fused, gemm in zip(OUTPUT_NAMES, results["fused"], results["gemm"]):
+        assert gemm.dtype == fused.dtype and gemm.stride() == fused.stride(), what
+        assert_close(gemm, fused, 2 * TOL[dtype], what)
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+@pytest.mark.parametrize(
+    "x_dtype, prototype_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+     (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+)
+def test_gemm_products(channels_first, x_dtype, prototype_dtype):
+    """The gemm strategy's products: x·z of every feature at the (b, i, k) strides it reports,
+    float32, for both layouts; prototypes of another dtype than half x as parts in x's dtype
+    whose sum is z to float32 accuracy."""
+    batch, n, m, d = 3, 10, 6, 7
+    x, prototypes = inputs(batch, n, m, d, seed=2)
+    x, prototypes = x.to(x_dtype), prototypes.to(prototype_dtype)
+    if channels_first:  # the op's view of a [B, D, H, W] map
+        x = channels_first_map(x, 2, 5).flatten(2).transpose(1, 2)
+    assert _triton_gemm._folds(x) is not channels_first
+    columns, parts = _triton_gemm._prototype_columns(x, prototypes)
+    assert columns.dtype == x.dtype and columns.shape == (parts * m, d)
+    assert parts == (1 if x_dtype in (torch.float32, prototype_dtype) else 3 if x_dtype == torch.bfloat16 else 2)
+    summed = columns.double().view(parts, m, d).sum(0)
+    # Relative to z, plus float16's subnormal spacing 2⁻²⁴ (the lo part of small values).
+    assert ((summed - prototypes.double()).abs() <= 2.0**-21 * prototypes.double().abs() + 2.0**-24).all()
+    products, strides = _triton_gemm._products(x, columns, "ieee")
+    assert products.dtype == torch.float32
+    got = products.as_strided((batch, n, parts * m), strides)
+    want = torch.einsum("bnd,kd->bnk", x.double(), columns.double())
+    assert_close(got, want, 1e-6, "products", floor=0.0)
+
+
+@pytest.mark.parametrize("precision, tf32", [("tf32", True), ("tf32x3", False), ("ieee", False)])
+def test_float32_gemm_setting_is_set_and_restored(precision, tf32):
+    """TF32 is torch's global cuBLAS setting: on inside, for precision="tf32" only; as before after."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, name)
+    with _triton_gemm._float32_gemms(precision):
+        assert getattr(matmul, name) == (("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32)
+    assert getattr(matmul, name) == before
+
+
 # ----------------------------------------------------------------------------- GPU (training sizes)
 
 GPU_SHAPE = (8, 196, 128, 512)
@@ -292,7 +462,7 @@ GPU_SHAPE = (8, 196, 128, 512)
     ],
 )
 @pytest.mark.parametrize("options", [{}, {"gamma": 1.0, "normalize": "l2", "cost": "sqeuclidean"}])
-def test_gpu_matches_reference(dtype, precision, tol, options):
+def test_gpu_matches_reference(dtype, precision, tol, options, strategy):
     x, prototypes = inputs(*GPU_SHAPE, seed=20, dtype=dtype, device="cuda")
     check_against_reference(x, prototypes, tol, precision=precision, **options)
 
@@ -308,7 +478,7 @@ def test_gpu_matches_reference(dtype, precision, tol, options):
         ({"normalize": "none", "gamma": 0.5}, TOL[torch.float32]),
     ],
 )
-def test_gpu_options(options, tol):
+def test_gpu_options(options, tol, strategy):
     near = 0.8 if options.get("gamma", 5.0) >= 100 else 0.3
     x, prototypes = inputs(*GPU_SHAPE, seed=21, device="cuda", near_fraction=near)
     x[0, :5] = prototypes[:5]
@@ -317,17 +487,17 @@ def test_gpu_options(options, tol):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(3, 1024, 256, 2048), (32, 49, 32, 2048), (4, 7, 3, 1)])
-def test_gpu_extreme_shapes(shape):
+def test_gpu_extreme_shapes(shape, strategy):
     x, prototypes = inputs(*shape, seed=22, device="cuda")
     check_against_reference(x, prototypes, TOL[torch.float32], precision="tf32x3")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_channels_first_map_and_determinism(dtype):
+def test_gpu_channels_first_map_and_determinism(dtype, strategy):
     batch, n, m, d = GPU_SHAPE
     x, prototypes = inputs(batch, n, m, d, seed=23, dtype=dtype, device="cuda")
-    x_map = x.transpose(1, 2).reshape(batch, d, 14, 14)
+    x_map = channels_first_map(x, 14, 14)
     first = check_against_reference(x_map, prototypes, TOL[dtype])
     second = outputs_and_grads(x_map, prototypes, "triton")
     for name, a, b in zip(OUTPUT_NAMES, first, second):
@@ -335,7 +505,46 @@ def test_gpu_channels_first_map_and_determinism(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_torch_compile_fullgraph():
+def test_gpu_mixed_dtypes(strategy):
+    """Autocast's case at training size: bfloat16 features, float32 prototypes."""
+    x, prototypes = inputs(*GPU_SHAPE, seed=25, device="cuda", near_fraction=0.5)
+    check_against_reference(x.bfloat16(), prototypes, TOL[torch.bfloat16], gamma=20.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_cuda_graph_replays_eager_bits(dtype, strategy):
+    """A forward and backward captured in one CUDA graph (no host sync; the gemm strategy's
+    TF32 setting is host state) replay to the eager results, bit for bit."""
+    batch, n, m, d = GPU_SHAPE
+    x, prototypes = inputs(batch, n, m, d, seed=26, dtype=dtype, device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    grads = [
+        torch.randn(shape, generator=generator, device="cuda").to(dtype) for shape in ((batch, d), (batch, m), (batch, n))
+    ]
+    options = (0.3, 5.0, "lipschitz", "euclidean")
+
+    def step():
+        pooled, attr, weights, u = _triton.forward(x, prototypes, *options, "newton", 64, 1e-6, "auto")
+        return (pooled, attr, weights, *_triton.backward(*grads, x, prototypes, u, *options, "auto"))
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up on a side stream, as torch.cuda.graphs asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, b in zip(OUTPUT_NAMES, eager, captured):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph(strategy):
     x, prototypes = inputs(*GPU_SHAPE, seed=24, device="cuda")
     prototypes.requires_grad_()
 
@@ -390,6 +599,10 @@ TYPICAL_INTS = {
     "stride_xb": 196 * 512, "stride_xn": 512, "stride_zm": 512, "stride_gb": 196 * 512, "stride_gn": 512,
     "N": 196, "M": 128, "D": 512, "total_rows": 256 * 196, "batch": 256, "splits": 3,
     "rows_per_tile": 49, "tiles_per_sample": 4,
+    # The products / logits / V [B·N, M] (the gemm strategy's, and the fused scratch), V's
+    # hi + lo pair [B·N, 2M], V z [B·N, D]; the norms kernel's feature programs.
+    "stride_lb": 196 * 128, "stride_ln": 128, "stride_cb": 196 * 128, "stride_cn": 128,
+    "stride_vb": 196 * 256, "stride_vn": 256, "x_programs": 256 * 196 // 32, "col_tiles": 4,
 }
 INT32_POINTERS = {"arrivals_ptr"}  # the forward's per-sample arrival counters
 
@@ -413,48 +626,54 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"\b(REG|STACK):(\d+)", text)}
 
 
+_POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_FLOAT_ARGS = {"gamma", "snap", "inv_total", "target", "logit_mu", "log_mu", "log_target", "tol"}
+
+
+def _compile_one(kernel, dtype, f32_pointers, constexprs, num_warps, num_stages, maxnreg=None) -> str:
+    """One sm_90 build (pointers in `dtype` unless named in f32_pointers; the divisibility hints
+    of a typical launch): its line of the register table."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types, hints = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            types[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            element = "i32" if name in INT32_POINTERS else "fp32" if name in f32_pointers else None
+            types[name] = f"*{element}" if element else _POINTER_TYPES[dtype]
+            hints[(index,)] = [["tt.divisibility", 16]]
+        else:
+            types[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+            if TYPICAL_INTS.get(name, 1) % 16 == 0:
+                hints[(index,)] = [["tt.divisibility", 16]]
+    constants = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
+    source = ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=hints)
+    compiled = triton.compile(
+        source, target=GPUTarget(*SM90[0]),
+        options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg},
+    )
+    assert compiled.asm["cubin"], kernel
+    usage = _resource_usage(compiled.asm["cubin"])
+    blocks = {key: value for key, value in constexprs.items() if key.startswith("BLOCK")}
+    return (
+        f"{kernel.fn.__name__} {str(dtype).removeprefix('torch.')} "
+        f"warps={num_warps} stages={num_stages} maxnreg={maxnreg} "
+        f"{blocks} registers={usage['REG']} stack={usage['STACK']} "
+        f"smem={compiled.metadata.shared} {sorted((k, v) for k, v in constexprs.items() if k not in blocks)}"
+    )
+
+
 def _compile_kernels_for_sm90() -> list[str]:
     """Compile every kernel variant the glue launches for a typical shape (N=196, M=128,
     D=512) to an sm_90 cubin, without a GPU: catches errors that the interpreter cannot see
     (bfloat16 tensor-core dots, loop-carried types, layouts), and reports each build's
     registers and stack (spills). Returns one line per variant."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     assert not _triton._INTERPRETED
-    pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-    float_args = {"gamma", "snap", "inv_total", "target", "logit_mu", "log_mu", "log_target", "tol"}
-
-    def compile_one(kernel, dtype, f32_pointers, constexprs, num_warps, num_stages, maxnreg=None):
-        types, hints = {}, {}
-        for index, name in enumerate(kernel.arg_names):
-            if name in constexprs:
-                types[name] = "constexpr"
-                continue
-            if name.endswith("_ptr"):
-                types[name] = "*i32" if name in INT32_POINTERS else "*fp32" if name in f32_pointers else pointer[dtype]
-                hints[(index,)] = [["tt.divisibility", 16]]
-            else:
-                types[name] = "fp32" if name in float_args else "i32"
-                if TYPICAL_INTS.get(name, 1) % 16 == 0:
-                    hints[(index,)] = [["tt.divisibility", 16]]
-        constants = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
-        source = ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=hints)
-        compiled = triton.compile(
-            source, target=GPUTarget(*SM90[0]),
-            options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg},
-        )
-        assert compiled.asm["cubin"], kernel
-        usage = _resource_usage(compiled.asm["cubin"])
-        blocks = {key: value for key, value in constexprs.items() if key.startswith("BLOCK")}
-        return (
-            f"{kernel.fn.__name__} {str(dtype).removeprefix('torch.')} "
-            f"warps={num_warps} stages={num_stages} maxnreg={maxnreg} "
-            f"{blocks} registers={usage['REG']} stack={usage['STACK']} "
-            f"smem={compiled.metadata.shared} {sorted((k, v) for k, v in constexprs.items() if k not in blocks)}"
-        )
-
+    compile_one = _compile_one
     lines = []
     n, m, d = 196, 128, 512
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -471,18 +690,19 @@ def _compile_kernels_for_sm90() -> list[str]:
                     config, BLOCK_ALL_N=all_n, NORMALIZE=0, EUCLIDEAN=True, NEWTON=newton, GAP=gap,
                     CAST_F32=cast_f32, PRECISION=dot_precision, stride_xd=1, stride_zd=1,
                     POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
-                    SPLIT_HALF=dtype != torch.float32, NATIVE_HALF_DOT=True,
+                    SPLIT_HALF=dtype != torch.float32, NATIVE_HALF_DOT=True, PARTS=0, stride_lm=1,
                 )
-                f32_pointers = {"u_ptr", "logits_ptr", "ell_ptr"}
-                lines.append(compile_one(_triton._gsp_forward_kernel, dtype, f32_pointers, constexprs, **launch))
+                kernel = _triton._gsp_forward_kernel
+                lines.append(compile_one(kernel, dtype, FORWARD_F32_POINTERS, constexprs, **launch))
             config = dict(_triton._launch_config(n, m, d, half, backward=True))
             launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
             constexprs = dict(
                 config, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=cast_f32, PRECISION=dot_precision,
-                stride_xd=1, stride_zd=1,
+                stride_xd=1, stride_zd=1, PARTS=0, V_PAIR=False, stride_cm=1,
             )
-            f32_pointers = {"u_ptr", "coef_ptr", "row_coefs_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr", "tile_sums_ptr"}
-            lines.append(compile_one(_triton._gsp_backward_kernel, dtype, f32_pointers, constexprs, **launch))
+            lines.append(compile_one(_triton._gsp_backward_kernel, dtype, BACKWARD_F32_POINTERS, constexprs, **launch))
+            if precision == "auto":  # the gemm strategy's builds do not depend on it
+                lines += _compile_gemm_strategy(dtype, precision)
             constexprs = dict(
                 BLOCK_R=config["BLOCK_N"], BLOCK_K=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"],
                 SPLIT_BF16=dtype == torch.bfloat16, NATIVE_HALF_DOT=True, PRECISION=f32_precision,
@@ -498,6 +718,57 @@ def _compile_kernels_for_sm90() -> list[str]:
                 NATIVE_HALF_DOT=True, PRECISION=f32_precision, stride_xd=1,
             )
             lines.append(compile_one(_triton._gsp_coef_x_kernel, dtype, {"coef_ptr", "partial_ptr"}, constexprs, 4, 3))
+    return lines
+
+
+FORWARD_F32_POINTERS = {"u_ptr", "logits_ptr", "ell_ptr", "x_sq_ptr", "z_sq_ptr"}
+BACKWARD_F32_POINTERS = {
+    "u_ptr", "coef_ptr", "row_coefs_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr", "tile_sums_ptr",
+    "x_sq_ptr", "x_gy_ptr", "z_sq_in_ptr",
+}
+
+
+def _compile_gemm_strategy(dtype, precision) -> list[str]:
+    """The gemm strategy's builds at N=196, M=128, D=512: the per-sample kernels reading the
+    products (rows [B·N, M], and a channels-first map's [B, M, N]), the norms kernel and the
+    backward's finishing launch."""
+    compile_one = _compile_one
+    n, m, d = 196, 128, 512
+    half = dtype != torch.float32
+    x = torch.empty(1, n, d, dtype=dtype)
+    _, _, f32_precision, _ = _triton._resolve_precision(x, torch.empty(m, d, dtype=dtype), precision)
+    lines = []
+    # rows: x [B, N, D] and the products [B·N, M]; channels-first: x [B, D, N], products [B, M, N].
+    for x_strides, product_stride in (({"stride_xd": 1}, "m"), ({"stride_xn": 1}, "n")):
+        config = dict(_triton_gemm._launch_config(n, m, d, half))
+        launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
+        constexprs = dict(
+            config, **x_strides, BLOCK_ALL_N=256, NORMALIZE=0, EUCLIDEAN=True, NEWTON=True, GAP=False,
+            CAST_F32=False, PRECISION="ieee", POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
+            SPLIT_HALF=half, NATIVE_HALF_DOT=True, PARTS=1, stride_zd=1, **{f"stride_l{product_stride}": 1},
+        )
+        lines.append(compile_one(_triton._gsp_forward_kernel, dtype, FORWARD_F32_POINTERS, constexprs, **launch))
+        config = dict(_triton_gemm._launch_config(n, m, d, half, backward=True))
+        launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
+        constexprs = dict(
+            config, **x_strides, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=False, PRECISION="ieee",
+            PARTS=1, V_PAIR=dtype == torch.bfloat16, stride_zd=1,
+            **{f"stride_c{product_stride}": 1, f"stride_v{product_stride}": 1},
+        )
+        lines.append(compile_one(_triton._gsp_backward_kernel, dtype, BACKWARD_F32_POINTERS, constexprs, **launch))
+    for with_gy in (False, True):
+        constexprs = {
+            "BLOCK_R": _triton_gemm._ROWS_BLOCK, "BLOCK_D": _triton_gemm._COLS_BLOCK, "WITH_GY": with_gy,
+            "stride_xd": 1, "stride_zd": 1,
+        }
+        f32_pointers = {"x_sq_ptr", "x_gy_ptr", "z_sq_ptr"}
+        lines.append(compile_one(_triton_gemm._gsp_gemm_norms_kernel, dtype, f32_pointers, constexprs, 4, 3))
+    constexprs = {
+        "BLOCK_ZD": 512, "BLOCK_B": 256, "NORMALIZE": 1, "BLOCK_R": _triton_gemm._ROWS_BLOCK,
+        "BLOCK_D": _triton_gemm._COLS_BLOCK, "stride_xd": 1, "stride_zd": 1, "stride_gd": 1, "stride_vd": 1,
+    }
+    f32_pointers = {"partial_ptr", "col_sum_ptr", "row_coefs_ptr", "coef_z_ptr"}
+    lines.append(compile_one(_triton_gemm._gsp_gemm_backward_finish_kernel, dtype, f32_pointers, constexprs, 4, 3))
     return lines
 
 

@@ -138,3 +138,64 @@ def test_info_names_the_file_in_force(tmp_path, clean_cache, capsys):
     tuning.clear_cache()
     assert cli.main(["info", "--json", str(tmp_path / "info.json")]) == 0
     assert str(path) in json.loads((tmp_path / "info.json").read_text())["triton_tuned_config"]
+
+
+def test_tuned_entry_reaches_the_triton_kernels(tmp_path, clean_cache):
+    """A forced file's strategy and tiles are what the backend launches (and stays exact)."""
+    _triton = pytest.importorskip("gsp_kernels._triton")
+    if _triton.availability(torch.device("cpu")) is not None:
+        pytest.skip(_triton.availability(torch.device("cpu")))
+    from conftest import rel_err
+
+    from gsp_kernels import _reference, gsp_pool
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 20, 24, generator=generator)  # buckets: batch 2, n 32, d 32
+    z = torch.randn(9, 24, generator=generator)  # m 16
+    grads = (torch.randn(2, 24, generator=generator), torch.randn(2, 9, generator=generator))
+    small = {"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 2, "num_stages": 1}
+    gemm = {"BLOCK_K": 16, "BLOCK_M": 16, "BLOCK_D": 16, "num_warps": 2, "num_stages": 1, "programs_wanted": 8}
+    launches = {}
+
+    def run_and_record(monkeypatch):
+        launches.clear()
+        for name in ("_gsp_forward_kernel", "_gsp_backward_kernel", "_gsp_coef_x_kernel"):
+            kernel = getattr(_triton, name)
+            original = kernel.run
+
+            def run(*args, _name=name, _original=original, **kwargs):
+                launches[_name] = kwargs
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(kernel, "run", run)
+        xg, zg = x.clone().requires_grad_(), z.clone().requires_grad_()
+        pooled, attr = gsp_pool(xg, zg, backend="triton")
+        torch.autograd.backward((pooled, attr), grads)
+        return pooled, attr, xg.grad, zg.grad
+
+    default = _triton._tile_config(32, 16, 32, False, False)
+    run_and_record(clean_cache)
+    assert launches["_gsp_forward_kernel"]["BLOCK_N"] == default["BLOCK_N"] == 32
+
+    path = tuning.write(tmp_path, "any", "3.8", PRODUCED, [
+        entry("float32", batch=2, n=32, m=16, d=32, strategy="fused", forward=small, backward=small, coef_x=gemm)]).path
+    clean_cache.setenv(tuning.ENV_VAR, str(path))
+    tuning.clear_cache()
+    outputs = run_and_record(clean_cache)
+    for name in ("_gsp_forward_kernel", "_gsp_backward_kernel"):
+        assert {k: launches[name][k] for k in small} == small, name
+    assert {k: launches["_gsp_coef_x_kernel"][k] for k in ("BLOCK_K", "BLOCK_M", "BLOCK_D")} == {
+        "BLOCK_K": 16, "BLOCK_M": 16, "BLOCK_D": 16}
+    x64, z64 = x.double().requires_grad_(), z.double().requires_grad_()
+    pooled, attr, _, u = _reference.gsp_forward(x64, z64, 0.3, 5.0)
+    expected = (pooled, attr, *_reference.gsp_backward(
+        grads[0].double(), grads[1].double(), torch.zeros(2, 20, dtype=torch.float64), x64, z64, u, 0.3, 5.0))
+    for out, ref in zip(outputs, expected):
+        assert rel_err(out, ref) < 1e-5
+
+    # An entry that asks for the gemm strategy sends both directions there.
+    tuning.write(path, "any", "3.8", PRODUCED, [entry("float32", batch=2, n=32, m=16, d=32, strategy="gemm")])
+    tuning.clear_cache()
+    run_and_record(clean_cache)
+    assert _triton.strategy_for(x, z) == "gemm"
+    assert set(launches) == {"_gsp_forward_kernel", "_gsp_backward_kernel"}  # products from torch, no split-K GEMM

@@ -1,1 +1,2 @@
-"""Metric learning with GSP: datasets, models, training loop, demo, training-step benchmark."""
+"""Metric learning with GSP: datasets and benchmarks, models, recipes, the training loop and
+its protocols (standard, mlrc), evaluation, the demo and the training-step benchmark."""

@@ -1,5 +1,11 @@
-"""`gsp-kernels train` and `gsp-kernels demo`: ``register(subparsers)`` adds both subcommands
-to the main CLI's argparse subparsers; each sets ``func`` to a function of the parsed args."""
+"""`gsp-kernels train`, `gsp-kernels evaluate` and `gsp-kernels demo`: ``register(subparsers)``
+adds the subcommands to the main CLI's argparse subparsers; each sets ``func`` to a function
+of the parsed args.
+
+Every TrainConfig field is a flag whose argparse default is None, so a flag given explicitly
+can be told from one left out: the settings are the recipe's (``--recipe``) or the defaults,
+overridden by the explicit flags.
+"""
 
 from __future__ import annotations
 
@@ -7,93 +13,207 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
-from .train import METRIC_LOSSES, TrainConfig, _validate
+from ..nn import POOLING_METHODS
+from .benchmarks import DATASETS
+from .models import PROTOTYPE_INITS
+from .recipes import RECIPES, recipe_config
+from .train import (
+    METRIC_LOSSES,
+    OPTIMIZERS,
+    PROTOCOLS,
+    SCHEDULERS,
+    TrainConfig,
+    _validate,
+)
 
 _HELP = {
-    "dataset": "'collage' (embedded, no download) or the root of an ImageFolder-style benchmark (root/<class>/<images>)",
+    "dataset": f"one of {', '.join(DATASETS)} ('collage' is embedded; the others are read from --data-root)",
+    "data_root": "the folder the benchmark's archive was extracted into (or the archive's top folder)",
     "pooling": "gsp, or gap (the baseline)",
-    "arch": "smallcnn, resnet18 or resnet50 (torchvision, random init)",
-    "num_train_classes": "ImageFolder: classes used for training (default: first half of the sorted classes)",
-    "prototype_init": "kcenter (greedy k-center on a training batch) or random",
+    "arch": "smallcnn, a torchvision ResNet/ViT name (resnet18, resnet50, vit_b_16), or a timm model name "
+    "(timm:NAME, timm/NAME or a bare name timm knows, e.g. timm:vit_small_patch14_dinov2.lvd142m); random init unless --pretrained",
+    "pretrained": "backbone weights: a local torchvision/timm state dict (.pth, .safetensors), or 'cache' for the arch's "
+    "weights already in the Hugging Face / torch.hub cache (nothing is downloaded)",
+    "num_train_classes": "imagefolder: classes used for training (default: first half of the sorted classes)",
+    "prototype_init": "kcenter (greedy k-center on a training batch), random, memory (GAP while a memory of "
+    "--prototype-memory pooled embeddings fills, then k-center over it) or proxies (k-center over proxyanchor's class proxies)",
+    "warm_up_steps": "prototype-init memory: training steps before the memory starts filling",
+    "prototype_memory": "prototype-init memory: pooled embeddings stored before k-center picks the prototypes",
+    "pooling_method": "GSP pooling of the transport weights: sum (the paper), gem (generalized mean of the weighted "
+    "backbone features, learnable power 3) or max (max over them)",
+    "augment_max_pool": "GSP: add the projected global max pool of the backbone features to the embedding",
     "zero_shot_weight": "weight of the zero-shot prediction loss next to the metric loss (0 disables it)",
     "metric_loss": f"one of {', '.join(METRIC_LOSSES)} (pytorch-metric-learning)",
+    "contrastive_neg_margin": "negative margin of the contrastive loss (Euclidean distance of normalized embeddings)",
+    "steps_per_epoch": "batches per epoch ('none': one pass over the training images)",
+    "optimizer": "adamw (decoupled weight decay) or adam (L2 weight decay)",
+    "scheduler": "cosine (per step, to 0), plateau (x plateau-factor when the epoch's training loss stalls), constant",
+    "grad_clip": "clip the gradient norm at this value (0: off)",
+    "freeze_bn": "backbone BatchNorm in eval mode with its affine parameters fixed",
+    "image_size": "image datasets: training crop and test centre crop",
+    "resize": "image datasets: test-time shorter side ('none': image size x 256/227)",
+    "protocol": "standard (one model) or mlrc (one model per class-disjoint fold of the training classes, "
+    "early stopping on the held-out fold's MAP@R, reported per model and concatenated)",
+    "num_folds": "mlrc: folds of the training classes",
+    "early_stopping_patience": "mlrc: epochs without a better validation MAP@R before a model stops",
+    "recipe": f"the authors' settings for one of {', '.join(RECIPES)} (explicit flags override them; see the README)",
     "backend": "gsp_pool backend: auto, reference, triton or cuda",
     "output_dir": "write output_dir/checkpoint.pt after every epoch (and results.json at the end)",
     "amp": "bf16 autocast",
-    "resume": "continue from output_dir/checkpoint.pt if it exists",
+    "channels_last": "channels-last memory format for the model and the images",
+    "compile": "torch.compile the model's forward",
+    "num_workers": "DataLoader worker processes (pinned memory on CUDA, persistent workers)",
+    "resume": "continue from output_dir/checkpoint.pt if it exists (at the next epoch)",
 }
-_CHOICES = {"pooling": ("gsp", "gap"), "arch": ("smallcnn", "resnet18", "resnet50"), "metric_loss": METRIC_LOSSES, "prototype_init": ("kcenter", "random")}
+_CHOICES = {"pooling": ("gsp", "gap"), "pooling_method": POOLING_METHODS, "metric_loss": METRIC_LOSSES,
+            "prototype_init": PROTOTYPE_INITS, "dataset": DATASETS, "optimizer": OPTIMIZERS,
+            "scheduler": SCHEDULERS, "protocol": PROTOCOLS, "recipe": tuple(RECIPES)}
 _NOT_FLAGS = {"progress"}
+_NONE = "none"  # the value of an optional flag that sets the field to None explicitly
+
+
+class _ExplicitNone:
+    """Marks an optional field given as 'none' on the command line (None means 'not given')."""
+
+
+def _optional(kind):
+    """An argparse type for ``int | None`` fields: a number, or 'none'."""
+
+    def parse(text: str):
+        return _ExplicitNone if text.lower() == _NONE else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig, skip: set[str] = frozenset()) -> None:
-    """One --flag per TrainConfig field (underscores become dashes), defaults from ``defaults``."""
+    """One --flag per TrainConfig field (underscores become dashes); ``defaults`` are those
+    the help shows. Every flag defaults to None: given or not, ``_config_from_args`` can tell."""
     for field in dataclasses.fields(TrainConfig):
         if field.name in _NOT_FLAGS or field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
+        help_text = _HELP.get(field.name, "")
+        help_text = f"{help_text} (default {default})" if help_text else f"default {default}"
         if field.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=_HELP.get(field.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[field.type]
-        parser.add_argument(flag, type=kind, default=default, choices=_CHOICES.get(field.name), help=_HELP.get(field.name, f"default {default}"))
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        kind = {"int": int, "float": float, "str": str, "int | None": _optional(int), "str | None": str}[field.type]
+        parser.add_argument(flag, type=kind, default=None, choices=_CHOICES.get(field.name), help=help_text)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's settings; a bad one is a usage error (exit 2) before any data is loaded."""
-    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig) if hasattr(args, field.name)}
-    config = TrainConfig(**values, progress=not args.no_progress)
+def _explicit_values(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line ('none' -> None)."""
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            values[field.name] = None if value is _ExplicitNone else value
+    return values
+
+
+def _usage_error(args: argparse.Namespace, message: str):
+    print(f"gsp-kernels {args.command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """The run's settings: ``base`` (default: the recipe ``--recipe`` names under the
+    protocol given, or TrainConfig()) with the explicit flags on top. A bad setting is a
+    usage error (exit 2) before any data is loaded."""
+    explicit = _explicit_values(args)
     try:
+        if base is None:
+            recipe = explicit.get("recipe")
+            protocol = explicit.get("protocol", "standard")
+            base = recipe_config(recipe, protocol) if recipe else TrainConfig()
+        config = dataclasses.replace(base, **explicit, progress=not args.no_progress)
         _validate(config)
     except ValueError as exc:
-        print(f"gsp-kernels {args.command}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _usage_error(args, str(exc))
     return config
 
 
+def _write_json(output_dir: str, name: str, record: dict) -> None:
+    path = Path(output_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """Train one model and print its summary table (rank 0 under torchrun)."""
-    from .train import shutdown_distributed, summary_table, train
+    """Train as configured and print the summary (rank 0 under torchrun); results.json in
+    --output-dir."""
+    from .train import results_record, shutdown_distributed, summary_table, train
 
     result = train(_config_from_args(args))
     shutdown_distributed()  # on success only: a barrier after a failed rank would hang
-    if result["recall_at_1"] is None:
+    if result["metrics"] is None:
         return 0  # not rank 0
     print(summary_table(result))
-    if args.output_dir:
-        from pathlib import Path
+    if result["config"].output_dir:
+        _write_json(result["config"].output_dir, "results.json", results_record(result))
+    return 0
 
-        summary = {key: result[key] for key in ("recall_at_1", "map_at_r", "seconds", "epochs")}
-        summary["config"] = dataclasses.asdict(result["config"])
-        Path(args.output_dir, "results.json").write_text(json.dumps(summary, indent=2))
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate saved models on a benchmark's test split without training."""
+    from .evaluate import evaluate_checkpoints, evaluation_table
+
+    overrides = {name: getattr(args, name) for name in ("dataset", "data_root", "device", "num_workers", "eval_batch_size")
+                 if getattr(args, name) is not None}
+    try:
+        result = evaluate_checkpoints(args.checkpoint, **overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        _usage_error(args, str(exc))
+    print(evaluation_table(result))
+    if args.output_dir:
+        _write_json(args.output_dir, "evaluation.json", result)
     return 0
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
     """GAP vs GSP on the embedded collage data over several seeds."""
-    from .demo import run_demo
+    from .demo import DEMO_CONFIG, run_demo
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    base = _config_from_args(args)
+    base = _config_from_args(args, DEMO_CONFIG)
     run_demo(seeds=args.seeds, figure_path=args.figure or None, progress=base.progress, base_config=base)
     return 0
 
 
 def register(subparsers) -> None:
-    """Add the ``train`` and ``demo`` subcommands to an argparse subparsers object."""
+    """Add the ``train``, ``evaluate`` and ``demo`` subcommands to an argparse subparsers object."""
     train_parser = subparsers.add_parser(
         "train",
         help="metric learning with GSP or the GAP baseline (torchrun-ready)",
-        description="Train an embedding with GSP (+ zero-shot loss) or GAP and report Recall@1 and MAP@R on unseen classes.",
+        description="Train an embedding with GSP (+ zero-shot loss) or GAP and report Recall@K, MAP@R and "
+        "R-Precision on the test classes; --recipe sets the authors' settings for a benchmark.",
     )
     _add_config_flags(train_parser, TrainConfig())
     train_parser.set_defaults(func=run_train)
+
+    evaluate_parser = subparsers.add_parser(
+        "evaluate",
+        help="retrieval metrics of saved models (no training)",
+        description="Rebuild the model(s) from checkpoint(s) written by 'gsp-kernels train' and report the test "
+        "split's metrics; several checkpoints (or an mlrc output folder) are also evaluated concatenated.",
+    )
+    evaluate_parser.add_argument("--checkpoint", nargs="+", required=True,
+                                 help="checkpoint.pt file(s), or output folder(s) holding checkpoint.pt or fold*/checkpoint.pt")
+    evaluate_parser.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's")
+    evaluate_parser.add_argument("--data-root", help="default: the checkpoint's")
+    evaluate_parser.add_argument("--output-dir", help="write output_dir/evaluation.json")
+    evaluate_parser.add_argument("--device", help="default: a GPU when there is one")
+    evaluate_parser.add_argument("--num-workers", type=int, help="DataLoader workers (default: the checkpoint's)")
+    evaluate_parser.add_argument("--eval-batch-size", type=int, help="images per batch (default: the checkpoint's)")
+    evaluate_parser.set_defaults(func=run_evaluate)
 
     demo_parser = subparsers.add_parser(
         "demo",
@@ -108,5 +228,6 @@ def register(subparsers) -> None:
     demo_parser.add_argument("--figure", default="gsp_demo.png", help="PNG path for the weight maps ('' for none)")
     from .demo import DEMO_CONFIG
 
-    _add_config_flags(demo_parser, DEMO_CONFIG, skip={"dataset", "pooling", "seed", "resume", "output_dir"})
+    _add_config_flags(demo_parser, DEMO_CONFIG, skip={"dataset", "data_root", "pooling", "seed", "resume", "output_dir",
+                                                      "recipe", "protocol", "num_folds", "early_stopping_patience"})
     demo_parser.set_defaults(func=run_demo_command)

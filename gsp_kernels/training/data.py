@@ -1,7 +1,19 @@
-"""Datasets for metric learning: the embedded collage data, ImageFolder-style benchmarks,
-and a class-balanced batch sampler.
+"""Datasets for metric learning: the embedded collage data, image lists and ImageFolder
+trees, the papers' torchvision transforms, and a class-balanced batch sampler.
 
-Both datasets split by class: the first classes train, the others test (unseen classes).
+- ``CollageDataset(split)``: embedded data, digits 0-4 train, 5-9 test.
+- ``ImageListDataset(paths, class_ids, transform)``: images by path, 0-based labels; the
+  four benchmarks (``benchmarks.py``) are built from it. Attributes ``paths``, ``labels``
+  (LongTensor ``[n]``), ``class_names``, ``num_classes``. Missing files raise
+  FileNotFoundError when it is built, undecodable ones ImageReadError (naming the path)
+  when read; ``check_images(paths)`` tries every header up front.
+- ``ImageFolderSplit(root, split)``: ``root/<class>/<image>``, first half of the sorted
+  classes train, the rest test.
+- ``train_transform(image_size=227)``, ``test_transform(resize=256, crop=227)``.
+- ``ClassBalancedBatchSampler(labels, batch_size, samples_per_class)``.
+
+Every dataset returns ``(image [3, S, S] float32, label int)`` with labels 0-based within
+its split.
 """
 
 from __future__ import annotations
@@ -111,9 +123,136 @@ class CollageDataset(Dataset):
         return self.images[index], int(self.labels[index])
 
 
+def train_transform(image_size: int = 227):
+    """The papers' training augmentation (torchvision): random-resized crop to ``image_size``
+    (scale 0.16-1, aspect 3/4-4/3), horizontal flip, ImageNet normalization.
+    PIL image -> ``[3, image_size, image_size]`` float32."""
+    from torchvision import transforms
+
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def test_transform(resize: int = 256, crop: int = 227):
+    """The papers' test preprocessing (torchvision): shorter side resized to ``resize``, centre
+    crop of ``crop``, ImageNet normalization. PIL image -> ``[3, crop, crop]`` float32."""
+    from torchvision import transforms
+
+    if not 1 <= crop <= resize:
+        raise ValueError(f"need 1 <= crop <= resize, got crop={crop}, resize={resize}")
+    return transforms.Compose([
+        transforms.Resize(resize),
+        transforms.CenterCrop(crop),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+test_transform.__test__ = False  # a transform, not a pytest test, when imported into a test module
+
+
+class ImageReadError(OSError):
+    """An image file listed by a dataset could not be decoded; the message names the path."""
+
+
+def relabel(class_ids: list, classes: list | None = None) -> tuple[Tensor, list]:
+    """0-based labels ``[n]`` for per-image class identifiers, in the order of ``classes``
+    (default: the sorted distinct identifiers). -> (labels, classes)."""
+    if classes is None:
+        classes = sorted(set(class_ids))
+    index = {name: position for position, name in enumerate(classes)}
+    unknown = set(class_ids) - index.keys()
+    if unknown:
+        raise ValueError(f"class ids {sorted(unknown, key=str)[:5]} are not among the {len(classes)} classes given")
+    return torch.tensor([index[name] for name in class_ids], dtype=torch.long), list(classes)
+
+
+def _first_few(lines: list[str], count: int = 5) -> str:
+    """The first ``count`` lines, indented, and how many more there are."""
+    more = f"\n  ... and {len(lines) - count} more" if len(lines) > count else ""
+    return "".join(f"\n  {line}" for line in lines[:count]) + more
+
+
+def report_missing_files(paths: list[str], source: str) -> None:
+    """Raise FileNotFoundError naming the first few of ``paths`` that are not files (and how
+    many are missing); ``source`` says where the list came from."""
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(paths)} images listed in {source} are missing:"
+                                f"{_first_few(missing)}")
+
+
+def check_images(paths: list[str]) -> None:
+    """Open every image's header with PIL (``Image.verify``, no decoding of the pixels) and
+    raise ImageReadError naming the first few that fail, and how many: a check to run before
+    training rather than meet a bad file in the middle of an epoch."""
+    from PIL import Image
+
+    failures = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, SyntaxError) as error:  # PIL raises SyntaxError for some broken headers
+            failures.append(f"{path}: {error}")
+    if failures:
+        raise ImageReadError(f"{len(failures)} of {len(paths)} images cannot be read:{_first_few(failures)}")
+
+
+class ImageListDataset(Dataset):
+    """Images given by path with a class identifier each: ``(image, label)`` with the image
+    read by PIL as RGB and passed through ``transform`` (default: ``[3, H, W]`` in [0, 1]).
+
+    Labels are 0-based in the order of ``classes`` (default: the sorted distinct ids), so a
+    query and a gallery set can share one numbering. Every path is checked to be a file when
+    the dataset is built (``check_files``); a file that PIL cannot decode raises
+    ImageReadError naming it. Attributes: paths, labels ``[n]`` (LongTensor), class_names,
+    num_classes, transform.
+    """
+
+    def __init__(self, paths: list, class_ids: list, transform=None, *, classes: list | None = None,
+                 source: str = "the dataset", check_files: bool = True):
+        if len(paths) != len(class_ids):
+            raise ValueError(f"{len(paths)} paths but {len(class_ids)} class ids")
+        if not paths:
+            raise ValueError(f"no images in {source}")
+        self.paths = [str(path) for path in paths]
+        if check_files:
+            report_missing_files(self.paths, source)
+        self.labels, classes = relabel(list(class_ids), classes)
+        self.class_names = [str(name) for name in classes]
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except OSError as error:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise ImageReadError(f"cannot read image {path}: {error}") from error
+        if self.transform is None:
+            return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1), int(self.labels[index])
+        return self.transform(image), int(self.labels[index])
+
+
 def split_class_names(class_names: list[str], split: str, num_train_classes: int | None = None) -> list[str]:
-    """Class-split rule of the benchmarks: the first half of the sorted classes train (or the
-    first ``num_train_classes``), the rest test (CUB 100/100, Cars 98/98, SOP 11318/11316)."""
+    """Class-split rule of ImageFolder trees: the first half of the sorted classes train (or
+    the first ``num_train_classes``), the rest test."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     names = sorted(class_names)
@@ -123,73 +262,35 @@ def split_class_names(class_names: list[str], split: str, num_train_classes: int
     return names[:cut] if split == "train" else names[cut:]
 
 
-class ImageFolderSplit(Dataset):
-    """``root/<class>/<image>`` benchmarks (CUB-200-2011, Cars196, SOP, In-Shop laid out by
-    class) loaded with PIL, split by class with ``split_class_names``.
+class ImageFolderSplit(ImageListDataset):
+    """``root/<class>/**/<image>`` trees (listed by torchvision's ``make_dataset``), split by
+    class with ``split_class_names``: ``(image, 0-based label within the split)``.
 
-    Train images get a random resized crop and a horizontal flip; test images a resize of
-    the shorter side to image_size * 8/7 and a centre crop. Output: ImageNet-normalized
-    ``[3, image_size, image_size]`` float32 and a 0-based label within the split.
+    ``transform`` defaults to ``train_transform(image_size)`` for the train split and
+    ``test_transform(round(image_size * 256 / 227), image_size)`` for the test split.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", image_size: int = 224, num_train_classes: int | None = None):
+    def __init__(self, root: str | os.PathLike, split: str = "train", image_size: int = 224,
+                 num_train_classes: int | None = None, transform=None):
+        from torchvision.datasets.folder import make_dataset
+
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"dataset root {str(root)!r} is not a directory")
         class_dirs = [entry.name for entry in root.iterdir() if entry.is_dir()]
         if len(class_dirs) < 2:
             raise ValueError(f"{str(root)!r} needs at least 2 class folders, found {len(class_dirs)}")
-        self.class_names = split_class_names(class_dirs, split, num_train_classes)
-        self.samples: list[tuple[Path, int]] = []
-        for label, name in enumerate(self.class_names):
-            files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            self.samples.extend((path, label) for path in files)
-        if not self.samples:
+        names = split_class_names(class_dirs, split, num_train_classes)
+        samples = make_dataset(root, {name: index for index, name in enumerate(names)}, IMAGE_EXTENSIONS, allow_empty=True)
+        if not samples:
             raise ValueError(f"no images with extensions {IMAGE_EXTENSIONS} under {str(root)!r} for split {split!r}")
-        self.labels = torch.tensor([label for _, label in self.samples])
-        self.image_size = image_size
-        self.train = split == "train"
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _crop(self, image):
-        """PIL image -> square PIL crop of image_size (random resized crop + flip, or centre)."""
-        from PIL import Image
-
-        width, height = image.size
-        if self.train:
-            area = width * height * float(torch.empty(1).uniform_(0.16, 1.0))
-            ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3))))
-            crop_w = min(width, max(1, round(math.sqrt(area * ratio))))
-            crop_h = min(height, max(1, round(math.sqrt(area / ratio))))
-            left = int(torch.randint(0, width - crop_w + 1, (1,)))
-            top = int(torch.randint(0, height - crop_h + 1, (1,)))
-            image = image.resize((self.image_size, self.image_size), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
-            if float(torch.rand(1)) < 0.5:
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            return image
-        resize = round(self.image_size * 8 / 7)
-        scale = resize / min(width, height)
-        image = image.resize((max(resize, round(width * scale)), max(resize, round(height * scale))), Image.BILINEAR)
-        left = (image.size[0] - self.image_size) // 2
-        top = (image.size[1] - self.image_size) // 2
-        return image.crop((left, top, left + self.image_size, top + self.image_size))
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from PIL import Image
-
-        path, label = self.samples[index]
-        with Image.open(path) as image:
-            crop = self._crop(image.convert("RGB"))
-        array = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3, S, S]
-        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-        std = torch.tensor(IMAGENET_STD)[:, None, None]
-        return (array - mean) / std, label
+        if transform is None:
+            if split == "train":
+                transform = train_transform(image_size)
+            else:
+                transform = test_transform(round(image_size * 256 / 227), image_size)
+        super().__init__([path for path, _ in samples], [names[index] for _, index in samples], transform,
+                         source=f"the class folders of {root}")
 
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):
@@ -197,42 +298,53 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     random classes, grouped by class (so the zero-shot loss's halves hold different classes).
 
     With fewer classes than a batch needs, every class is drawn and the samples per class
-    grow to fill the batch. Deterministic in (seed, epoch, rank): call ``set_epoch``. Under
-    DDP each rank draws its own batches; an epoch has len(labels) // (batch_size * world_size)
-    batches per rank.
+    grow to fill the batch. Deterministic in (seed, epoch): call ``set_epoch``. Under DDP
+    (``world_size`` ranks) every rank draws the same global step of ``world_size`` batches
+    and keeps its own: the ranks' classes in one step are disjoint. An epoch has
+    ``num_batches`` steps (default len(labels) // (batch_size * world_size)).
     """
 
-    def __init__(self, labels: Tensor, batch_size: int, samples_per_class: int = 4, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, labels: Tensor, batch_size: int, samples_per_class: int = 4, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_batches: int | None = None):
         labels = torch.as_tensor(labels)
         if samples_per_class < 1 or batch_size < samples_per_class:
             raise ValueError(f"need 1 <= samples_per_class <= batch_size, got {samples_per_class} and {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
+        if num_batches is not None and num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1 (or None), got {num_batches}")
         self.by_class = [torch.nonzero(labels == value).flatten() for value in torch.unique(labels)]
         num_classes = len(self.by_class)
-        if num_classes < 2:
-            raise ValueError(f"class-balanced batches need at least 2 classes, got {num_classes}")
-        self.classes_per_batch = min(num_classes, max(2, batch_size // samples_per_class))
+        if num_classes < 2 * world_size:
+            raise ValueError(f"class-balanced batches need at least 2 classes per rank, got {num_classes} classes for {world_size} rank(s)")
+        self.classes_per_batch = min(num_classes // world_size, max(2, batch_size // samples_per_class))
         self.samples_per_class = batch_size // self.classes_per_batch
         self.batch_size = self.classes_per_batch * self.samples_per_class
-        self.num_batches = max(1, len(labels) // (self.batch_size * world_size))
-        self.seed, self.rank, self.epoch = seed, rank, 0
+        self.num_batches = num_batches or max(1, len(labels) // (self.batch_size * world_size))
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that, with the seed and the rank, fixes the batch order."""
+        """Set the epoch that, with the seed, fixes the batch order."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % (2**62))
+        # One generator for every rank (the 0 keeps the single-process order of earlier versions).
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, 0)) % (2**62))
+        per_rank = self.classes_per_batch
         for _ in range(self.num_batches):
-            classes = torch.randperm(len(self.by_class), generator=generator)[: self.classes_per_batch]
-            batch = []
-            for class_index in classes.sort().values.tolist():
-                members = self.by_class[class_index]
-                if len(members) >= self.samples_per_class:
-                    picks = torch.randperm(len(members), generator=generator)[: self.samples_per_class]
-                else:
-                    picks = torch.randint(len(members), (self.samples_per_class,), generator=generator)
-                batch.extend(members[picks].tolist())
-            yield batch
+            drawn = torch.randperm(len(self.by_class), generator=generator)[: per_rank * self.world_size]
+            for rank in range(self.world_size):  # every rank's picks, so the generator stays in step
+                batch = []
+                for class_index in drawn[rank * per_rank : (rank + 1) * per_rank].sort().values.tolist():
+                    members = self.by_class[class_index]
+                    if len(members) >= self.samples_per_class:
+                        picks = torch.randperm(len(members), generator=generator)[: self.samples_per_class]
+                    else:
+                        picks = torch.randint(len(members), (self.samples_per_class,), generator=generator)
+                    batch.extend(members[picks].tolist())
+                if rank == self.rank:
+                    mine = batch
+            yield mine

@@ -1,17 +1,24 @@
 """Embedding models: a backbone trunk with a GAP baseline head or a GSP head.
 
-Every model's forward returns ``GSPOutput``; the GAP head gives ``attributes=None``.
-torchvision is imported only when a torchvision backbone is asked for.
+Every model's forward returns ``GSPOutput``; the GAP head gives ``attributes=None``. The trunk
+is the embedded ``SmallCNN``, or the backbone of a torchvision or timm model
+(``gsp_kernels.backbones``), randomly initialized or loaded from local weights
+(``gsp_kernels.pretrained``: nothing downloads).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import Tensor, nn
 
-from ..nn import GSP, GSPOutput
+from ..backbones import PatchTokens, backbone_from_model, create_classifier
+from ..nn import GSP, GSPOutput, local_features, uniform_weights
+from ..pretrained import LoadReport, cached_weights_path, load_backbone_weights
 
-ARCHITECTURES = ("smallcnn", "resnet18", "resnet50")
 POOLINGS = ("gap", "gsp")
+PROTOTYPE_INITS = ("kcenter", "random", "memory", "proxies")
+CACHED_WEIGHTS = "cache"  # ``pretrained`` value: the arch's own weights from the local caches
 
 
 class SmallCNN(nn.Sequential):
@@ -25,51 +32,64 @@ class SmallCNN(nn.Sequential):
             return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         super().__init__(*stage(3, width, 1), *stage(width, width, 1), *stage(width, 2 * width, 2), *stage(2 * width, 2 * width, 2))
-        self.out_channels = 2 * width
+        self.num_features = 2 * width
 
 
 class GlobalAveragePoolHead(nn.Module):
-    """The GAP baseline: average the map, then a Linear to the embedding.
+    """The GAP baseline: average the local features, then a Linear to the embedding.
 
-    ``[B, C, H, W]`` -> ``GSPOutput(embedding [B, E], None, weights)`` where the weights, when
-    asked for, are uniform ``[B, H, W]``.
+    A map ``[B, C, H, W]``, tokens ``[B, N, C]`` or ``PatchTokens`` -> ``GSPOutput(embedding
+    [B, E], None, weights)`` where the weights, when asked for, are uniform (``[B, H, W]``,
+    ``[B, h, w]`` or ``[B, N]``, as ``GSP`` gives them).
     """
 
     def __init__(self, in_channels: int, embedding_dim: int):
         super().__init__()
         self.projection = nn.Linear(in_channels, embedding_dim)
 
-    def forward(self, feature_map: Tensor, return_weights: bool = False) -> GSPOutput:
-        """``[B, C, H, W]`` -> ``GSPOutput`` with the averaged map's embedding (uniform weights)."""
-        embedding = self.projection(feature_map.mean(dim=(2, 3)))  # [B, E]
-        weights = None
-        if return_weights:
-            batch, _, height, width = feature_map.shape
-            weights = feature_map.new_full((batch, height, width), 1.0 / (height * width))
-        return GSPOutput(embedding, None, weights)
+    def forward(self, features: Tensor | PatchTokens, return_weights: bool = False, grid: tuple[int, int] | None = None) -> GSPOutput:
+        """Local features -> ``GSPOutput`` with the averaged features' embedding (uniform weights)."""
+        tokens, grid = local_features(features, grid)  # [B, N, C]
+        embedding = self.projection(tokens.mean(dim=1))  # [B, E]
+        return GSPOutput(embedding, None, uniform_weights(tokens, grid) if return_weights else None)
 
 
 class EmbeddingModel(nn.Module):
-    """``trunk`` (images -> ``[B, C, H, W]``) followed by ``head`` (a GAP head or ``GSP``)."""
+    """``trunk`` (images -> local features) followed by ``head`` (a GAP head or ``GSP``).
+
+    ``pretrained_report``: the ``LoadReport`` of the backbone weights ``build_model`` loaded, or None.
+    """
 
     def __init__(self, trunk: nn.Module, head: nn.Module):
         super().__init__()
         self.trunk = trunk
         self.head = head
+        self.pretrained_report: LoadReport | None = None
 
     def forward(self, images: Tensor, return_weights: bool = False) -> GSPOutput:
-        """Images -> ``GSPOutput`` of the pooling head on the trunk's map."""
+        """Images -> ``GSPOutput`` of the pooling head on the trunk's features."""
         return self.head(self.trunk(images), return_weights=return_weights)
 
 
-def _torchvision_trunk(arch: str) -> tuple[nn.Module, int]:
-    """A randomly initialized torchvision ResNet without its avgpool and fc, and its channels."""
-    import torchvision  # lazy: optional, and absent from some environments
-
-    resnet = getattr(torchvision.models, arch)(weights=None)
-    children = dict(resnet.named_children())
-    trunk = nn.Sequential(*(module for name, module in children.items() if name not in ("avgpool", "fc")))
-    return trunk, resnet.fc.in_features
+def build_trunk(arch: str, *, width: int = 32, pretrained: str | Path | bool | None = None, **backbone_kwargs) -> tuple[nn.Module, LoadReport | None]:
+    """The trunk an ``arch`` names (``gsp_kernels.backbones.resolve_arch``) and the report of
+    the weights loaded into it: ``pretrained`` is None/False (random init), a checkpoint path,
+    or True/"cache" (the arch's weights from the local caches, see ``cached_weights_path``).
+    ``backbone_kwargs`` go to ``timm.create_model`` / ``torchvision.models.get_model``."""
+    if arch == "smallcnn":
+        if pretrained not in (None, False):
+            raise ValueError("smallcnn has no pretrained weights; pretrained needs a torchvision or timm arch")
+        return SmallCNN(width), None
+    trunk = backbone_from_model(create_classifier(arch, **backbone_kwargs))
+    if pretrained in (None, False):
+        return trunk, None
+    path = cached_weights_path(arch) if pretrained is True or pretrained == CACHED_WEIGHTS else Path(pretrained)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained: no checkpoint file at {str(path)!r}; pass a local .pth/.safetensors state dict, "
+            f"or {CACHED_WEIGHTS!r} for {arch!r}'s weights from the local Hugging Face / torch.hub caches"
+        )
+    return trunk, load_backbone_weights(trunk, path)
 
 
 def build_model(
@@ -82,19 +102,35 @@ def build_model(
     transport_ratio: float = 0.3,
     gamma: float = 5.0,
     backend: str = "auto",
+    pretrained: str | Path | bool | None = None,
+    pooling_method: str = "sum",
+    augment_max_pool: bool = False,
+    memory_size: int = 0,
+    warm_up_steps: int = 0,
+    backbone_kwargs: dict | None = None,
 ) -> EmbeddingModel:
-    """An ``EmbeddingModel`` with a ``SmallCNN`` (width ``width``) or torchvision ResNet trunk."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    """An ``EmbeddingModel``: the trunk of ``build_trunk`` and a GAP or GSP head whose input
+    width is the backbone's ``num_features``. ``pooling_method``, ``augment_max_pool``,
+    ``memory_size`` and ``warm_up_steps`` are ``GSP``'s options (the authors' variants)."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if arch == "smallcnn":
-        trunk = SmallCNN(width)
-        channels = trunk.out_channels
-    else:
-        trunk, channels = _torchvision_trunk(arch)
+    trunk, report = build_trunk(arch, width=width, pretrained=pretrained, **(backbone_kwargs or {}))
+    channels = trunk.num_features
     if pooling == "gap":
         head = GlobalAveragePoolHead(channels, embedding_dim)
     else:
-        head = GSP(channels, embedding_dim, num_prototypes, transport_ratio=transport_ratio, gamma=gamma, backend=backend)
-    return EmbeddingModel(trunk, head)
+        head = GSP(
+            channels,
+            embedding_dim,
+            num_prototypes,
+            transport_ratio=transport_ratio,
+            gamma=gamma,
+            backend=backend,
+            pooling_method=pooling_method,
+            augment_max_pool=augment_max_pool,
+            memory_size=memory_size,
+            warm_up_steps=warm_up_steps,
+        )
+    model = EmbeddingModel(trunk, head)
+    model.pretrained_report = report
+    return model

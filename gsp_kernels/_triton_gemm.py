@@ -1,0 +1,334 @@
+"""The `triton` backend's gemm strategy: the three big products on the vendor GEMM (cuBLAS, through
+torch.mm / torch.bmm), the rest in Triton. Math and symbols: SPEC.md; the fused strategy, and
+the per-sample kernels that both strategies launch: ``_triton``; their shared math:
+``_triton_math``.
+
+Why a second design: the fused kernels compute the cost products themselves, so their speed
+rests on Triton's tiles and register allocation for each GPU and Triton version (``_triton``'s
+notes: 3.6 builds the half kernels in 165-174 registers where 3.9 takes 95-106). Here the
+intermediate is small: the products are [B·N, M] float32 (25 MB at B=256, N=196, M=128, next
+to 51 MB of bfloat16 features), so writing them to memory and reading them back costs about
+what a second read of x does, and the products themselves run at the vendor library's speed on
+any GPU (the pattern of Liger-Kernel's fused linear cross-entropy: torch.matmul for the logits,
+Triton around it).
+
+- Forward: ``_gsp_gemm_norms_kernel`` (|x|² per feature, |z|² per prototype: one read of x), the
+  products P = x·zᵀ as one GEMM over all B·N features ([B·N, M]; a channels-first map, which
+  does not fold to a matrix, as a batched GEMM [B, M, N] with x's transpose as the contiguous
+  operand: no copy of x), then the fused strategy's own forward kernel with ``PARTS`` > 0: it
+  reads P instead of computing it and writes the logits over it (no [B, N, M] tensor beyond P);
+  costs, logsumexp, the solve, weights, attr and pooled are the same code. pooled stays in that
+  kernel (x re-read per sample) rather than a vendor batched product: that would be one more
+  launch and, for half x, a hi + lo pair of weights to stay float32-accurate.
+- Backward: the norms kernel again, with x·gy; P again (the op saves only x, prototypes and u;
+  recomputing is one GEMM, saving would be 25 MB more held between the passes); the fused
+  per-sample backward kernel with ``PARTS`` > 0, which writes V over P (and, for bfloat16 x,
+  V as a bfloat16 hi + lo pair for the GEMMs); then Σ_b Vᵀx and V z as vendor GEMMs, and
+  ``_gsp_gemm_backward_finish_kernel``: the prototype epilogue (``_prototype_grad_program``,
+  shared) and grad_x = β x − V z + w gy elementwise through x's strides. V z goes through memory in
+  float32 ([B·N, D]): cuBLAS cannot apply the per-row β x + w gy epilogue itself.
+- Launches: forward 4 (norms, GEMM, counters' memset, per-sample kernel); backward 7 (norms,
+  GEMM, memset, per-sample kernel, two GEMMs, finish), plus the prototypes' split for mixed
+  dtypes, the float32 copy of float16 x (below) and, for channels-first maps, the sum over the
+  batch of the per-sample Vᵀx. No host sync; deterministic: cuBLAS GEMMs on one stream and
+  torch's sums are, and the Triton kernels are the fused strategy's.
+
+Precision of the products, as the fused strategy's (``_triton``'s docstring):
+- float32: cuBLAS float32 with TF32 off for "ieee", "tf32x3" and "auto" (full float32
+  products, at least as accurate as 3xTF32; cuBLAS has no 3xTF32), TF32 on for "tf32" (the
+  global torch setting, set and restored around each GEMM).
+- bfloat16 / float16 x with prototypes of the same dtype: a half GEMM with a float32 result
+  (torch.mm's ``out_dtype``): exact products, float32 accumulation.
+- Mixed (autocast: half x, float32 prototypes): the prototypes as 3 bfloat16 (or 2 float16)
+  parts whose sum is z to ~float32 accuracy, one GEMM of 3M (2M) columns, summed in the kernel.
+- The backward's V (float32): for bfloat16 x, Vᵀx uses V as bfloat16 hi + lo (one GEMM of 2M
+  rows, V to ~16 bits, as the fused strategy's split dots), and so does V z when the
+  prototypes are bfloat16 too (z stacked twice); otherwise float32 GEMMs at ``precision``.
+  float16 x is upcast to float32 for Vᵀx (a copy of x): V in float16 would overflow under
+  loss scaling.
+On the CPU (the interpreter's tests) half products go through float32 (torch's CPU GEMMs have
+no ``out_dtype``): the same values, as products of half values are exact in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _triton
+from ._triton_math import _grad_x_epilogue, _prototype_grad_program
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _row_sums(ptr, offsets, ok, stride_d, gy_ptr, gy_offsets, D,
+              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr):
+    """Σ_d v², and Σ_d v·gy (WITH_GY), of the rows at `offsets` [BLOCK_R], in float32."""
+    sq = tl.zeros((BLOCK_R,), tl.float32)
+    dot = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tile_ok = ok[:, None] & (cols < D)[None, :]
+        v = tl.load(ptr + offsets[:, None] + cols[None, :] * stride_d, mask=tile_ok, other=0.0).to(tl.float32)
+        sq += tl.sum(v * v, 1)
+        if WITH_GY:
+            gy = tl.load(gy_ptr + gy_offsets[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            dot += tl.sum(v * gy, 1)
+    return sq, dot
+
+
+@triton.jit
+def _gsp_gemm_norms_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_ptr,  # gy [B, D]
+    x_sq_ptr, x_gy_ptr, z_sq_ptr,  # out: |x|², x·gy [B·N], |z|² [M] float32
+    total_rows, N, M, D, x_programs,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr,
+):
+    """Programs below x_programs: BLOCK_R features each (feature r = b·N + i, read through x's
+    strides); the rest: BLOCK_R prototypes each."""
+    program = tl.program_id(0)
+    if program < x_programs:
+        feature = program * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = feature < total_rows
+        sample = (feature // N).to(tl.int64)
+        offsets = sample * stride_xb + (feature % N) * stride_xn
+        x_sq, x_gy = _row_sums(x_ptr, offsets, ok, stride_xd, grad_pooled_ptr, sample * D, D, BLOCK_R, BLOCK_D, WITH_GY)
+        tl.store(x_sq_ptr + feature, x_sq, mask=ok)
+        if WITH_GY:
+            tl.store(x_gy_ptr + feature, x_gy, mask=ok)
+    else:
+        protos = (program - x_programs) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = protos < M
+        offsets = protos.to(tl.int64) * stride_zm
+        z_sq, _ = _row_sums(z_ptr, offsets, ok, stride_zd, z_ptr, offsets, D, BLOCK_R, BLOCK_D, False)
+        tl.store(z_sq_ptr + protos, z_sq, mask=ok)
+
+
+@triton.jit
+def _gsp_gemm_backward_finish_kernel(
+    partial_ptr, splits, col_sum_ptr, batch, row_coefs_ptr,  # [S, M, D], [B, M], (β, w) [B, 2, N] float32
+    z_ptr, stride_zm, stride_zd, grad_z_ptr,  # prototypes [M, D]; grad_z [M, D] contiguous
+    coef_z_ptr, stride_vb, stride_vn, stride_vd,  # V z [B, N, D] float32, strided
+    x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
+    total_rows, N, M, D, col_tiles,
+    BLOCK_ZD: tl.constexpr, BLOCK_B: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Programs 0..M−1: the prototype gradient's epilogue, one prototype each; the rest:
+    grad_x = β x − V z + w gy on [BLOCK_R, BLOCK_D] tiles of all B·N features."""
+    program = tl.program_id(0)
+    if program < M:
+        _prototype_grad_program(
+            program.to(tl.int64), partial_ptr, splits, col_sum_ptr, batch, z_ptr, stride_zm, stride_zd, grad_z_ptr,
+            M, D, BLOCK_ZD, BLOCK_B, NORMALIZE,
+        )
+    else:
+        tile = program - M
+        cols = (tile % col_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+        feature = (tile // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        feature_ok = feature < total_rows
+        col_ok = cols < D
+        sample = (feature // N).to(tl.int64)
+        coef_z = tl.load(
+            coef_z_ptr + (sample * stride_vb + (feature % N) * stride_vn)[:, None] + cols[None, :] * stride_vd,
+            mask=feature_ok[:, None] & col_ok[None, :], other=0.0,
+        )
+        _grad_x_epilogue(
+            coef_z, feature, feature_ok, cols, col_ok, row_coefs_ptr,
+            x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd, N, D,
+        )
+
+
+# ----------------------------------------------------------------------------- host glue
+
+# The elementwise kernels' tiles: rows (features or prototypes) by columns of D.
+_ROWS_BLOCK = 32
+_COLS_BLOCK = 128
+
+
+def _half_gemm_with_float32_result() -> bool:
+    """Whether torch.mm / torch.bmm take ``out_dtype`` (half operands, float32 result)."""
+    operand = torch.empty((1, 1, 1), dtype=torch.bfloat16, device="meta")
+    try:
+        torch.mm(operand[0], operand[0], out_dtype=torch.float32)
+        torch.bmm(operand, operand, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+_HALF_OUT_DTYPE = _half_gemm_with_float32_result()
+
+
+@contextlib.contextmanager
+def _float32_gemms(precision: str):
+    """cuBLAS float32 GEMMs inside: TF32 for "tf32", full float32 otherwise (torch's global
+    setting, restored on exit)."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    previous = getattr(matmul, name)
+    wanted = precision == "tf32"
+    setattr(matmul, name, ("tf32" if wanted else "ieee") if name == "fp32_precision" else wanted)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, previous)
+
+
+def _product(op, a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """op(a, b) (torch.mm or torch.bmm) in float32: float32 operands at ``precision``; half
+    operands (one dtype) natively with a float32 result, or through float32 where torch cannot
+    (the CPU), which is exact for products of half values."""
+    if a.dtype == torch.float32:
+        if not a.is_cuda:
+            return op(a, b)
+        with _float32_gemms(precision):
+            return op(a, b)
+    if a.is_cuda and _HALF_OUT_DTYPE:
+        return op(a, b, out_dtype=torch.float32)
+    return op(a.float(), b.float())
+
+
+def _prototype_columns(x: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the prototypes as the GEMM's [PARTS·M, D] operand next to x, PARTS): themselves in x's
+    dtype, float32 for float32 x, or for half x with other prototypes (autocast) float32 z split
+    into PARTS parts in x's dtype that sum to z within float32's accuracy (bfloat16: 3 of 8 bits;
+    float16: 2 of 11, down to its subnormal spacing 2⁻²⁴)."""
+    if prototypes.dtype == x.dtype:
+        return prototypes, 1
+    if x.dtype == torch.float32:
+        return prototypes.float(), 1
+    rest = prototypes.float()
+    parts = []
+    for _ in range(3 if x.dtype == torch.bfloat16 else 2):
+        parts.append(rest.to(x.dtype))
+        rest = rest - parts[-1].float()
+    return torch.cat(parts), len(parts)
+
+
+def _folds(x: torch.Tensor) -> bool:
+    """Whether x [B, N, D] is one [B·N, D] matrix (feature b·N + i at one row stride)."""
+    return x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
+
+
+def _products(x: torch.Tensor, columns: torch.Tensor, precision: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """x·c for every feature and row c of columns [K, D], float32, and its (b, i, k) strides: one
+    GEMM [B·N, K] when x folds, else a batched one [B, K, N] with x's transpose as the operand (a
+    channels-first map's contiguous layout: no copy)."""
+    batch, n, d = x.shape
+    k = columns.shape[0]
+    if _folds(x):
+        products = _product(torch.mm, x.reshape(batch * n, d), columns.t(), precision)  # [B·N, K]
+        return products, (n * products.stride(0), products.stride(0), products.stride(1))
+    products = _product(torch.bmm, columns.expand(batch, k, d), x.transpose(1, 2), precision)  # [B, K, N]
+    return products, (products.stride(0), products.stride(2), products.stride(1))
+
+
+def _norms(x: torch.Tensor, prototypes: torch.Tensor, grad_pooled: torch.Tensor | None = None):
+    """(|x|² [B·N], x·gy [B·N] or None, |z|² [M]) in float32, in one launch."""
+    batch, n, d = x.shape
+    m = prototypes.shape[0]
+    x_sq = torch.empty((batch * n,), dtype=torch.float32, device=x.device)
+    x_gy = None if grad_pooled is None else torch.empty_like(x_sq)
+    z_sq = torch.empty((m,), dtype=torch.float32, device=x.device)
+    x_programs = _triton._cdiv(batch * n, _ROWS_BLOCK)
+    _gsp_gemm_norms_kernel[(x_programs + _triton._cdiv(m, _ROWS_BLOCK),)](
+        x, *x.stride(), prototypes, *prototypes.stride(), x if grad_pooled is None else grad_pooled,
+        x_sq, x_sq if x_gy is None else x_gy, z_sq,
+        batch * n, n, m, d, x_programs,
+        BLOCK_R=_ROWS_BLOCK, BLOCK_D=min(_triton._next_pow2(d), _COLS_BLOCK), WITH_GY=grad_pooled is not None,
+        num_warps=4,
+    )
+    return x_sq, x_gy, z_sq
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
+    """The per-sample kernels' tiles for a (N, M, D) bucket (powers of two) when the products are
+    given (no cost GEMM inside). From sm_90 builds at N=196, M=128, D=512 (Triton 3.8,
+    ``test_triton._compile_gemm_strategy``), the widest prototype tiles that build without
+    spills for both layouts of the products (a channels-first map's [B, M, N] needs more
+    registers: its tiles are loaded along features): the forward 64 prototypes at 4 warps in
+    float32 (168 / 254 registers: 2-3 programs per SM), 32 at 8 warps for half inputs (under the
+    two-programs-per-SM cap: 120-126); the backward, whose pass 2 holds five [BLOCK_N, BLOCK_M]
+    temporaries, 32 at 8 warps (96-128). BLOCK_D is the pooling product's step, as in the fused
+    kernel. To be tuned on the GPU."""
+    block_n = min(max(n, 16), 64)
+    block_m = min(max(m, 16), 64 if not (half or backward) else 32)
+    block_d = min(max(d, 16), 64 if half else 32)
+    num_warps = 4 if not (half or backward) else 8
+    return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 3}
+
+
+def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False) -> dict:
+    """The table entry for this shape's bucket, then ``_triton.BLOCK_OVERRIDE`` if any, with the
+    fused kernels' register cap for half-precision inputs (``_triton._register_cap``)."""
+    config = _tile_config(_triton._next_pow2(n), _triton._next_pow2(m), _triton._next_pow2(d), half, backward)
+    return _triton._register_cap({**config, **(_triton.BLOCK_OVERRIDE or {})}, half)
+
+
+def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision):
+    """pooled [B, D], attr [B, M], weights [B, N] in x's dtype, u [B] float32 (x's device current)."""
+    _, _, f32_precision, _ = _triton._resolve_precision(x, prototypes, precision)
+    config = _launch_config(x.shape[1], prototypes.shape[0], x.shape[2], x.dtype in _triton._HALF_DTYPES)
+    x_sq, _, z_sq = _norms(x, prototypes)
+    columns, parts = _prototype_columns(x, prototypes)
+    products, strides = _products(x, columns, f32_precision)  # then the logits, in place
+    return _triton._per_sample_forward(
+        x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision, config, products, strides,
+        x_sq, z_sq, parts,
+    )
+
+
+def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision):
+    """grad_x (x's strides and dtype) and grad_prototypes; the output gradients contiguous."""
+    batch, n, d = x.shape
+    m = prototypes.shape[0]
+    _, _, f32_precision, _ = _triton._resolve_precision(x, prototypes, precision)
+    config = _launch_config(n, m, d, x.dtype in _triton._HALF_DTYPES, backward=True)
+    x_sq, x_gy, z_sq = _norms(x, prototypes, grad_pooled)
+    columns, parts = _prototype_columns(x, prototypes)
+    products, strides = _products(x, columns, f32_precision)  # then V (float32) over its first block
+    folds = _folds(x)
+    pair = None  # bfloat16 x: V as hi + lo, [B·N, 2M] or [B, 2M, N] like the products
+    if x.dtype == torch.bfloat16:
+        pair = x.new_empty((batch * n, 2 * m) if folds else (batch, 2 * m, n))
+    pair_strides = (0, 0, 0) if pair is None else (
+        (n * pair.stride(0), pair.stride(0), 1) if folds else (pair.stride(0), 1, pair.stride(1))
+    )
+    row_coefs, col_sum = _triton._per_sample_backward(
+        grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision, config,
+        products, strides, x_sq, x_gy, z_sq, parts, pair, pair_strides,
+    )
+    v = products[:, :m] if folds else products[:, :m, :]  # [B·N, M] or [B, M, N] float32
+    v_x = pair if pair is not None else v
+    features = x.float() if x.dtype == torch.float16 else x
+    v_z, z_columns = (pair, torch.cat([prototypes, prototypes])) if (
+        pair is not None and prototypes.dtype == torch.bfloat16) else (v, prototypes.float())
+    if folds:
+        partials = _product(torch.mm, v_x.t(), features.reshape(batch * n, d), f32_precision)  # [S·M, D]
+        coef_z = _product(torch.mm, v_z, z_columns, f32_precision)  # [B·N, D]
+        coef_z_strides = (n * coef_z.stride(0), coef_z.stride(0), coef_z.stride(1))
+    else:
+        partials = _product(torch.bmm, v_x, features, f32_precision).sum(0)  # Σ_b of [B, S·M, D], fixed order
+        z_t = z_columns.t().expand(batch, d, z_columns.shape[0])  # [B, D, K]
+        coef_z = _product(torch.bmm, z_t, v_z, f32_precision)  # [B, D, N]
+        coef_z_strides = (coef_z.stride(0), coef_z.stride(2), coef_z.stride(1))
+    grad_z = torch.empty((m, d), dtype=prototypes.dtype, device=x.device)
+    grad_x = torch.empty_like(x)
+    col_tiles = _triton._cdiv(d, _COLS_BLOCK)
+    _gsp_gemm_backward_finish_kernel[(m + col_tiles * _triton._cdiv(batch * n, _ROWS_BLOCK),)](
+        partials, partials.shape[0] // m, col_sum, batch, row_coefs,
+        prototypes, *prototypes.stride(), grad_z,
+        coef_z, *coef_z_strides,
+        x, *x.stride(), grad_pooled, grad_x, *grad_x.stride(),
+        batch * n, n, m, d, col_tiles,
+        BLOCK_ZD=_triton._prototype_block_d(d), BLOCK_B=_triton._prototype_block_b(batch),
+        NORMALIZE=_triton._NORMALIZE_CODES[normalize], BLOCK_R=_ROWS_BLOCK, BLOCK_D=_COLS_BLOCK, num_warps=4,
+    )
+    return grad_x, grad_z

@@ -1,0 +1,164 @@
+"""Pretrained backbone weights from local files: nothing is ever downloaded.
+
+- ``load_backbone_weights(module, path)``: a torchvision or timm state dict (``.pth``/``.pt``/
+  ``.bin`` through ``torch.load(weights_only=True)``, or ``.safetensors``), unwrapped from
+  ``{"state_dict": ...}``/``{"model": ...}`` and DDP/compile prefixes by timm's
+  ``load_state_dict``, converted by the timm model's own ``checkpoint_filter_fn`` when it has one
+  (position-embedding resampling for another image size, DINOv2/CLIP key names). Missing and
+  unexpected keys are reported (returned, and warned about); a checkpoint that matches no tensor
+  of the module, or whose shapes differ, is refused.
+- ``cached_weights_path(arch)``: the file of an arch's pretrained weights in the local caches,
+  the Hugging Face hub cache (timm's ``hf_hub_id``) and torch.hub's ``checkpoints`` directory
+  (torchvision, and timm's older URLs), or ``FileNotFoundError`` naming every place looked at.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .backbones import TimmBackbone, TorchvisionViTBackbone, resolve_arch
+
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the names timm's hub loader tries
+_SHOWN_KEYS = 8
+
+
+class LoadReport(NamedTuple):
+    """What ``load_backbone_weights`` did: ``path``, the number of ``loaded`` tensors, the module's
+    ``missing`` keys (left as initialized) and the checkpoint's ``unexpected`` keys (ignored)."""
+
+    path: str
+    loaded: int
+    missing: list[str]
+    unexpected: list[str]
+
+    def __str__(self) -> str:
+        text = f"loaded {self.loaded} tensors from {self.path}"
+        if self.missing:
+            text += f"; {len(self.missing)} missing (left as initialized): {_shorten(self.missing)}"
+        if self.unexpected:
+            text += f"; {len(self.unexpected)} unexpected (ignored): {_shorten(self.unexpected)}"
+        return text
+
+
+def _shorten(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    return shown + (f", ... ({len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else "")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file (``.safetensors``, or a ``torch.save`` file loaded with
+    ``weights_only=True``), unwrapped and cleaned by ``timm.models.load_state_dict``."""
+    from timm.models import load_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {str(path)!r}")
+    try:
+        state = load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read {str(path)!r} as a state dict (.pth/.pt/.bin saved by torch.save, or .safetensors): {exc}") from exc
+    tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{str(path)!r} holds no tensors (keys: {_shorten(list(state))})")
+    return tensors
+
+
+def _timm_filter(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint after the timm model's ``checkpoint_filter_fn``, when its module has one."""
+    if not type(module).__module__.startswith("timm."):
+        return state
+    filter_fn = getattr(sys.modules[type(module).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    try:
+        return filter_fn(dict(state), module)
+    except Exception:  # a checkpoint of another layout: compared unconverted below, which explains the mismatch
+        return state
+
+
+def load_backbone_weights(module: nn.Module, path: str | Path) -> LoadReport:
+    """Load a local checkpoint into ``module``, non-strictly: a timm or torchvision model, or a
+    backbone of ``gsp_kernels.backbones`` (the checkpoint's keys are those of the model it wraps).
+
+    Returns a ``LoadReport``, and warns when keys are missing or unexpected (a removed
+    classifier's keys are unexpected). Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` when no key matches (a checkpoint for another architecture) or shapes differ.
+    """
+    if isinstance(module, (TimmBackbone, TorchvisionViTBackbone)):
+        module = module.model
+    state = _timm_filter(module, read_state_dict(path))
+    own = module.state_dict()
+    mismatched = [key for key in state if key in own and state[key].shape != own[key].shape]
+    if mismatched:
+        details = "; ".join(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}" for key in mismatched[:_SHOWN_KEYS])
+        raise ValueError(f"{str(path)!r} does not fit {type(module).__name__}: {len(mismatched)} shapes differ ({details})")
+    matched = {key: value for key, value in state.items() if key in own}
+    if not matched:
+        raise ValueError(
+            f"{str(path)!r} matches none of the {len(own)} tensors of {type(module).__name__}: a checkpoint for another "
+            f"architecture? checkpoint keys: {_shorten(list(state))}; model keys: {_shorten(list(own))}"
+        )
+    result = module.load_state_dict(matched, strict=False)
+    report = LoadReport(str(path), len(matched), list(result.missing_keys), [key for key in state if key not in own])
+    if report.missing or report.unexpected:
+        warnings.warn(str(report), stacklevel=2)
+    return report
+
+
+def _torch_hub_checkpoint(url: str) -> Path:
+    """Where torch.hub (and so torchvision) keeps the download of ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url.split("?")[0]).name
+
+
+def _timm_cached_file(name: str, looked_at: list[str]) -> Path | None:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained weights for {name!r} (timm.list_pretrained('{name.split('.')[0]}*') lists them)")
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo_id, _, revision = cfg.hf_hub_id.partition("@")  # timm's "repo@revision" spelling
+        for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else _HF_WEIGHT_FILES:
+            cached = try_to_load_from_cache(repo_id, filename, cache_dir=constants.HF_HUB_CACHE, revision=revision or None)
+            if isinstance(cached, str):
+                return Path(cached)
+            looked_at.append(f"{constants.HF_HUB_CACHE}/models--{repo_id.replace('/', '--')}/snapshots/*/{filename}")
+    if cfg.url and not cfg.url.endswith(".npz"):  # .npz files need timm's custom loader
+        candidate = _torch_hub_checkpoint(cfg.url)
+        if candidate.is_file():
+            return candidate
+        looked_at.append(str(candidate))
+    return None
+
+
+def cached_weights_path(arch: str) -> Path:
+    """The locally cached pretrained weights of ``arch`` (a timm name, with its pretrained tag
+    or timm's default one, or a torchvision name, with its DEFAULT weights). Never downloads:
+    raises ``FileNotFoundError`` naming the paths looked at."""
+    library, name = resolve_arch(arch)
+    looked_at: list[str] = []
+    if library == "timm":
+        found = _timm_cached_file(name, looked_at)
+    elif library == "torchvision":
+        import torchvision
+
+        candidate = _torch_hub_checkpoint(torchvision.models.get_model_weights(name).DEFAULT.url)
+        found = candidate if candidate.is_file() else None
+        looked_at.append(str(candidate))
+    else:
+        raise ValueError("smallcnn has no pretrained weights")
+    if found is None:
+        raise FileNotFoundError(
+            f"no cached weights for {arch!r}; looked at: {', '.join(looked_at) or 'nothing (no source in its pretrained config)'}. "
+            "Nothing is downloaded at run time: fetch them on a machine with network (timm.create_model(name, pretrained=True) "
+            "fills the Hugging Face cache, HF_HOME/HF_HUB_CACHE; torchvision fills TORCH_HOME/hub/checkpoints) or pass a file path"
+        )
+    return found

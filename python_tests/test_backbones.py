@@ -1,0 +1,311 @@
+"""GSP on real backbones (timm ViT, distilled DeiT, ViT with registers, timm CNNs, torchvision
+ResNet and ViT; randomly initialized, small configs): the pooling swap, forward and backward
+through every backend that runs here, weights on the patch grid, features checked against the
+libraries' own feature extractors; arch names; pretrained weights from local files and caches."""
+
+import copy
+import re
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import rel_err
+from safetensors.torch import save_file
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from gsp_kernels.backbones import PatchTokens, resolve_arch
+from gsp_kernels.backends import available_backends
+from gsp_kernels.nn import GSPNet, replace_global_pool
+from gsp_kernels.pretrained import cached_weights_path, load_backbone_weights
+from gsp_kernels.training.models import build_model
+
+
+def _timm(name, **kwargs):
+    return lambda: timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _torchvision_vit():
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128)
+
+
+def _timm_intermediates(model, images):  # timm's own patch-token map, prefix tokens removed
+    return model.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
+
+
+def _torchvision_nodes(node):  # torchvision's FX feature extractor: an independent forward
+    def extract(model, images):
+        features = create_feature_extractor(model, {node: "out"})(images)["out"]
+        if features.dim() == 3:  # ViT encoder output: drop the class token, tokens -> grid
+            side = int((features.shape[1] - 1) ** 0.5)
+            return features[:, 1:].transpose(1, 2).reshape(features.shape[0], -1, side, side)
+        return features
+
+    return extract
+
+
+# id: (factory, image height, width, expected grid, reference local features or None)
+MODELS = {
+    "timm-vit_tiny": (_timm("vit_tiny_patch16_224", img_size=32, depth=2), 32, 32, (2, 2), _timm_intermediates),
+    "timm-deit_distilled": (_timm("deit_tiny_distilled_patch16_224", img_size=32, depth=1), 32, 32, (2, 2), _timm_intermediates),
+    "timm-vit_reg4_dinov2": (_timm("vit_small_patch14_reg4_dinov2", img_size=42, depth=1), 42, 42, (3, 3), _timm_intermediates),
+    "timm-vit_dynamic_other_size": (
+        _timm("vit_tiny_patch16_224", img_size=32, depth=1, reg_tokens=2, dynamic_img_size=True),
+        48,
+        64,
+        (3, 4),
+        _timm_intermediates,
+    ),
+    "timm-resnet10t": (_timm("resnet10t"), 64, 64, (2, 2), _timm_intermediates),
+    "timm-convnext_atto": (_timm("convnext_atto"), 64, 64, (2, 2), _timm_intermediates),
+    "timm-efficientnet_b0": (_timm("efficientnet_b0"), 64, 64, (2, 2), None),
+    "torchvision-resnet18": (lambda: torchvision.models.resnet18(weights=None), 64, 64, (2, 2), _torchvision_nodes("layer4")),
+    "torchvision-vit": (_torchvision_vit, 32, 32, (4, 4), _torchvision_nodes("encoder")),
+}
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("model_id", list(MODELS))
+def test_swap_forward_backward_weights_on_the_patch_grid(model_id, backend):
+    factory, height, width, grid, _ = MODELS[model_id]
+    torch.manual_seed(0)
+    model = factory()
+    net = replace_global_pool(model, 16, num_prototypes=4, backend=backend)
+    assert isinstance(net, GSPNet)
+    assert not any(isinstance(module, nn.Linear) and module.out_features == 1000 for module in net.modules())  # classifier gone
+    images = torch.randn(2, 3, height, width)
+    out = net(images, return_weights=True)
+    assert out.embedding.shape == (2, 16) and out.attributes.shape == (2, 4)
+    assert out.weights.shape == (2, *grid)  # patches only: no weight for prefix tokens
+    torch.testing.assert_close(out.weights.sum(dim=(1, 2)), torch.ones(2))
+    (out.embedding.square().sum() + out.attributes.square().sum()).backward()
+    first_backbone_parameter = next(net.trunk.parameters())
+    for parameter in (first_backbone_parameter, net.gsp.prototypes, net.gsp.projection.weight):
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model_id", [key for key, value in MODELS.items() if value[4] is not None])
+def test_pooled_features_are_the_libraries_own_local_features(model_id):
+    """GSP on the swapped model equals GSP on the patch-token map extracted by timm's
+    ``forward_intermediates`` / torchvision's FX feature extractor: same tokens, same grid order."""
+    factory, height, width, grid, reference_features = MODELS[model_id]
+    torch.manual_seed(1)
+    model = factory().eval()
+    images = torch.randn(2, 3, height, width)
+    with torch.no_grad():
+        reference_map = reference_features(copy.deepcopy(model), images)  # [B, C, h, w]
+        net = replace_global_pool(model, 12, num_prototypes=3, backend="reference").eval()
+        out = net(images, return_weights=True)
+        expected = net.gsp(reference_map, return_weights=True)
+    assert reference_map.shape[2:] == grid
+    assert rel_err(out.embedding, expected.embedding) < 1e-5
+    assert rel_err(out.attributes, expected.attributes) < 1e-5
+    assert rel_err(out.weights, expected.weights) < 1e-5
+
+
+def test_efficientnet_features_average_to_timms_own_pre_logits():
+    """With transport_ratio 1, GSP is GAP: the embedding is the projection of timm's own pooled features."""
+    torch.manual_seed(2)
+    model = timm.create_model("efficientnet_b0", pretrained=False).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(images), pre_logits=True)  # [B, 1280]
+        net = replace_global_pool(model, 8, num_prototypes=2, transport_ratio=1.0).eval()
+        torch.testing.assert_close(net(images).embedding, net.gsp.projection(pooled), rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_errors_are_clear():
+    with pytest.raises(ValueError, match="looked for a timm model .*VisionTransformer.*'avgpool'"):
+        replace_global_pool(nn.Sequential(nn.Conv2d(3, 4, 1)), 8)
+    with pytest.raises(TypeError, match="nn.Module"):
+        replace_global_pool("resnet18", 8)
+    net = replace_global_pool(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1), 8, num_prototypes=2)
+    net.trunk.num_prefix_tokens = 0  # as if the class token were counted as a patch
+    with pytest.raises(ValueError, match="5 patch tokens for a 2x2 patch grid"):
+        net(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\] or tokens"):
+        net.gsp(torch.randn(2, 192))
+
+
+def test_patch_tokens_of_a_swapped_vit_pool_like_plain_tokens_with_a_grid():
+    net = replace_global_pool(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1), 8, num_prototypes=2)
+    features = net.features(torch.randn(2, 3, 32, 32))
+    assert isinstance(features, PatchTokens) and features.grid == (2, 2) and features.tokens.shape == (2, 4, 192)
+    from_tokens = net.gsp(features.tokens, grid=(2, 2), return_weights=True)
+    torch.testing.assert_close(net.gsp(features, return_weights=True).weights, from_tokens.weights)
+    assert net.gsp(features.tokens, return_weights=True).weights.shape == (2, 4)  # no grid known: [B, N]
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("smallcnn", ("smallcnn", "smallcnn")),
+        ("resnet50", ("torchvision", "resnet50")),
+        ("vit_b_16", ("torchvision", "vit_b_16")),
+        ("timm:resnet50", ("timm", "resnet50")),
+        ("timm/vit_small_patch14_dinov2.lvd142m", ("timm", "vit_small_patch14_dinov2.lvd142m")),
+        ("vit_tiny_patch16_224", ("timm", "vit_tiny_patch16_224")),
+        ("deit_small_distilled_patch16_224", ("timm", "deit_small_distilled_patch16_224")),
+    ],
+)
+def test_arch_names(arch, expected):
+    assert resolve_arch(arch) == expected
+
+
+def test_bad_arch_names():
+    with pytest.raises(ValueError, match="unknown arch 'vit_nonexistent'"):
+        resolve_arch("vit_nonexistent")
+    with pytest.raises(ValueError, match="timm has no model 'not_a_model'"):
+        resolve_arch("timm:not_a_model")
+
+
+@pytest.mark.parametrize("pooling", ["gsp", "gap"])
+def test_build_model_sizes_the_head_from_the_backbone(pooling):
+    model = build_model("timm:vit_tiny_patch16_224", pooling, 16, num_prototypes=4, backbone_kwargs={"depth": 1})
+    assert model.head.projection.in_features == 192
+    out = model(torch.randn(2, 3, 48, 32), return_weights=True)  # dynamic image size: a 3x2 grid
+    assert out.embedding.shape == (2, 16) and out.weights.shape == (2, 3, 2)
+    torch.testing.assert_close(out.weights.sum(dim=(1, 2)), torch.ones(2))
+    assert (out.attributes is None) == (pooling == "gap")
+
+
+TINY_VIT = {"img_size": 32, "depth": 1}
+
+
+def _assert_trunk_holds(module, state):
+    own = module.state_dict()
+    for key, value in state.items():
+        if key in own:
+            assert torch.equal(own[key], value), key
+
+
+def test_pretrained_safetensors_timm_checkpoint(tmp_path):
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT)
+    path = tmp_path / "vit.safetensors"
+    save_file({key: value.contiguous() for key, value in source.state_dict().items()}, str(path))
+    with pytest.warns(UserWarning, match="2 unexpected"):
+        model = build_model("timm:vit_tiny_patch16_224", "gsp", 16, pretrained=str(path), backbone_kwargs=TINY_VIT)
+    report = model.pretrained_report
+    assert report.missing == [] and sorted(report.unexpected) == ["head.bias", "head.weight"]  # the removed classifier
+    assert report.loaded == len(source.state_dict()) - 2
+    _assert_trunk_holds(model.trunk.model, source.state_dict())
+
+
+def test_pretrained_torchvision_checkpoint_wrapped_by_ddp_and_resampled_timm_vit(tmp_path):
+    source = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": {"module." + key: value for key, value in source.state_dict().items()}}, path)
+    with pytest.warns(UserWarning, match="fc.weight"):
+        model = build_model("resnet18", "gsp", 16, pretrained=path)
+    _assert_trunk_holds(model.trunk, source.state_dict())
+    assert model.pretrained_report.missing == []
+    # A ViT checkpoint at 32 px loaded into a model built for 48 px: timm's filter resamples pos_embed.
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT)
+    vit_path = tmp_path / "vit.pth"
+    torch.save(vit.state_dict(), vit_path)
+    with pytest.warns(UserWarning):
+        bigger = build_model("timm:vit_tiny_patch16_224", "gsp", 16, pretrained=vit_path, backbone_kwargs={"img_size": 48, "depth": 1})
+    assert bigger.trunk.model.pos_embed.shape == (1, 10, 192)
+    torch.testing.assert_close(bigger.trunk.model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+
+
+def test_pretrained_refuses_checkpoints_of_other_architectures(tmp_path):
+    resnet_path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), resnet_path)
+    with pytest.raises(ValueError, match="matches none of the .* tensors of VisionTransformer"):
+        build_model("timm:vit_tiny_patch16_224", "gsp", 16, pretrained=resnet_path, backbone_kwargs=TINY_VIT)
+    small_path = tmp_path / "vit_small.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", pretrained=False, **TINY_VIT).state_dict(), small_path)
+    with pytest.raises(ValueError, match="shapes differ"):
+        build_model("timm:vit_tiny_patch16_224", "gsp", 16, pretrained=small_path, backbone_kwargs=TINY_VIT)
+    with pytest.raises(FileNotFoundError, match="no checkpoint file at .*missing.pth.*'cache'"):
+        build_model("resnet18", "gsp", 16, pretrained=tmp_path / "missing.pth")
+    not_a_checkpoint = tmp_path / "notes.pth"
+    not_a_checkpoint.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_backbone_weights(torchvision.models.resnet18(weights=None), not_a_checkpoint)
+    with pytest.raises(ValueError, match="smallcnn has no pretrained weights"):
+        build_model("smallcnn", pretrained=resnet_path)
+
+
+def test_cached_weights_are_found_offline_in_the_hugging_face_and_torch_hub_caches(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError, match=r"looked at: .*hf/models--timm--vit_tiny_patch16_224\.augreg_in21k_ft_in1k"):
+        build_model("timm:vit_tiny_patch16_224", pretrained="cache", backbone_kwargs=TINY_VIT)
+    with pytest.raises(FileNotFoundError, match=r"torch/hub/checkpoints/resnet18-f37072fd\.pth"):
+        cached_weights_path("resnet18")
+
+    # A cache entry laid out as huggingface_hub writes it (refs/main -> snapshots/<revision>/).
+    repo = tmp_path / "hf" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT)
+    save_file({key: value.contiguous() for key, value in source.state_dict().items()}, str(repo / "snapshots" / "0123abcd" / "model.safetensors"))
+    with pytest.warns(UserWarning, match="unexpected"):
+        model = build_model("timm:vit_tiny_patch16_224", pretrained="cache", backbone_kwargs=TINY_VIT)
+    _assert_trunk_holds(model.trunk.model, source.state_dict())
+
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    resnet = torchvision.models.resnet18(weights=None)
+    torch.save(resnet.state_dict(), checkpoints / "resnet18-f37072fd.pth")
+    with pytest.warns(UserWarning, match="fc.bias"):
+        model = build_model("resnet18", pretrained=True)
+    _assert_trunk_holds(model.trunk, resnet.state_dict())
+
+
+def test_train_cli_loads_a_pretrained_timm_checkpoint(tmp_path, capsys):
+    from gsp_kernels.cli import main
+
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / "vit.safetensors"
+    save_file({key: value.contiguous() for key, value in source.state_dict().items()}, str(path))
+    loaded = len(source.state_dict()) - 2  # all but the classifier
+    flags = ["--arch", "timm:vit_tiny_patch16_224", "--pretrained", str(path), "--epochs", "1", "--steps-per-epoch", "1",
+             "--batch-size", "20", "--no-progress", "--pooling-method", "gem", "--augment-max-pool"]
+    with pytest.warns(UserWarning, match=re.escape(f"loaded {loaded} tensors from {path}; 2 unexpected (ignored): head.bias, head.weight")):
+        assert main(["train", *flags]) == 0
+    assert "recall@1" in capsys.readouterr().out
+
+
+def test_train_with_memory_and_proxy_prototype_initialization(monkeypatch, capsys):
+    from gsp_kernels.cli import main
+    from gsp_kernels.nn import GSP
+
+    seen = []
+    original = GSP.init_prototypes_kcenter
+
+    def spy(self, features, start_index=0):
+        seen.append(tuple(features.shape))
+        return original(self, features, start_index)
+
+    monkeypatch.setattr(GSP, "init_prototypes_kcenter", spy)
+    common = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "20", "--width", "8", "--no-progress", "--num-prototypes", "4"]
+    assert main(["train", *common, "--prototype-init", "memory", "--prototype-memory", "30"]) == 0
+    assert seen == [(30, 64)]  # k-center over the full memory, once (the second batch filled it)
+    seen.clear()
+    assert main(["train", *common, "--metric-loss", "proxyanchor", "--prototype-init", "proxies"]) == 0
+    assert seen == [(5, 64)]  # the 5 training classes' proxies
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--arch", "timm:not_a_model"], "timm has no model 'not_a_model'"),
+        (["--arch", "resnet18", "--pretrained", "missing.pth"], "no such file"),
+        (["--pretrained", "cache"], "smallcnn has no pretrained weights"),
+        (["--prototype-init", "proxies"], "proxyanchor"),
+    ],
+)
+def test_train_cli_rejects_bad_backbone_settings(flags, message, capsys):
+    from gsp_kernels.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *flags, "--no-progress"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

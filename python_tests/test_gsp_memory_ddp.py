@@ -1,0 +1,66 @@
+"""The warm-up memory under DistributedDataParallel (two CPU processes, gloo): every rank stores
+every rank's pooled embeddings, so all pick the same prototypes; the warm-up forwards leave no
+parameter unused (DDP without find_unused_parameters would fail on the next step)."""
+
+import gc
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from gsp_kernels.nn import GSP, kcenter_indices
+
+WORLD_SIZE = 2
+STEPS = 3  # two warm-up steps fill the memory (2 ranks x 2 samples x 2 steps = 8), the third pools
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+
+def _fresh_layer():
+    torch.manual_seed(0)
+    return GSP(6, 5, num_prototypes=3, memory_size=8, pooling_method="gem", backend="reference").double()
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(STEPS, WORLD_SIZE, 2, 6, 3, 3, generator=generator, dtype=torch.float64)  # [step, rank, B, C, H, W]
+
+
+def _worker(rank: int, store_path: str, result_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        layer = _fresh_layer()
+        model = nn.parallel.DistributedDataParallel(layer)
+        batches = _batches()
+        attributes = []
+        for step in range(STEPS):
+            out = model(batches[step, rank])
+            (out.embedding.square().mean() + out.attributes.square().mean()).backward()
+            attributes.append(out.attributes.detach())
+        torch.save({"prototypes": layer.prototypes.detach(), "memory": layer.memory, "attributes": attributes}, f"{result_path}.{rank}")
+        del model  # release DDP's reducer before the group goes
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_memory_fills_with_every_ranks_embeddings_and_all_ranks_agree(tmp_path):
+    result_path = str(tmp_path / "result")
+    mp.spawn(_worker, args=(str(tmp_path / "store"), result_path), nprocs=WORLD_SIZE, join=True)
+    results = [torch.load(f"{result_path}.{rank}") for rank in range(WORLD_SIZE)]
+
+    layer = _fresh_layer()
+    weight, bias = layer.projection.weight.detach(), layer.projection.bias.detach()
+    batches = _batches()
+    expected_memory = torch.cat([batches[step, rank].mean(dim=(2, 3)) @ weight.T + bias for step in range(2) for rank in range(WORLD_SIZE)])
+    normalized = expected_memory / expected_memory.norm(dim=1, keepdim=True).clamp_min(1.0)
+    expected_prototypes = expected_memory[kcenter_indices(normalized, 3)]
+    for result in results:
+        torch.testing.assert_close(result["memory"], expected_memory)
+        torch.testing.assert_close(result["prototypes"], expected_prototypes)
+        assert not result["attributes"][0].any() and not result["attributes"][1].any()  # warm-up: zeros
+        torch.testing.assert_close(result["attributes"][2].sum(1), torch.ones(2, dtype=torch.float64))  # GSP from step 3

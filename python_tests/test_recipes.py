@@ -1,0 +1,108 @@
+"""Recipes: each benchmark's recipe resolves to the settings OFFICIAL_CODE.md documents (and
+the transforms and optimizer built from them are those settings), an explicit flag wins over
+a recipe, and runs without a recipe keep the defaults."""
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("pytorch_metric_learning")
+pytest.importorskip("torchvision")
+
+import dataset_fixtures as fixtures
+
+from gsp_kernels.training import cli as training_cli
+from gsp_kernels.training.recipes import RECIPES, recipe_config, recipe_overrides
+from gsp_kernels.training.train import (
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    load_data,
+)
+
+# The authors' settings (OFFICIAL_CODE.md, tensorflow/configs/*.yaml), written out by hand.
+EVERY_RECIPE = {"transport_ratio": 0.3, "gamma": 5.0, "zero_shot_weight": 0.1, "samples_per_class": 4, "optimizer": "adam",
+                "freeze_bn": True, "image_size": 227, "resize": 256, "grad_clip": 10.0, "pooling": "gsp", "arch": "resnet50",
+                "prototype_init": "memory", "prototype_memory": 1024, "warm_up_steps": 0}
+CONVENTIONAL = {"embedding_dim": 512, "class_embedding_dim": 512, "batch_size": 112, "scheduler": "plateau", "plateau_factor": 0.5,
+                "min_lr": 1e-6, "weight_decay": 4e-4, "metric_loss": "contrastive", "contrastive_neg_margin": 1.0, "protocol": "standard"}
+SMALL = {"num_prototypes": 64, "lr": 1e-5, "plateau_patience": 4, "pooling_method": "gem", "augment_max_pool": False}
+LARGE = {"num_prototypes": 128, "lr": 1e-4, "plateau_patience": 3, "pooling_method": "sum", "augment_max_pool": True}
+MLRC = {"protocol": "mlrc", "num_folds": 4, "embedding_dim": 128, "batch_size": 32, "lr": 1e-5, "scheduler": "constant",
+        "pooling_method": "sum", "augment_max_pool": False}
+MLRC_SMALL = {"num_prototypes": 64, "steps_per_epoch": 100, "early_stopping_patience": 15}
+MLRC_LARGE = {"num_prototypes": 128, "steps_per_epoch": 1000, "early_stopping_patience": 10}
+SIZE = {"cub": "small", "cars196": "small", "sop": "large", "inshop": "large"}
+
+
+@pytest.mark.parametrize("name", ["cub", "cars196", "sop", "inshop"])
+def test_recipes_resolve_to_the_documented_settings(name):
+    small = SIZE[name] == "small"
+    config = recipe_config(name)
+    expected = {"dataset": name, "recipe": name, **EVERY_RECIPE, **CONVENTIONAL, **(SMALL if small else LARGE)}
+    assert {key: getattr(config, key) for key in expected} == expected
+    config = recipe_config(name, "mlrc")
+    expected = {"dataset": name, **EVERY_RECIPE, **MLRC, **(MLRC_SMALL if small else MLRC_LARGE)}
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert config.batch_size // config.samples_per_class == 8  # 8 classes x 4 images
+
+
+def test_a_recipe_builds_the_documented_transforms_and_optimizer(tmp_path):
+    from torchvision import transforms
+
+    root = fixtures.write_cub(tmp_path)
+    config = recipe_config("cub", data_root=str(root))
+    data = load_data(config)
+    train_steps = data.train.transform.transforms
+    assert isinstance(train_steps[0], transforms.RandomResizedCrop) and train_steps[0].size == (227, 227)
+    assert train_steps[0].scale == (0.16, 1.0) and isinstance(train_steps[1], transforms.RandomHorizontalFlip)
+    test_steps = data.query.transform.transforms
+    assert isinstance(test_steps[0], transforms.Resize) and test_steps[0].size == 256
+    assert isinstance(test_steps[1], transforms.CenterCrop) and test_steps[1].size == (227, 227)
+    assert data.query.transform is not data.train.transform
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    optimizer = build_optimizer(config, [parameter])
+    assert type(optimizer) is torch.optim.Adam and optimizer.defaults["lr"] == 1e-5 and optimizer.defaults["weight_decay"] == 4e-4
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=25)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert scheduler.factor == 0.5 and scheduler.patience == 4 and scheduler.min_lrs == [1e-6]
+
+
+def _parse(argv: list[str]) -> TrainConfig:
+    parser = argparse.ArgumentParser()
+    training_cli.register(parser.add_subparsers(dest="command"))
+    return training_cli._config_from_args(parser.parse_args(argv))
+
+
+def test_explicit_flags_override_a_recipe(tmp_path):
+    root = str(tmp_path)
+    config = _parse(["train", "--recipe", "sop", "--data-root", root, "--lr", "3e-5", "--no-freeze-bn", "--num-prototypes", "32",
+                     "--steps-per-epoch", "none", "--arch", "resnet18"])
+    assert (config.lr, config.freeze_bn, config.num_prototypes, config.steps_per_epoch, config.arch) == (3e-5, False, 32, None, "resnet18")
+    untouched = {key: value for key, value in recipe_overrides("sop").items() if key not in ("lr", "freeze_bn", "num_prototypes", "steps_per_epoch", "arch")}
+    assert {key: getattr(config, key) for key in untouched} == untouched
+    assert config.data_root == root and config.recipe == "sop"
+    mlrc = _parse(["train", "--recipe", "cub", "--protocol", "mlrc", "--data-root", root, "--early-stopping-patience", "3"])
+    assert (mlrc.protocol, mlrc.embedding_dim, mlrc.early_stopping_patience, mlrc.steps_per_epoch) == ("mlrc", 128, 3, 100)
+    # a recipe's dataset can be pointed elsewhere too
+    assert _parse(["train", "--recipe", "cub", "--dataset", "imagefolder", "--data-root", root]).dataset == "imagefolder"
+
+
+def test_without_a_recipe_the_defaults_stay():
+    parsed = _parse(["train"])
+    assert parsed == dataclasses.replace(TrainConfig(), progress=True)
+    assert _parse(["train", "--amp", "--no-progress"]) == dataclasses.replace(TrainConfig(), amp=True, progress=False)
+
+
+def test_bad_recipe_or_override():
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        recipe_config("mnist")
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        recipe_overrides("cub", "kfold")
+    with pytest.raises(TypeError, match="unknown TrainConfig field"):
+        recipe_config("cub", learning_rate=1.0)
+    with pytest.raises(SystemExit):
+        _parse(["train", "--recipe", "mnist"])
+    assert set(RECIPES) == {"cub", "cars196", "sop", "inshop"}
