@@ -173,12 +173,15 @@ def tuned_entry(x: torch.Tensor, prototypes: torch.Tensor, precision: str = "aut
 
 def strategy_for(x: torch.Tensor, prototypes: torch.Tensor, precision: str = "auto") -> str:
     """The strategy of a call on these inputs: ``use_strategy``'s, else STRATEGY's, else the tuned
-    entry's (``tuned_entry``), else "fused" (a function of the inputs only, so that the backward
-    takes the forward's)."""
+    entry's (``tuned_entry``) where torch lets cuBLAS run (``_triton_gemm.runs_on``: not under
+    deterministic algorithms without CUBLAS_WORKSPACE_CONFIG), else "fused" (a function of the
+    inputs and torch's settings, so that the backward takes the forward's)."""
     if _forced_strategy or STRATEGY:
         return _forced_strategy or STRATEGY
     entry = tuned_entry(x, prototypes, precision)
-    return entry["strategy"] if entry is not None else "fused"
+    if entry is None or (entry["strategy"] == "gemm" and not _triton_gemm.runs_on(x.device)):
+        return "fused"
+    return entry["strategy"]
 
 
 # ----------------------------------------------------------------------------- kernels

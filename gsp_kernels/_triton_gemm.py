@@ -31,12 +31,16 @@ Triton around it).
   GEMM, memset, per-sample kernel, two GEMMs, finish), plus the prototypes' split for mixed
   dtypes, the float32 copy of float16 x (below) and, for channels-first maps, the sum over the
   batch of the per-sample Vᵀx. No host sync; deterministic: cuBLAS GEMMs on one stream and
-  torch's sums are, and the Triton kernels are the fused strategy's.
+  torch's sums are, and the Triton kernels are the fused strategy's. Under
+  ``torch.use_deterministic_algorithms(True)`` torch refuses cuBLAS on CUDA unless
+  CUBLAS_WORKSPACE_CONFIG is set (``runs_on``): ``_triton.strategy_for`` then takes the fused
+  strategy instead of a tuned entry's gemm. The GEMMs run with the caller's autocast off (the op
+  is called under it, and autocast would cast torch.mm to half precision).
 
 Precision of the products, as the fused strategy's (``_triton``'s docstring):
 - float32: cuBLAS float32 with TF32 off for "ieee", "tf32x3" and "auto" (full float32
   products, at least as accurate as 3xTF32; cuBLAS has no 3xTF32), TF32 on for "tf32" (the
-  global torch setting, set and restored around each GEMM).
+  global torch setting, changed around a GEMM only where it differs: ``_float32_gemms``).
 - bfloat16 / float16 x with prototypes of the same dtype: a half GEMM with a float32 result
   (torch.mm's ``out_dtype``): exact products, float32 accumulation.
 - Mixed (autocast: half x, float32 prototypes): the prototypes as 3 bfloat16 (or 2 float16)
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -152,46 +157,87 @@ _COLS_BLOCK = 128
 
 
 def _half_gemm_with_float32_result() -> bool:
-    """Whether torch.mm / torch.bmm take ``out_dtype`` (half operands, float32 result)."""
-    operand = torch.empty((1, 1, 1), dtype=torch.bfloat16, device="meta")
+    """Whether torch.mm and torch.bmm take ``out_dtype`` on CUDA (half operands, float32 result):
+    the overloads ``aten::mm.dtype`` / ``aten::bmm.dtype`` with a CUDA kernel (torch >= 2.8). Asked
+    of the dispatcher, which is what a CUDA call reaches: a check on meta tensors tests the meta
+    kernel instead (present or missing independently of the CUDA one)."""
     try:
-        torch.mm(operand[0], operand[0], out_dtype=torch.float32)
-        torch.bmm(operand, operand, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in ("aten::mm.dtype", "aten::bmm.dtype"))
+    except RuntimeError:  # the overload does not exist
         return False
-    return True
 
 
 _HALF_OUT_DTYPE = _half_gemm_with_float32_result()
+# cuBLAS's reproducible workspace settings (torch checks CUBLAS_WORKSPACE_CONFIG against these
+# when deterministic algorithms are on).
+_DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether torch lets this strategy's GEMMs run on ``device`` now: not on CUDA under
+    ``torch.use_deterministic_algorithms(True)`` unless CUBLAS_WORKSPACE_CONFIG is one of
+    ``_DETERMINISTIC_CUBLAS`` (torch.mm then raises, or warns in warn-only mode). The GEMMs are
+    bitwise repeatable on one stream either way (cuBLAS's own guarantee, same GPU and library);
+    the setting matters where several streams share its workspaces."""
+    return device.type != "cuda" or not torch.are_deterministic_algorithms_enabled() or (
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG") in _DETERMINISTIC_CUBLAS
+    )
+
+
+def _effective_float32_precision() -> str:
+    """What cuBLAS uses for float32 GEMMs now, by the torch >= 2.9 API: "tf32" or "ieee" (its
+    getter already resolves "none" through the cuda and generic settings; "none" left is ieee)."""
+    value = torch.backends.cuda.matmul.fp32_precision
+    return "tf32" if value == "tf32" else "ieee"
 
 
 @contextlib.contextmanager
 def _float32_gemms(precision: str):
-    """cuBLAS float32 GEMMs inside: TF32 for "tf32", full float32 otherwise (torch's global
-    setting, restored on exit)."""
+    """cuBLAS float32 GEMMs inside: TF32 for "tf32", full float32 otherwise. torch's global
+    setting, changed only where it differs and restored on exit, by the API that cuBLAS reads:
+    torch >= 2.9's ``fp32_precision`` (there the legacy ``allow_tf32`` is deprecated, and its
+    getter raises while the two APIs disagree: a caller's legacy "high" with "ieee" here, for the
+    GEMM's duration), else ``allow_tf32``. The getter resolves "none" (inherit) to its value, so a
+    restore pins what was inherited. Host state: safe under CUDA graph capture and inside
+    torch.compile (the op is opaque there); not thread-safe (the flag is process-wide)."""
     matmul = torch.backends.cuda.matmul
-    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    if hasattr(matmul, "fp32_precision"):
+        name, wanted, current = "fp32_precision", "tf32" if precision == "tf32" else "ieee", _effective_float32_precision()
+    else:
+        name, wanted = "allow_tf32", precision == "tf32"
+        current = matmul.allow_tf32
+    if current == wanted:
+        yield
+        return
     previous = getattr(matmul, name)
-    wanted = precision == "tf32"
-    setattr(matmul, name, ("tf32" if wanted else "ieee") if name == "fp32_precision" else wanted)
+    setattr(matmul, name, wanted)
     try:
         yield
     finally:
         setattr(matmul, name, previous)
 
 
+def _autocast_off(device_type: str):
+    """torch.autocast disabled inside, where it is on: the op runs under its caller's autocast (a
+    custom op without an autocast kernel falls through it), which would run the float32 GEMMs in
+    half precision and return half products."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+
+
 def _product(op, a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
-    """op(a, b) (torch.mm or torch.bmm) in float32: float32 operands at ``precision``; half
-    operands (one dtype) natively with a float32 result, or through float32 where torch cannot
-    (the CPU), which is exact for products of half values."""
-    if a.dtype == torch.float32:
-        if not a.is_cuda:
-            return op(a, b)
-        with _float32_gemms(precision):
-            return op(a, b)
-    if a.is_cuda and _HALF_OUT_DTYPE:
-        return op(a, b, out_dtype=torch.float32)
-    return op(a.float(), b.float())
+    """op(a, b) (torch.mm or torch.bmm) in float32, with autocast off (``_autocast_off``):
+    float32 operands at ``precision``; half operands (one dtype) natively with a float32 result,
+    or through float32 where torch cannot (the CPU), which is exact for products of half values
+    (also under TF32: its 10-bit mantissa holds theirs)."""
+    with _autocast_off(a.device.type):
+        if a.dtype == torch.float32:
+            if not a.is_cuda:
+                return op(a, b)
+            with _float32_gemms(precision):
+                return op(a, b)
+        if a.is_cuda and _HALF_OUT_DTYPE:
+            return op(a, b, out_dtype=torch.float32)
+        return op(a.float(), b.float())
 
 
 def _prototype_columns(x: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -248,7 +294,7 @@ def _norms(x: torch.Tensor, prototypes: torch.Tensor, grad_pooled: torch.Tensor 
 
 
 @functools.lru_cache(maxsize=256)
-def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
+def _tile_config(n: int, m: int, d: int, half: bool, backward: bool, rows_layout: bool = True) -> dict:
     """The per-sample kernels' tiles for a (N, M, D) bucket (powers of two) when the products are
     given (no cost GEMM inside). From sm_90 builds at N=196, M=128, D=512 (Triton 3.8,
     ``test_triton._compile_gemm_strategy``), the widest prototype tiles that build without
@@ -256,19 +302,22 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
     registers: its tiles are loaded along features): the forward 64 prototypes at 4 warps in
     float32 (168 / 254 registers: 2-3 programs per SM), 32 at 8 warps for half inputs (under the
     two-programs-per-SM cap: 120-126); the backward, whose pass 2 holds five [BLOCK_N, BLOCK_M]
-    temporaries, 32 at 8 warps (96-128). BLOCK_D is the pooling product's step, as in the fused
-    kernel. To be tuned on the GPU."""
+    temporaries, 32 at 8 warps (96-128), but 16 for a channels-first map's products
+    (``rows_layout`` False): the device's Triton 3.6 spills at 32 there (8 bytes of stack, float32
+    and bfloat16; ``scripts/device_versions_check.sh``), and builds 16 in 64-128 registers. BLOCK_D
+    is the pooling product's step, as in the fused kernel. To be tuned on the GPU."""
     block_n = min(max(n, 16), 64)
-    block_m = min(max(m, 16), 64 if not (half or backward) else 32)
+    block_m = min(max(m, 16), 64 if not (half or backward) else 32 if rows_layout or not backward else 16)
     block_d = min(max(d, 16), 64 if half else 32)
     num_warps = 4 if not (half or backward) else 8
     return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 3}
 
 
-def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False) -> dict:
-    """The table entry for this shape's bucket, then ``_triton.BLOCK_OVERRIDE`` if any, with the
+def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False, rows_layout: bool = True) -> dict:
+    """The table entry for this shape's bucket and products' layout (``rows_layout``: [B·N, M],
+    else a channels-first map's [B, M, N]), then ``_triton.BLOCK_OVERRIDE`` if any, with the
     fused kernels' register cap for half-precision inputs (``_triton._register_cap``)."""
-    config = _tile_config(_triton._next_pow2(n), _triton._next_pow2(m), _triton._next_pow2(d), half, backward)
+    config = _tile_config(_triton._next_pow2(n), _triton._next_pow2(m), _triton._next_pow2(d), half, backward, rows_layout)
     return _triton._register_cap({**config, **(_triton.BLOCK_OVERRIDE or {})}, half)
 
 
@@ -290,7 +339,7 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     batch, n, d = x.shape
     m = prototypes.shape[0]
     _, _, f32_precision, _ = _triton._resolve_precision(x, prototypes, precision)
-    config = _launch_config(n, m, d, x.dtype in _triton._HALF_DTYPES, backward=True)
+    config = _launch_config(n, m, d, x.dtype in _triton._HALF_DTYPES, backward=True, rows_layout=_folds(x))
     x_sq, x_gy, z_sq = _norms(x, prototypes, grad_pooled)
     columns, parts = _prototype_columns(x, prototypes)
     products, strides = _products(x, columns, f32_precision)  # then V (float32) over its first block

@@ -47,11 +47,14 @@ class GSPOutput(NamedTuple):
     weights: Tensor | None
 
 
-def kcenter_indices(points: Tensor, k: int, start_index: int = 0) -> Tensor:
-    """Greedy k-center: start from ``points[start_index]``, then repeatedly add the point
-    with the largest Euclidean distance to its nearest chosen point.
+def kcenter_indices(points: Tensor, k: int, start_index: int = 0, *, covered: Tensor | None = None) -> Tensor:
+    """Greedy k-center: repeatedly add the point with the largest Euclidean distance to its
+    nearest chosen point. It starts from ``points[start_index]``, or, given ``covered``
+    ``[Q, D]`` (centres already placed, as the authors' memory initialization seeds it), from
+    the distances to those, and then picks all k from ``points``.
 
-    points: ``[P, D]``; returns ``[k]`` int64 indices (distinct while distinct points remain).
+    points: ``[P, D]``; returns ``[k]`` int64 indices into ``points`` (distinct while distinct
+    points remain).
     """
     if points.dim() != 2:
         raise ValueError(f"points must be [P, D], got shape {tuple(points.shape)}")
@@ -62,9 +65,16 @@ def kcenter_indices(points: Tensor, k: int, start_index: int = 0) -> Tensor:
         raise ValueError(f"start_index must be in [0, {num_points}), got {start_index}")
     points = points.detach().float()
     chosen = torch.empty(k, dtype=torch.long, device=points.device)
-    chosen[0] = start_index
-    min_dist = torch.linalg.vector_norm(points - points[start_index], dim=1)  # [P]
-    for step in range(1, k):
+    if covered is None:
+        chosen[0] = start_index
+        min_dist = torch.linalg.vector_norm(points - points[start_index], dim=1)  # [P]
+        first = 1
+    else:
+        if covered.dim() != 2 or covered.shape[0] == 0 or covered.shape[1] != points.shape[1]:
+            raise ValueError(f"covered must be [Q, {points.shape[1]}] with Q >= 1, got shape {tuple(covered.shape)}")
+        min_dist = torch.cdist(points, covered.detach().float().to(points.device)).amin(dim=1)  # [P]
+        first = 0
+    for step in range(first, k):
         next_index = torch.argmax(min_dist)
         chosen[step] = next_index
         min_dist = torch.minimum(min_dist, torch.linalg.vector_norm(points - points[next_index], dim=1))
@@ -109,12 +119,20 @@ def uniform_weights(tokens: Tensor, grid: tuple[int, int] | None) -> Tensor:
 
 
 def _gathered_across_ranks(rows: Tensor) -> Tensor:
-    """``rows`` ``[b, E]`` of every rank, in rank order (``rows`` itself without a process group)."""
+    """``rows`` ``[b, E]`` of every rank, in rank order (``rows`` itself without a process
+    group); ranks may hold different numbers of rows."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return rows
-    parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, rows.contiguous())
-    return torch.cat(parts)
+    world_size = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.empty_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    counts = [int(rank_count) for rank_count in counts]
+    padded = rows.new_zeros(max(counts), rows.shape[1])  # all_gather needs one shape on every rank
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:rank_count] for part, rank_count in zip(parts, counts, strict=True)])
 
 
 class GSP(nn.Module):
@@ -132,25 +150,46 @@ class GSP(nn.Module):
         gamma: inverse temperature of the transport plan.
         normalize, cost: as in ``gsp_pool`` (cost-side normalization, distance).
         backend: ``gsp_pool`` backend ("auto", "reference", "triton", "cuda").
+        solver, max_iter: as in ``gsp_pool``: "newton" (default, the exact root) or, for parity
+            with the authors' layers, "fixed_point" with their ``optimization_steps``
+            (``max_iter``, default 100).
         pooling_method: how the transport weights w (summing to 1) pool, with the authors' mixing
             weights N·w_i: "sum" (default): Σ_i w_i P(x_i), the paper's layer (their 'gap');
-            "gem": P(GeM), GeM_c = (mean_i max(N·w_i·x_ic, 1e-6)^p)^(1/p) over the *backbone*
-            features with a learnable power p (their TensorFlow ``use_gemp``, ResNet-50 config);
-            "max": P(max_i N·w_i·x_i) over the backbone features (their PyTorch layer's 'gmp').
-            P is the projection (with its bias).
+            "gem": P(GeM), GeM_c = (mean_i max(N·w_i·x_ic, 1e-6)^p)^(1/p): the mixing weights
+            multiply the *backbone* features, then the clamp, one learnable scalar power p for
+            all channels, the mean over the N positions, and the projection last (their
+            TensorFlow ``use_gemp``, ResNet-50 config; computed in at least float32). GeM
+            assumes non-negative features (post-ReLU CNN maps): the negative half of a
+            transformer's LayerNorm-ed tokens is clamped away;
+            "max": P(max_i N·w_i·x_i) over the backbone features (their PyTorch layer's
+            default 'gmp'). P is the projection (with its bias); gradients reach the plan
+            through w.
         gem_power: initial p of "gem" (the authors' 3).
-        augment_max_pool: add W·max_i x_i, the projected global max pool of the backbone
-            features (the projection's weight, no second bias), to the embedding (their
+        augment_max_pool: add W·max_i x_i, the projected global max pool of the (unweighted)
+            backbone features (the projection's weight, no second bias), to the embedding
+            before any normalization, also while a memory warms up, as theirs does (their
             ``augment_max_pool``, BN-Inception and large configs).
         memory_size: 0 (default) uses the prototypes from the first forward. K > 0: the
             authors' TensorFlow warm-up: the layer averages (GAP of the projected features,
             zero attributes) and, in training mode after ``warm_up_steps`` forwards, stores the
-            pooled embeddings (all ranks' under torch.distributed) until K are stored; then
-            greedy k-center over them picks the prototypes, once, and GSP pooling starts. An
-            explicit ``init_prototypes_*`` call ends the warm-up too. While warming up, each
-            forward reads one flag from the device (a sync); afterwards none.
+            pooled embeddings (the average, without ``augment_max_pool``'s term) after the cost
+            normalization (all ranks' under torch.distributed) until K are stored (a batch that
+            overflows overwrites the memory's tail, as theirs does); then greedy k-center
+            seeded with the first M stored embeddings picks M of the other K - M
+            (``kcenter_indices(memory[M:], M, covered=memory[:M])``), once, the prototypes
+            become those normalized embeddings, and GSP pooling starts. K >= 2M (theirs: 1024).
+            Unlike theirs, evaluation forwards store nothing. An explicit ``init_prototypes_*``
+            call ends the warm-up too. While warming up, each forward reads a few scalars from
+            the device (syncs); afterwards none.
         warm_up_steps: training forwards before the memory starts filling (0 for pair losses,
             about an epoch for proxy losses in the authors' configs).
+
+    Differences from the authors' code: the projection has a bias (their PyTorch ``nn.Linear``;
+    their TensorFlow 1x1 convolution has none), so "gem", "max" and the warm-up GAP add it;
+    ``augment_max_pool`` adds the weight only. Transport is solved exactly (``gsp_pool``), not
+    by their 100 fixed-point steps, unless ``solver="fixed_point"``. Defaults: mu 0.3 and
+    gamma 5 (their TensorFlow configurations; their PyTorch layer uses gamma 0.1), pooling
+    "sum" (their PyTorch layer defaults to "max"), random prototypes until initialized.
     """
 
     def __init__(
@@ -164,6 +203,8 @@ class GSP(nn.Module):
         normalize: str = "lipschitz",
         cost: str = "euclidean",
         backend: str = "auto",
+        solver: str = "newton",
+        max_iter: int | None = None,
         pooling_method: str = "sum",
         gem_power: float = 3.0,
         augment_max_pool: bool = False,
@@ -185,19 +226,28 @@ class GSP(nn.Module):
             raise ValueError(f"normalize must be one of {_reference.NORMALIZE_MODES}, got {normalize!r}")
         if cost not in _reference.COST_MODES:
             raise ValueError(f"cost must be one of {_reference.COST_MODES}, got {cost!r}")
+        if solver not in _reference.SOLVERS:
+            raise ValueError(f"solver must be one of {_reference.SOLVERS}, got {solver!r}")
+        if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
+            raise ValueError(f"max_iter must be None or a positive int, got {max_iter!r}")
         if pooling_method not in POOLING_METHODS:
             raise ValueError(f"pooling_method must be one of {POOLING_METHODS}, got {pooling_method!r}")
         if not gem_power > 0.0:
             raise ValueError(f"gem_power must be > 0, got {gem_power}")
         if not isinstance(augment_max_pool, bool):
-            raise ValueError(f"augment_max_pool must be a bool, got {augment_max_pool!r}")
-        if 0 < memory_size < num_prototypes:
-            raise ValueError(f"memory_size must be 0 or at least num_prototypes ({num_prototypes}), got {memory_size}")
+            raise TypeError(f"augment_max_pool must be a bool, got {augment_max_pool!r}")
+        if 0 < memory_size < 2 * num_prototypes:
+            raise ValueError(
+                f"memory_size must be 0 or at least 2 * num_prototypes ({2 * num_prototypes}): k-center seeded with the "
+                f"first {num_prototypes} stored embeddings picks {num_prototypes} of the others; got {memory_size}"
+            )
         self.transport_ratio = float(transport_ratio)
         self.gamma = float(gamma)
         self.normalize = normalize
         self.cost = cost
         self.backend = backend
+        self.solver = solver
+        self.max_iter = max_iter
         self.pooling_method = pooling_method
         self.augment_max_pool = augment_max_pool
         self.memory_size = memory_size
@@ -208,7 +258,7 @@ class GSP(nn.Module):
         self.gem_power = nn.Parameter(torch.tensor(float(gem_power))) if pooling_method == "gem" else None
         self._ready_cache = memory_size == 0
         if memory_size:
-            self.register_buffer("memory", torch.zeros(memory_size, embedding_dim))  # [K, E] pooled embeddings
+            self.register_buffer("memory", torch.zeros(memory_size, embedding_dim))  # [K, E] normalized pooled embeddings
             self.register_buffer("memory_filled", torch.zeros((), dtype=torch.long))
             self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))
             self.register_buffer("prototypes_ready", torch.zeros((), dtype=torch.bool))
@@ -233,6 +283,8 @@ class GSP(nn.Module):
             f"gamma={self.gamma}, normalize={self.normalize!r}, cost={self.cost!r}, backend={self.backend!r}, "
             f"pooling_method={self.pooling_method!r}"
         )
+        if self.solver != "newton":
+            text += f", solver={self.solver!r}, max_iter={self.max_iter}"
         if self.augment_max_pool:
             text += ", augment_max_pool=True"
         if self.memory_size:
@@ -275,6 +327,8 @@ class GSP(nn.Module):
             normalize=self.normalize,
             cost=self.cost,
             backend=self.backend,
+            solver=self.solver,
+            max_iter=self.max_iter,
             return_weights=return_weights or pools_backbone,
         )
         embedding, attributes = result[0], result[1]  # [B, E], [B, M]
@@ -309,12 +363,13 @@ class GSP(nn.Module):
         return self._ready_cache
 
     def _warm_up_forward(self, tokens: Tensor, projected: Tensor, grid, return_weights: bool) -> GSPOutput:
-        """GAP of the projected features while the prototype memory fills (training mode)."""
+        """GAP of the projected features while the prototype memory fills (training mode); the
+        memory stores that average, before any max-pool term (the prototypes' space, as theirs)."""
         embedding = projected.mean(dim=(2, 3)) if projected.dim() == 4 else projected.mean(dim=1)  # [B, E]
-        if self.augment_max_pool:
-            embedding = embedding + self._max_pool_term(tokens)
         if self.training:
             self._remember(embedding.detach())
+        if self.augment_max_pool:
+            embedding = embedding + self._max_pool_term(tokens)
         # A zero-weighted touch of every parameter that GSP pooling uses, so that
         # DistributedDataParallel (without find_unused_parameters) sees them all used.
         touched = self.prototypes.sum() + (self.gem_power if self.gem_power is not None else 0.0)
@@ -325,17 +380,40 @@ class GSP(nn.Module):
     @torch.no_grad()
     def _remember(self, embeddings: Tensor) -> None:
         """Count a training forward; after the warm-up steps, store ``embeddings`` ``[B, E]``
-        (every rank's) in the memory and pick the prototypes once it is full."""
+        (every rank's, after the cost normalization) in the memory, and pick the prototypes
+        once it is full."""
         self.training_steps += 1
         if int(self.training_steps) <= self.warm_up_steps:
             return
         embeddings = _gathered_across_ranks(embeddings.to(self.memory.dtype))
-        filled = int(self.memory_filled)
-        take = min(embeddings.shape[0], self.memory_size - filled)
-        self.memory[filled : filled + take] = embeddings[:take]
-        self.memory_filled += take
-        if filled + take == self.memory_size:
-            self.init_prototypes_kcenter(self.memory)
+        embeddings = _reference.normalize_rows(embeddings, self.normalize)[0][: self.memory_size]  # [b, E]
+        count = embeddings.shape[0]
+        start = min(int(self.memory_filled), self.memory_size - count)  # an overflowing batch fills the tail
+        self.memory[start : start + count] = embeddings
+        self.memory_filled.fill_(min(int(self.memory_filled) + count, self.memory_size))
+        if int(self.memory_filled) == self.memory_size:
+            self.init_prototypes_from_memory()
+
+    @torch.no_grad()
+    def init_prototypes_from_memory(self) -> Tensor:
+        """The authors' memory initialization, now (``memory_size`` > 0; normally called when
+        the memory is full): greedy k-center over ``memory[M:]`` seeded with ``memory[:M]``;
+        the prototypes become the chosen rows, and the warm-up ends. Returns their indices in
+        the memory ``[M]``."""
+        if not self.memory_size:
+            raise ValueError("init_prototypes_from_memory needs a GSP built with memory_size > 0")
+        if not torch.isfinite(self.memory).all():
+            raise ValueError("the prototype memory has non-finite embeddings; the prototypes are left unchanged")
+        count = self.num_prototypes
+        indices = kcenter_indices(self.memory[count:], count, covered=self.memory[:count]) + count
+        self.prototypes.copy_(self.memory[indices].to(self.prototypes))
+        self._end_warm_up()
+        return indices
+
+    def _end_warm_up(self) -> None:
+        if self.memory_size:
+            self.prototypes_ready.fill_(True)
+            self._ready_cache = True
 
     @torch.no_grad()
     def init_prototypes_kcenter(self, features: Tensor | PatchTokens, start_index: int = 0) -> Tensor:
@@ -363,14 +441,16 @@ class GSP(nn.Module):
         normalized, _ = _reference.normalize_rows(vectors, self.normalize)
         indices = kcenter_indices(normalized, self.num_prototypes, start_index)
         self.prototypes.copy_(vectors[indices].to(self.prototypes))
-        if self.memory_size:
-            self.prototypes_ready.fill_(True)
-            self._ready_cache = True
+        self._end_warm_up()
         return indices
 
     def init_prototypes_from_proxies(self, proxies: Tensor, start_index: int = 0) -> Tensor:
         """Greedy k-center over class proxies ``[P, E]`` (e.g. a proxy loss's ``proxies`` or a
-        classifier's weight rows; the authors' PyTorch initialization). Returns the indices ``[M]``."""
+        classifier's weight rows), starting from ``proxies[start_index]``; the prototypes become
+        the chosen proxies as they are. The authors' PyTorch layer does this with its classifier's
+        weights, but measures raw distances; here they are measured after the layer's cost
+        normalization, where the prototypes act (the same choice with ``normalize="none"``).
+        Returns the indices ``[M]``."""
         if not isinstance(proxies, Tensor) or proxies.dim() != 2 or proxies.shape[1] != self.embedding_dim:
             shape = tuple(proxies.shape) if isinstance(proxies, Tensor) else type(proxies).__name__
             raise ValueError(f"proxies must be [P, {self.embedding_dim}] (one embedding per class), got {shape}")

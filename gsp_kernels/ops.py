@@ -17,6 +17,7 @@ registered one fails when its backward op is differentiated.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -28,6 +29,28 @@ from .backends import get_backend, resolve_backend
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
+
+
+def _backend_forward(backend: str, x: Tensor, prototypes: Tensor, *options):
+    """The backend's forward, with the caller's autocast off: the op has its own precision policy
+    (float32 compute, ``precision`` for the products), and a custom op without an autocast kernel,
+    or an autograd.Function, runs its body under the caller's autocast, which would cast every
+    matmul inside to half precision."""
+    with _autocast_off(x.device.type):
+        return get_backend(backend).forward(x, prototypes, *options)
+
+
+def _backend_backward(backend: str, *args):
+    """The backend's backward, with autocast off as in ``_backend_forward`` (a backward called
+    inside an autocast region runs under it)."""
+    with _autocast_off(args[3].device.type):  # x's device
+        return get_backend(backend).backward(*args)
+
+
+def _autocast_off(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @torch.library.custom_op("gsp_kernels::gsp_pool", mutates_args=())
@@ -45,9 +68,7 @@ def _gsp_pool_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [B, N, D], prototypes [M, D] -> pooled [B, D], attr [B, M], weights [B, N], u [B]."""
-    return get_backend(backend).forward(
-        x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision
-    )
+    return _backend_forward(backend, x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision)
 
 
 @_gsp_pool_op.register_fake
@@ -77,8 +98,8 @@ def _gsp_pool_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Analytic backward (SPEC.md) -> grad_x (x's layout and dtype), grad_prototypes."""
-    return get_backend(backend).backward(
-        grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost, precision
+    return _backend_backward(
+        backend, grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost, precision
     )
 
 
@@ -124,8 +145,8 @@ class _EagerGspPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision, backend):
-        pooled, attr, weights, u = get_backend(backend).forward(
-            x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision
+        pooled, attr, weights, u = _backend_forward(
+            backend, x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision
         )
         ctx.save_for_backward(x, prototypes, u)
         ctx.params = (transport_ratio, gamma, normalize, cost, precision, backend)
@@ -143,7 +164,7 @@ class _EagerGspPool(torch.autograd.Function):
         x, prototypes, u = ctx.saved_tensors
         *options, backend = ctx.params  # (mu, gamma, normalize, cost, precision), backend name
         grads = _output_grads(x, prototypes, grad_pooled, grad_attr, grad_weights)
-        grad_x, grad_z = get_backend(backend).backward(*grads, x, prototypes, u, *options)
+        grad_x, grad_z = _backend_backward(backend, *grads, x, prototypes, u, *options)
         return grad_x, grad_z, None, None, None, None, None, None, None, None, None
 
 

@@ -3,10 +3,12 @@
 - ``load_backbone_weights(module, path)``: a torchvision or timm state dict (``.pth``/``.pt``/
   ``.bin`` through ``torch.load(weights_only=True)``, or ``.safetensors``), unwrapped from
   ``{"state_dict": ...}``/``{"model": ...}`` and DDP/compile prefixes by timm's
-  ``load_state_dict``, converted by the timm model's own ``checkpoint_filter_fn`` when it has one
-  (position-embedding resampling for another image size, DINOv2/CLIP key names). Missing and
-  unexpected keys are reported (returned, and warned about); a checkpoint that matches no tensor
-  of the module, or whose shapes differ, is refused.
+  ``load_state_dict``, and from this library's ``trunk.``/``model.`` wrapper prefixes (the
+  backbone of a ``gsp-kernels train`` checkpoint, an ``EmbeddingModel`` or a ``GSPNet``),
+  converted by the timm model's own ``checkpoint_filter_fn`` when it has one (position-embedding
+  resampling for another image size, DINOv2/CLIP key names). Missing and unexpected keys are
+  reported (returned, and warned about); a checkpoint that matches no tensor of the module, or
+  whose shapes differ, is refused.
 - ``cached_weights_path(arch)``: the file of an arch's pretrained weights in the local caches,
   the Hugging Face hub cache (timm's ``hf_hub_id``) and torch.hub's ``checkpoints`` directory
   (torchvision, and timm's older URLs), or ``FileNotFoundError`` naming every place looked at.
@@ -26,6 +28,8 @@ from .backbones import TimmBackbone, TorchvisionViTBackbone, resolve_arch
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the names timm's hub loader tries
 _SHOWN_KEYS = 8
+_WRAPPER_PREFIXES = ("model.trunk.model.", "model.trunk.", "trunk.model.", "trunk.", "model.")  # longest first
+_TRAIN_CHECKPOINT_KEY = "objective"  # where a ``gsp-kernels train`` checkpoint keeps the model's tensors
 
 
 class LoadReport(NamedTuple):
@@ -51,18 +55,32 @@ def _shorten(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else "")
 
 
+def _numpy_array_globals() -> list:
+    """What ``torch.load(weights_only=True)`` needs to rebuild plain numpy arrays (nothing that runs code)."""
+    try:
+        import numpy
+    except ImportError:
+        return []
+    core = getattr(numpy, "_core", None) or numpy.core
+    return [numpy.ndarray, numpy.dtype, core.multiarray._reconstruct, *(type(numpy.dtype(code)) for code in "?bBhHiIlLqQefdgFDG")]
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file (``.safetensors``, or a ``torch.save`` file loaded with
-    ``weights_only=True``), unwrapped and cleaned by ``timm.models.load_state_dict``."""
+    ``weights_only=True``), unwrapped and cleaned by ``timm.models.load_state_dict``; of a
+    ``gsp-kernels train`` checkpoint, its ``objective`` (model and loss) tensors."""
     from timm.models import load_state_dict
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {str(path)!r}")
     try:
-        state = load_state_dict(str(path), use_ema=False, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):  # a train checkpoint's RNG states
+            state = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as exc:
         raise ValueError(f"cannot read {str(path)!r} as a state dict (.pth/.pt/.bin saved by torch.save, or .safetensors): {exc}") from exc
+    if isinstance(state.get(_TRAIN_CHECKPOINT_KEY), dict):  # a gsp-kernels train checkpoint
+        state = state[_TRAIN_CHECKPOINT_KEY]
     tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     if not tensors:
         raise ValueError(f"{str(path)!r} holds no tensors (keys: {_shorten(list(state))})")
@@ -78,13 +96,29 @@ def _timm_filter(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
         return state
     try:
         return filter_fn(dict(state), module)
-    except Exception:  # a checkpoint of another layout: compared unconverted below, which explains the mismatch
+    except (AttributeError, KeyError, RuntimeError, ValueError, TypeError, IndexError, AssertionError):  # another layout: compared as is
         return state
+
+
+def _unwrapped(state: dict[str, torch.Tensor], own: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` without the key prefix of this library's wrappers (the training objective's
+    ``model.``, ``EmbeddingModel``/``GSPNet``'s ``trunk.``, ``TimmBackbone``'s ``model.``) when
+    its keys match only that way, and the keys left out (the wrapper's other parts, e.g. its
+    pooling head); else ``state`` as it is, with no key left out."""
+    if any(key in own for key in state):
+        return state, []
+    for prefix in _WRAPPER_PREFIXES:
+        inner = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        if any(key in own for key in inner):
+            return inner, [key for key in state if not key.startswith(prefix)]
+    return state, []
 
 
 def load_backbone_weights(module: nn.Module, path: str | Path) -> LoadReport:
     """Load a local checkpoint into ``module``, non-strictly: a timm or torchvision model, or a
-    backbone of ``gsp_kernels.backbones`` (the checkpoint's keys are those of the model it wraps).
+    backbone of ``gsp_kernels.backbones`` (the checkpoint's keys are those of the model it wraps,
+    or carry this library's wrapper prefixes: a ``gsp-kernels train`` checkpoint, an
+    ``EmbeddingModel`` or ``GSPNet`` state dict, whose other parts are then unexpected keys).
 
     Returns a ``LoadReport``, and warns when keys are missing or unexpected (a removed
     classifier's keys are unexpected). Raises ``FileNotFoundError`` for a missing file and
@@ -92,8 +126,9 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> LoadReport:
     """
     if isinstance(module, (TimmBackbone, TorchvisionViTBackbone)):
         module = module.model
-    state = _timm_filter(module, read_state_dict(path))
     own = module.state_dict()
+    state, outside = _unwrapped(read_state_dict(path), own)
+    state = _timm_filter(module, state)
     mismatched = [key for key in state if key in own and state[key].shape != own[key].shape]
     if mismatched:
         details = "; ".join(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}" for key in mismatched[:_SHOWN_KEYS])
@@ -105,7 +140,7 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> LoadReport:
             f"architecture? checkpoint keys: {_shorten(list(state))}; model keys: {_shorten(list(own))}"
         )
     result = module.load_state_dict(matched, strict=False)
-    report = LoadReport(str(path), len(matched), list(result.missing_keys), [key for key in state if key not in own])
+    report = LoadReport(str(path), len(matched), list(result.missing_keys), outside + [key for key in state if key not in own])
     if report.missing or report.unexpected:
         warnings.warn(str(report), stacklevel=2)
     return report

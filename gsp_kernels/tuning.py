@@ -222,9 +222,12 @@ def describe(device: torch.device | str) -> str:
 
 def write(path: str | os.PathLike, device_name: str, triton_version: str, produced_by: dict, entries: list[dict]) -> TunedConfig:
     """Write a tuned-configuration file, replacing the entries of an existing one that have the
-    same key (dtypes, precision, buckets) and keeping its others; returns what was written."""
+    same key (dtypes, precision, buckets) and keeping its others; returns what was written.
+    ``path``: the file, or a folder (existing, or named with a trailing separator) that gets the
+    standard name (``config_filename``)."""
+    folder = os.fspath(path).endswith(("/", os.sep))
     path = Path(path)
-    if path.is_dir():
+    if folder or path.is_dir():
         path = path / config_filename(device_name, triton_version)
     merged: dict[tuple, dict] = {}
     if path.is_file():

@@ -34,6 +34,23 @@ def _timm_intermediates(model, images):  # timm's own patch-token map, prefix to
     return model.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
 
 
+def _timm_own_head_per_local_feature(model, images):
+    """The unmodified model's own ``forward_head(pre_logits=True)`` (with its global pooling) on
+    each local feature alone: every 1x1 crop of a CNN's map, or the prefix tokens with one patch
+    token of an average-pooling transformer; ``[B, C', h, w]``."""
+    features = model.forward_features(images)
+    if features.dim() == 4:  # [B, C, h, w]
+        rows = [
+            torch.stack([model.forward_head(features[:, :, i : i + 1, j : j + 1], pre_logits=True) for j in range(features.shape[3])], -1)
+            for i in range(features.shape[2])
+        ]
+        return torch.stack(rows, -2)
+    prefix = model.num_prefix_tokens
+    per_token = [model.forward_head(torch.cat([features[:, :prefix], features[:, i : i + 1]], 1), pre_logits=True) for i in range(prefix, features.shape[1])]
+    side = int(len(per_token) ** 0.5)
+    return torch.stack(per_token, -1).reshape(features.shape[0], -1, side, side)
+
+
 def _torchvision_nodes(node):  # torchvision's FX feature extractor: an independent forward
     def extract(model, images):
         features = create_feature_extractor(model, {node: "out"})(images)["out"]
@@ -58,9 +75,23 @@ MODELS = {
         _timm_intermediates,
     ),
     "timm-resnet10t": (_timm("resnet10t"), 64, 64, (2, 2), _timm_intermediates),
-    "timm-convnext_atto": (_timm("convnext_atto"), 64, 64, (2, 2), _timm_intermediates),
-    "timm-efficientnet_b0": (_timm("efficientnet_b0"), 64, 64, (2, 2), None),
+    "timm-swin_nhwc": (
+        _timm("swin_tiny_patch4_window7_224", img_size=64, window_size=2, depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8)),
+        64,
+        64,
+        (2, 2),
+        _timm_intermediates,
+    ),
+    "timm-vit_avg_fc_norm": (_timm("vit_tiny_patch16_224", img_size=32, depth=1, global_pool="avg"), 32, 32, (2, 2), _timm_own_head_per_local_feature),
+    "timm-convnext_atto": (_timm("convnext_atto"), 64, 64, (2, 2), _timm_own_head_per_local_feature),  # head.norm
+    "timm-convnext_hidden_head": (_timm("convnext_atto", head_hidden_size=48), 64, 64, (2, 2), _timm_own_head_per_local_feature),
+    "timm-mobilenetv3": (_timm("mobilenetv3_small_050"), 64, 64, (2, 2), _timm_own_head_per_local_feature),  # conv_head
+    "timm-efficientnet_b0": (_timm("efficientnet_b0"), 64, 64, (2, 2), _timm_own_head_per_local_feature),
     "torchvision-resnet18": (lambda: torchvision.models.resnet18(weights=None), 64, 64, (2, 2), _torchvision_nodes("layer4")),
+    "torchvision-googlenet_aux": (
+        lambda: torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True), 64, 64, (2, 2), _torchvision_nodes("inception5b")
+    ),
+    "torchvision-efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(weights=None), 64, 64, (2, 2), _torchvision_nodes("features")),
     "torchvision-vit": (_torchvision_vit, 32, 32, (4, 4), _torchvision_nodes("encoder")),
 }
 
@@ -80,9 +111,11 @@ def test_swap_forward_backward_weights_on_the_patch_grid(model_id, backend):
     assert out.weights.shape == (2, *grid)  # patches only: no weight for prefix tokens
     torch.testing.assert_close(out.weights.sum(dim=(1, 2)), torch.ones(2))
     (out.embedding.square().sum() + out.attributes.square().sum()).backward()
-    first_backbone_parameter = next(net.trunk.parameters())
-    for parameter in (first_backbone_parameter, net.gsp.prototypes, net.gsp.projection.weight):
-        assert parameter.grad is not None and torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0
+    unused = [name for name, parameter in net.named_parameters() if parameter.grad is None]
+    assert unused == []  # DistributedDataParallel (without find_unused_parameters) needs every one used
+    assert all(torch.isfinite(parameter.grad).all() for parameter in net.parameters())
+    for parameter in (next(net.trunk.parameters()), net.gsp.prototypes, net.gsp.projection.weight):
+        assert parameter.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("model_id", [key for key, value in MODELS.items() if value[4] is not None])
@@ -120,12 +153,33 @@ def test_backbone_errors_are_clear():
         replace_global_pool(nn.Sequential(nn.Conv2d(3, 4, 1)), 8)
     with pytest.raises(TypeError, match="nn.Module"):
         replace_global_pool("resnet18", 8)
+    with pytest.raises(ValueError, match=r"AlexNet's 'avgpool' is AdaptiveAvgPool2d\(output_size=\(6, 6\)\), not a global"):
+        replace_global_pool(torchvision.models.alexnet(weights=None), 8)
+    with pytest.raises(ValueError, match="transform_input=True"):
+        replace_global_pool(torchvision.models.googlenet(weights=None, transform_input=True, init_weights=False), 8)
     net = replace_global_pool(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1), 8, num_prototypes=2)
     net.trunk.num_prefix_tokens = 0  # as if the class token were counted as a patch
     with pytest.raises(ValueError, match="5 patch tokens for a 2x2 patch grid"):
         net(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"\[B, C, H, W\] or tokens"):
         net.gsp(torch.randn(2, 192))
+
+
+def test_the_issues_first_batch_at_full_size():
+    """The report that opened the issue: a default timm ViT, swapped, on a 224x224 batch."""
+    net = replace_global_pool(timm.create_model("vit_tiny_patch16_224", pretrained=False), 64)
+    out = net(torch.randn(1, 3, 224, 224), return_weights=True)
+    assert out.embedding.shape == (1, 64) and out.attributes.shape == (1, 64) and out.weights.shape == (1, 14, 14)
+    torch.testing.assert_close(out.weights.sum(), torch.tensor(1.0))
+
+
+def test_finding_a_parametric_head_keeps_every_modules_mode():
+    model = timm.create_model("convnext_atto", pretrained=False)
+    model.stages[0].eval()  # e.g. a frozen stage
+    net = replace_global_pool(model, 8, num_prototypes=2)
+    assert net.trunk.head_per_position and net.trunk.num_features == 320
+    assert model.training and model.head.norm.training and not model.stages[0].training
+    assert not any(module.training for module in model.stages[0].modules())
 
 
 def test_patch_tokens_of_a_swapped_vit_pool_like_plain_tokens_with_a_grid():
@@ -143,6 +197,9 @@ def test_patch_tokens_of_a_swapped_vit_pool_like_plain_tokens_with_a_grid():
         ("smallcnn", ("smallcnn", "smallcnn")),
         ("resnet50", ("torchvision", "resnet50")),
         ("vit_b_16", ("torchvision", "vit_b_16")),
+        ("googlenet", ("torchvision", "googlenet")),
+        ("efficientnet_b0", ("timm", "efficientnet_b0")),  # both libraries have it: timm's
+        ("hf-hub:timm/convnext_atto.d2_in1k", ("timm", "convnext_atto.d2_in1k")),
         ("timm:resnet50", ("timm", "resnet50")),
         ("timm/vit_small_patch14_dinov2.lvd142m", ("timm", "vit_small_patch14_dinov2.lvd142m")),
         ("vit_tiny_patch16_224", ("timm", "vit_tiny_patch16_224")),
@@ -168,6 +225,21 @@ def test_build_model_sizes_the_head_from_the_backbone(pooling):
     assert out.embedding.shape == (2, 16) and out.weights.shape == (2, 3, 2)
     torch.testing.assert_close(out.weights.sum(dim=(1, 2)), torch.ones(2))
     assert (out.attributes is None) == (pooling == "gap")
+    if pooling == "gsp":
+        parity = build_model("timm:vit_tiny_patch16_224", "gsp", 16, solver="fixed_point", max_iter=100, backbone_kwargs={"depth": 1})
+        assert (parity.head.solver, parity.head.max_iter) == ("fixed_point", 100)
+
+
+def test_gsp_with_transport_ratio_one_is_the_gap_baseline_on_a_head_per_position_backbone():
+    """Both heads pool the same local features (ConvNeXt's head norm at every position)."""
+    torch.manual_seed(4)
+    gap = build_model("timm:convnext_atto", "gap", 8)
+    gsp = build_model("timm:convnext_atto", "gsp", 8, num_prototypes=2, transport_ratio=1.0)
+    gsp.trunk.load_state_dict(gap.trunk.state_dict())
+    gsp.head.projection.load_state_dict(gap.head.projection.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gsp.eval()(images).embedding, gap.eval()(images).embedding, rtol=1e-5, atol=1e-5)
 
 
 TINY_VIT = {"img_size": 32, "depth": 1}
@@ -267,10 +339,19 @@ def test_train_cli_loads_a_pretrained_timm_checkpoint(tmp_path, capsys):
     save_file({key: value.contiguous() for key, value in source.state_dict().items()}, str(path))
     loaded = len(source.state_dict()) - 2  # all but the classifier
     flags = ["--arch", "timm:vit_tiny_patch16_224", "--pretrained", str(path), "--epochs", "1", "--steps-per-epoch", "1",
-             "--batch-size", "20", "--no-progress", "--pooling-method", "gem", "--augment-max-pool"]
+             "--batch-size", "20", "--no-progress", "--pooling-method", "gem", "--augment-max-pool", "--output-dir", str(tmp_path / "run")]
     with pytest.warns(UserWarning, match=re.escape(f"loaded {loaded} tensors from {path}; 2 unexpected (ignored): head.bias, head.weight")):
         assert main(["train", *flags]) == 0
     assert "recall@1" in capsys.readouterr().out
+
+    # The trained run's checkpoint loads back as pretrained backbone weights (its head and loss ignored).
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    trained = torch.load(checkpoint, weights_only=False)["objective"]  # written by this test
+    with pytest.warns(UserWarning, match=r"unexpected \(ignored\): .*head\.prototypes"):
+        model = build_model("timm:vit_tiny_patch16_224", "gsp", 16, pretrained=checkpoint)
+    assert model.pretrained_report.loaded == loaded and model.pretrained_report.missing == []
+    torch.testing.assert_close(model.trunk.model.blocks[0].attn.qkv.weight, trained["model.trunk.model.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(trained["model.trunk.model.blocks.0.attn.qkv.weight"], source.blocks[0].attn.qkv.weight)  # it trained
 
 
 def test_train_with_memory_and_proxy_prototype_initialization(monkeypatch, capsys):
@@ -278,16 +359,21 @@ def test_train_with_memory_and_proxy_prototype_initialization(monkeypatch, capsy
     from gsp_kernels.nn import GSP
 
     seen = []
-    original = GSP.init_prototypes_kcenter
+    original_kcenter, original_memory = GSP.init_prototypes_kcenter, GSP.init_prototypes_from_memory
 
-    def spy(self, features, start_index=0):
+    def spy_kcenter(self, features, start_index=0):
         seen.append(tuple(features.shape))
-        return original(self, features, start_index)
+        return original_kcenter(self, features, start_index)
 
-    monkeypatch.setattr(GSP, "init_prototypes_kcenter", spy)
+    def spy_memory(self):
+        seen.append(("memory", int(self.memory_filled)))
+        return original_memory(self)
+
+    monkeypatch.setattr(GSP, "init_prototypes_kcenter", spy_kcenter)
+    monkeypatch.setattr(GSP, "init_prototypes_from_memory", spy_memory)
     common = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "20", "--width", "8", "--no-progress", "--num-prototypes", "4"]
     assert main(["train", *common, "--prototype-init", "memory", "--prototype-memory", "30"]) == 0
-    assert seen == [(30, 64)]  # k-center over the full memory, once (the second batch filled it)
+    assert seen == [("memory", 30)]  # k-center over the full memory, once (the second batch filled it)
     seen.clear()
     assert main(["train", *common, "--metric-loss", "proxyanchor", "--prototype-init", "proxies"]) == 0
     assert seen == [(5, 64)]  # the 5 training classes' proxies
@@ -309,3 +395,66 @@ def test_train_cli_rejects_bad_backbone_settings(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", *flags, "--no-progress"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compile_channels_last_and_autocast_through_the_wrappers():
+    """torch.compile (fullgraph) of a swapped ViT (PatchTokens) and of a ConvNeXt (head per
+    position) gives eager's outputs and gradients; channels_last images and model give the same
+    results; bf16 autocast runs forward and backward."""
+    torch.manual_seed(3)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, dynamic_img_size=True)
+    for model, size in ((vit, 32), (timm.create_model("convnext_atto", pretrained=False), 64)):
+        net = replace_global_pool(model, 8, num_prototypes=3, backend="reference").eval()
+        images = torch.randn(2, 3, size, size)
+        eager = net(images, return_weights=True)
+        eager.embedding.square().sum().backward()
+        eager_grad = net.gsp.projection.weight.grad.clone()
+        net.zero_grad()
+        compiled = torch.compile(net, backend="aot_eager", fullgraph=True)(images, return_weights=True)
+        for compiled_tensor, eager_tensor in zip(compiled, eager, strict=True):
+            torch.testing.assert_close(compiled_tensor, eager_tensor)
+        compiled.embedding.square().sum().backward()
+        torch.testing.assert_close(net.gsp.projection.weight.grad, eager_grad)
+        with torch.no_grad():
+            channels_last = net.to(memory_format=torch.channels_last)(images.contiguous(memory_format=torch.channels_last), return_weights=True)
+        for tensor, eager_tensor in zip(channels_last, eager, strict=True):
+            torch.testing.assert_close(tensor, eager_tensor, rtol=1e-4, atol=1e-5)
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(images)
+        assert low.embedding.dtype == torch.bfloat16 and rel_err(low.embedding, eager.embedding) < 5e-2
+        low.embedding.float().square().sum().backward()
+        assert all(torch.isfinite(parameter.grad).all() for parameter in net.parameters() if parameter.grad is not None)
+
+
+def test_pretrained_torchvision_vit_partial_checkpoint_and_wrapped_gspnet(tmp_path):
+    """A torchvision ViT state dict (its heads unexpected), one with a tensor dropped (reported
+    missing, left as initialized), and a saved GSPNet (its trunk loads, its GSP head is unexpected)."""
+    from gsp_kernels.backbones import TorchvisionViTBackbone
+
+    source = _torchvision_vit()
+    state = source.state_dict()
+    path = tmp_path / "vit.pth"
+    torch.save(state, path)
+    target = TorchvisionViTBackbone(_torchvision_vit())
+    with pytest.warns(UserWarning, match="2 unexpected"):
+        report = load_backbone_weights(target, path)
+    assert sorted(report.unexpected) == ["heads.head.bias", "heads.head.weight"] and report.missing == []
+    _assert_trunk_holds(target.model, state)
+
+    partial = {key: value for key, value in state.items() if key != "encoder.layers.encoder_layer_0.mlp.0.weight"}
+    torch.save(partial, path)
+    fresh = TorchvisionViTBackbone(_torchvision_vit())
+    initial = fresh.model.encoder.layers[0].mlp[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"1 missing \(left as initialized\): encoder\.layers\.encoder_layer_0\.mlp\.0\.weight"):
+        report = load_backbone_weights(fresh, path)
+    assert report.missing == ["encoder.layers.encoder_layer_0.mlp.0.weight"]
+    torch.testing.assert_close(fresh.model.encoder.layers[0].mlp[0].weight, initial)
+
+    net = replace_global_pool(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT), 8, num_prototypes=2)
+    gspnet_path = tmp_path / "gspnet.safetensors"
+    save_file({key: value.contiguous() for key, value in net.state_dict().items()}, str(gspnet_path))
+    with pytest.warns(UserWarning, match=r"unexpected \(ignored\): gsp\."):
+        model = build_model("timm:vit_tiny_patch16_224", "gsp", 16, pretrained=gspnet_path, backbone_kwargs=TINY_VIT)
+    assert model.pretrained_report.missing == []
+    _assert_trunk_holds(model.trunk.model, net.trunk.model.state_dict())

@@ -18,8 +18,11 @@ from PIL import Image
 
 from gsp_kernels.training import data
 from gsp_kernels.training.benchmarks import (
+    CARS_KAGGLE_FOLDER,
     DATASETS,
+    PAPER_SPLITS,
     RECALL_KS,
+    BenchmarkData,
     LabelledSubset,
     class_folds,
     load_benchmark,
@@ -33,6 +36,7 @@ from gsp_kernels.training.data import (
     ImageFolderSplit,
     ImageListDataset,
     ImageReadError,
+    LayoutError,
     check_images,
 )
 
@@ -120,6 +124,18 @@ def test_top_folder_or_its_parent(layout, inner, tmp_path):
     assert load_benchmark(name, root / inner, **SMALL).describe() == load_benchmark(name, root, **SMALL).describe()
 
 
+def test_cars_current_release_in_its_archive_folder_or_given_directly(tmp_path):
+    folder = fixtures.write_cars_pml(tmp_path / CARS_KAGGLE_FOLDER)
+    for given in (tmp_path, folder):
+        assert load_benchmark("cars196", given, **SMALL).describe() == fixtures.EXPECTED["cars196"]
+
+
+def test_home_folder_in_the_root_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fixtures.write_sop(tmp_path / "data")
+    assert load_benchmark("sop", "~/data", **SMALL).describe() == fixtures.EXPECTED["sop"]
+
+
 @pytest.mark.parametrize("eval_folder", [True, False])
 def test_inshop_list_under_eval_or_at_the_root_and_archive_folder(eval_folder, tmp_path):
     root = fixtures.write_inshop(tmp_path / "In-shop Clothes Retrieval Benchmark", eval_folder=eval_folder)
@@ -193,6 +209,55 @@ def test_many_missing_images_are_counted():
     paths = [f"/nonexistent/{index}.jpg" for index in range(12)]
     with pytest.raises(FileNotFoundError, match=r"(?s)12 of the 12 images listed in the list.*4.jpg\n  ... and 7 more"):
         ImageListDataset(paths, [0] * 12, source="the list")
+
+
+@pytest.mark.parametrize("layout", list(WRITERS))
+def test_an_undecodable_image_stops_the_load_and_is_named(layout, tmp_path):
+    name, writer = WRITERS[layout]
+    benchmark = load_benchmark(name, writer(tmp_path), **SMALL)
+    broken = [benchmark.train.paths[-1], benchmark.query.paths[0]]
+    for path in broken:
+        with open(path, "wb") as handle:
+            handle.write(b"\xff\xd8 not a jpeg")
+    with pytest.raises(ImageReadError) as caught:
+        load_benchmark(name, tmp_path, **SMALL)  # before any training step
+    message = str(caught.value)
+    assert message.startswith(f"2 of {sum(len(split) for split in _splits(benchmark))} images cannot be read")
+    assert all(path in message for path in broken)
+    load_benchmark(name, tmp_path, verify_images=False, **SMALL)  # found only when read
+
+
+def test_split_sizes_against_the_papers(tmp_path):
+    benchmark = load_benchmark("inshop", fixtures.write_inshop(tmp_path), **SMALL)
+    assert benchmark.differences_from_papers() == ["train classes 3 (the papers: 3997)", "train images 6 (the papers: 25882)",
+                                                   "query images 3 (the papers: 14218)", "gallery images 6 (the papers: 12612)"]
+    folder = load_benchmark("imagefolder", fixtures.write_imagefolder(tmp_path / "folder"), **SMALL)
+    assert folder.differences_from_papers() is None  # no paper split to compare with
+
+    class Sized:  # a split with the papers' sizes, without the images
+        def __init__(self, classes, images):
+            self.labels = torch.arange(images) % classes
+
+        def __len__(self):
+            return len(self.labels)
+
+    for name, splits in PAPER_SPLITS.items():
+        parts = {split: Sized(sizes.get("classes", 3985), sizes["images"]) for split, sizes in splits.items()}
+        full = BenchmarkData(train=parts["train"], query=parts.get("test", parts.get("query")), gallery=parts.get("gallery"),
+                             recall_ks=RECALL_KS[name], name=name)
+        assert full.differences_from_papers() == [], name
+    assert PAPER_SPLITS["cub"]["train"] == {"classes": 100, "images": 5864}  # the first 5864 images, classes 1-100
+
+
+def test_malformed_files_raise_layout_errors(tmp_path):
+    root = fixtures.write_inshop(tmp_path)
+    listing = root / "Eval" / "list_eval_partition.txt"
+    listing.write_text("\n".join(listing.read_text().splitlines()[:2] + ["img/a.jpg id_1"]))
+    with pytest.raises(LayoutError, match="rows need 3 columns"):
+        load_benchmark("inshop", root, **SMALL)
+    with pytest.raises(LayoutError, match="2 class folders"):
+        ImageFolderSplit(fixtures.write_imagefolder(tmp_path / "one", classes=1))
+    assert issubclass(LayoutError, ValueError)
 
 
 def test_unreadable_image_names_its_path(tmp_path):

@@ -124,6 +124,25 @@ def test_official_variants_match_their_formulas(options, formula, layout):
     _compare_with_straightforward(layer, features, tokens, **formula)
 
 
+def test_fixed_point_solver_runs_the_authors_iteration_count():
+    """solver="fixed_point", max_iter=T is the paper's T steps (+ the final update): at mu 0.9
+    100 steps have not converged, and the layer follows the 100-step plan, not the converged one."""
+    torch.manual_seed(5)
+    layer = GSP(5, 6, num_prototypes=4, transport_ratio=0.9, gamma=5.0, backend="reference", solver="fixed_point", max_iter=100)
+    layer = layer.double()
+    tokens = torch.randn(2, 9, 5, dtype=torch.float64)
+    projected = layer.project(tokens).detach()
+    out = layer(tokens, return_weights=True)
+    weights_100, _ = straightforward_plan(projected, layer.prototypes.detach(), 0.9, 5.0, iterations=100)
+    converged, _ = straightforward_plan(projected, layer.prototypes.detach(), 0.9, 5.0, iterations=5000)
+    assert rel_err(out.weights, weights_100) < 1e-10 and rel_err(weights_100, converged) > 1e-6
+    assert "solver='fixed_point'" in repr(layer)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        GSP(5, 4, solver="sinkhorn")
+    with pytest.raises(ValueError, match="max_iter"):
+        GSP(5, 4, max_iter=0)
+
+
 def test_output_type_shapes_and_normalization():
     layer = GSP(5, 8, num_prototypes=6)
     out = layer(_map(dtype=torch.float32))
@@ -137,15 +156,19 @@ def test_output_type_shapes_and_normalization():
     assert GSP(5, 8).gem_power is None and GSP(5, 8, pooling_method="gem").gem_power.requires_grad
 
 
-def straightforward_kcenter(points, k, start):
-    chosen = [start]
+def straightforward_kcenter(points, k, start=None, covered=()):
+    """Greedy k-center in plain Python: from ``points[start]``, or (the authors' memory
+    initialization) from the distances to the ``covered`` centres, picking all k from points."""
+    centres = [points[start]] if start is not None else list(covered)
+    chosen = [start] if start is not None else []
     while len(chosen) < k:
         best, best_distance = None, -1.0
         for candidate in range(points.shape[0]):
-            distance = min(float((points[candidate] - points[c]).norm()) for c in chosen)
+            distance = min(float((points[candidate] - centre).norm()) for centre in centres)
             if distance > best_distance:
                 best, best_distance = candidate, distance
         chosen.append(best)
+        centres.append(points[best])
     return chosen
 
 
@@ -202,10 +225,22 @@ def test_init_prototypes_from_proxies_is_kcenter_over_normalized_proxies():
         layer.init_prototypes_from_proxies(torch.randn(4, 4))
 
 
-def test_memory_warm_up_pools_by_average_then_initializes_by_kcenter_over_the_memory():
+def test_kcenter_seeded_with_covered_centres():
+    points = torch.randn(30, 4, generator=torch.Generator().manual_seed(8))
+    covered = torch.randn(5, 4, generator=torch.Generator().manual_seed(9))
+    indices = kcenter_indices(points, 6, covered=covered)
+    assert indices.tolist() == straightforward_kcenter(points, 6, covered=covered)
+    with pytest.raises(ValueError, match=r"covered must be \[Q, 4\]"):
+        kcenter_indices(points, 2, covered=torch.randn(5, 3))
+
+
+def test_memory_warm_up_pools_by_average_then_initializes_as_the_authors_tensorflow():
+    """GAP with zero attributes while training forwards after the warm-up step store their
+    lipschitz-normalized pooled embeddings (an overflowing batch fills the memory's tail); when
+    full, k-center seeded with the first M rows picks M of the others as prototypes."""
     torch.manual_seed(6)
     layer = GSP(5, 4, num_prototypes=3, memory_size=7, warm_up_steps=1, gamma=2.0, backend="reference").double()
-    batches = [_map(batch=3, seed=10 + step) for step in range(5)]  # [3, 5, 3, 4] each
+    batches = [_map(batch=3, seed=10 + step) * 3.0 for step in range(5)]  # [3, 5, 3, 4] each; embeddings of norm > 1
     weight, bias = layer.projection.weight.detach(), layer.projection.bias.detach()
 
     def average_embedding(feature_map):  # GAP of the projected map
@@ -216,16 +251,21 @@ def test_memory_warm_up_pools_by_average_then_initializes_by_kcenter_over_the_me
     torch.testing.assert_close(out.embedding, average_embedding(batches[0]))
     assert not out.attributes.any() and out.attributes.shape == (3, 3)
     torch.testing.assert_close(out.weights, torch.full((3, 3, 4), 1 / 12, dtype=torch.float64))
+    assert int(layer.training_steps) == 0 and int(layer.memory_filled) == 0
     layer.train()
-    for step in range(4):  # step 0 is the warm-up step; steps 1-3 store 3 + 3 + 1 embeddings
+    for step in range(4):  # step 0 is the warm-up step; steps 1-3 store 3 + 3 + 3 embeddings in 7 rows
         out = layer(batches[step])
         torch.testing.assert_close(out.embedding, average_embedding(batches[step]))
+        assert not out.attributes.any()
         out.embedding.sum().backward()  # the prototypes take part in the graph, with zero gradient
         assert not layer.prototypes.grad.any()
-    expected_memory = torch.cat([average_embedding(batches[1]), average_embedding(batches[2]), average_embedding(batches[3])[:1]])
+        assert bool(layer.prototypes_ready) == (step == 3)
+    stored = [_lipschitz(average_embedding(batches[step])) for step in (1, 2, 3)]
+    assert (stored[0].norm(dim=1) < 1 + 1e-12).all() and (average_embedding(batches[1]).norm(dim=1) > 1).any()
+    expected_memory = torch.cat([stored[0], stored[1][:1], stored[2]])  # the third batch overwrote rows 4-6
     torch.testing.assert_close(layer.memory, expected_memory)
-    chosen = straightforward_kcenter(_lipschitz(expected_memory), 3, 0)
-    torch.testing.assert_close(layer.prototypes.detach(), expected_memory[chosen])
+    chosen = straightforward_kcenter(expected_memory[3:], 3, covered=expected_memory[:3])
+    torch.testing.assert_close(layer.prototypes.detach(), expected_memory[3:][chosen])
     feature_map = batches[4].requires_grad_(True)
     layer.zero_grad()
     _compare_with_straightforward(layer, feature_map, feature_map.flatten(2).transpose(1, 2))
@@ -234,6 +274,31 @@ def test_memory_warm_up_pools_by_average_then_initializes_by_kcenter_over_the_me
     assert bool(restored.prototypes_ready) is False
     restored.load_state_dict(layer.state_dict())  # a resumed run pools with the prototypes at once
     torch.testing.assert_close(restored(batches[4]).embedding, layer(batches[4]).embedding)
+
+
+def test_memory_with_max_pool_augmentation_stores_the_average_only():
+    """During the warm-up the output carries the max-pool term (as theirs), the memory does not."""
+    layer = GSP(5, 4, num_prototypes=2, memory_size=6, augment_max_pool=True, backend="reference").double()
+    feature_map = _map(batch=3, seed=21)
+    weight, bias = layer.projection.weight.detach(), layer.projection.bias.detach()
+    average = feature_map.mean(dim=(2, 3)) @ weight.T + bias  # [3, 4]
+    out = layer(feature_map)
+    torch.testing.assert_close(out.embedding, average + feature_map.amax(dim=(2, 3)) @ weight.T)
+    torch.testing.assert_close(layer.memory[:3], _lipschitz(average))
+
+
+def test_memory_larger_than_a_batch_and_bad_memory():
+    layer = GSP(5, 4, num_prototypes=2, memory_size=4, backend="reference").double()
+    layer.train()
+    layer(_map(batch=9, seed=20))  # one batch larger than the memory: its first 4 embeddings
+    assert int(layer.memory_filled) == 4 and bool(layer.prototypes_ready)
+    with pytest.raises(ValueError, match="memory_size > 0"):
+        GSP(5, 4).init_prototypes_from_memory()
+    fresh = GSP(5, 4, num_prototypes=2, memory_size=4)
+    fresh.memory[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        fresh.init_prototypes_from_memory()
+    assert not bool(fresh.prototypes_ready)
 
 
 def test_explicit_initialization_ends_the_warm_up():
@@ -260,6 +325,8 @@ def test_bad_input_and_arguments():
         layer(torch.randn(2, 5, 3, 3), grid=(3, 3))
     with pytest.raises(TypeError, match="Tensor or PatchTokens"):
         layer([torch.randn(2, 9, 5)])
+    with pytest.raises(TypeError, match="augment_max_pool must be a bool"):
+        GSP(5, 4, augment_max_pool=1)
     for kwargs, message in [
         ({"num_prototypes": 0}, "num_prototypes"),
         ({"transport_ratio": 1.5}, "transport_ratio"),
@@ -268,35 +335,56 @@ def test_bad_input_and_arguments():
         ({"cost": "cosine"}, "cost"),
         ({"pooling_method": "gmp"}, "pooling_method"),
         ({"gem_power": 0.0}, "gem_power"),
-        ({"memory_size": 10}, "at least num_prototypes"),
+        ({"memory_size": 127}, r"at least 2 \* num_prototypes \(128\)"),
         ({"warm_up_steps": -1}, "warm_up_steps"),
     ]:
         with pytest.raises(ValueError, match=message):
             GSP(5, 4, **kwargs)
 
 
+def _forward_backward(layer, features):
+    """Outputs and the gradients of a fixed random probe of ``layer(features)``: features,
+    prototypes, projection weight, GeM power (None where absent)."""
+    features = features.detach().clone().requires_grad_(True)
+    layer.zero_grad()
+    out = layer(features)
+    probe = torch.Generator().manual_seed(11)
+    probe_e = torch.randn(out.embedding.shape, generator=probe).to(out.embedding.dtype)
+    probe_a = torch.randn(out.attributes.shape, generator=probe).to(out.attributes.dtype)
+    ((out.embedding * probe_e).float().sum() + (out.attributes * probe_a).float().sum()).backward()
+    power = layer.gem_power.grad if layer.gem_power is not None else None
+    return out, [features.grad, layer.prototypes.grad, layer.projection.weight.grad, power]
+
+
 @pytest.mark.parametrize("backend", available_backends("cpu"))
 @pytest.mark.parametrize(
     "options", [{}, {"pooling_method": "gem", "augment_max_pool": True}, {"pooling_method": "max"}], ids=["sum", "gem+maxaug", "max"]
 )
-def test_every_available_backend_float32_and_autocast(backend, options):
+def test_every_available_backend_forward_backward_and_autocast(backend, options):
+    """Each backend against the reference, forward and every gradient (the variants' gradients
+    reach the plan through the pooling weights), in float32 and under bf16 autocast."""
     torch.manual_seed(0)
     layer = GSP(6, 8, num_prototypes=5, backend=backend, **options)
-    feature_map = torch.randn(2, 6, 3, 5, requires_grad=True)
-    tokens = torch.randn(2, 7, 6, requires_grad=True)  # a prime token count
     reference = GSP(6, 8, num_prototypes=5, backend="reference", **options)
     reference.load_state_dict(layer.state_dict())
+    feature_map = torch.randn(2, 6, 3, 5) + 0.3
+    tokens = torch.randn(2, 7, 6) + 0.3  # a prime token count
     for features in (feature_map, tokens):
-        out, expected = layer(features), reference(features)
+        out, grads = _forward_backward(layer, features)
+        expected, expected_grads = _forward_backward(reference, features)
         assert rel_err(out.embedding, expected.embedding) < 1e-4
         assert rel_err(out.attributes, expected.attributes) < 1e-4
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            if expected_grad is not None:
+                assert rel_err(grad, expected_grad) < 1e-4
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = layer(features)
+            low, low_grads = _forward_backward(layer, features)
         assert low.embedding.dtype == torch.bfloat16
-        (low.embedding.float().square().sum() + low.attributes.float().square().sum()).backward()
-        assert layer.prototypes.grad.dtype == torch.float32 and torch.isfinite(layer.prototypes.grad).all()
-        assert features.grad is not None and torch.isfinite(features.grad).all()
+        assert low_grads[1].dtype == torch.float32 and low_grads[0].dtype == torch.float32
         assert rel_err(low.embedding, expected.embedding) < 3e-2
+        for grad, expected_grad in zip(low_grads[:3], expected_grads[:3], strict=True):
+            assert rel_err(grad, expected_grad) < 5e-2
+        assert low_grads[3] is None or torch.isfinite(low_grads[3])  # a scalar sum of cancelling bf16 terms
 
 
 def test_torch_compile_fullgraph_matches_eager():

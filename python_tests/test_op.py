@@ -311,6 +311,34 @@ def test_autocast_bfloat16():
     assert rel_error(model.prototypes.grad, z64.grad) <= 2e-2
 
 
+def _cpu_backends():
+    return [name for name, status in backend_status("cpu").items() if status.available]
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("eager", [True, False])
+def test_callers_autocast_does_not_reach_the_backend(backend, eager):
+    """float32 features inside an autocast region (forward and backward): the same bits as outside
+    it. The op computes in float32 by its own policy; autocast would run the matmuls inside the
+    backend in bfloat16. ``eager=False`` goes through the registered op (as torch.compile does)."""
+    features, prototypes = random_inputs(3, 7, 12, 5, seed=31)
+
+    def run(autocast):
+        x = features.float().requires_grad_()
+        z = prototypes.float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if eager:
+                pooled, attr = gsp_pool(x, z, backend=backend)
+            else:
+                pooled, attr, _, _ = _gsp_pool_op(x, z, 0.3, 5.0, "lipschitz", "euclidean", "newton", 64, 1e-6, "auto", backend)
+            (pooled.square().sum() + attr[:, 0].sum()).backward()
+        return pooled, attr, x.grad, z.grad
+
+    for plain, under_autocast in zip(run(False), run(True)):
+        assert under_autocast.dtype == torch.float32
+        assert torch.equal(plain, under_autocast)
+
+
 # ---------------------------------------------------------------- input validation
 
 

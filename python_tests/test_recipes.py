@@ -14,13 +14,9 @@ pytest.importorskip("torchvision")
 import dataset_fixtures as fixtures
 
 from gsp_kernels.training import cli as training_cli
+from gsp_kernels.training.config import TrainConfig
 from gsp_kernels.training.recipes import RECIPES, recipe_config, recipe_overrides
-from gsp_kernels.training.train import (
-    TrainConfig,
-    build_optimizer,
-    build_scheduler,
-    load_data,
-)
+from gsp_kernels.training.train import build_optimizer, build_scheduler, load_data
 
 # The authors' settings (OFFICIAL_CODE.md, tensorflow/configs/*.yaml), written out by hand.
 EVERY_RECIPE = {"transport_ratio": 0.3, "gamma": 5.0, "zero_shot_weight": 0.1, "samples_per_class": 4, "optimizer": "adam",
@@ -96,6 +92,18 @@ def test_without_a_recipe_the_defaults_stay():
     assert _parse(["train", "--amp", "--no-progress"]) == dataclasses.replace(TrainConfig(), amp=True, progress=False)
 
 
+def test_without_a_recipe_a_real_backbone_gets_the_papers_layer_sizes(tmp_path):
+    """--arch other than smallcnn: 512-d, 64 prototypes, 512-d class embeddings (the paper's and
+    the recipes' sizes) unless a flag says otherwise; the small CNN keeps the small sizes."""
+    sizes = lambda c: (c.embedding_dim, c.num_prototypes, c.class_embedding_dim)  # noqa: E731
+    assert sizes(_parse(["train", "--arch", "resnet18"])) == (512, 64, 512)
+    assert sizes(_parse(["train", "--arch", "timm:vit_tiny_patch16_224"])) == (512, 64, 512)
+    assert sizes(_parse(["train", "--arch", "resnet18", "--embedding-dim", "128", "--num-prototypes", "32"])) == (128, 32, 512)
+    assert sizes(_parse(["train", "--arch", "smallcnn"])) == sizes(TrainConfig()) == (64, 16, 32)
+    mlrc = _parse(["train", "--recipe", "cub", "--protocol", "mlrc", "--arch", "resnet18", "--data-root", str(tmp_path)])
+    assert sizes(mlrc)[0] == 128  # the recipe's
+
+
 def test_bad_recipe_or_override():
     with pytest.raises(ValueError, match="recipe must be one of"):
         recipe_config("mnist")
@@ -106,3 +114,19 @@ def test_bad_recipe_or_override():
     with pytest.raises(SystemExit):
         _parse(["train", "--recipe", "mnist"])
     assert set(RECIPES) == {"cub", "cars196", "sop", "inshop"}
+
+
+def test_the_summary_title_names_the_recipes_settings():
+    from gsp_kernels.training.report import model_label, run_title
+
+    assert run_title(recipe_config("cub")) == (
+        "cub, recipe cub: GSP (64 prototypes, mu 0.3, gamma 5, gem; zero-shot loss x0.1) on resnet50 (random init), 512-d, "
+        "contrastive loss; 200 epochs of 25 steps, batches of 112")
+    sop = run_title(recipe_config("sop", "mlrc", pretrained="weights.pth"))
+    assert sop.startswith("sop, recipe sop, protocol mlrc: GSP (128 prototypes, mu 0.3, gamma 5; zero-shot")
+    assert "resnet50 (weights weights.pth), 128-d" in sop
+    assert "4 folds, each at most 10000 epochs of 1000 steps (early stopping patience 10), batches of 32" in sop
+    assert "max-pool branch" in run_title(recipe_config("inshop"))
+    gap = recipe_config("cars196", pooling="gap", steps_per_epoch=None)
+    assert run_title(gap).startswith("cars196, recipe cars196: GAP on resnet50") and "of one pass" in run_title(gap)
+    assert model_label(gap) == "gap resnet50 512-d"

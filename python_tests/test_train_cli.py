@@ -54,6 +54,35 @@ def test_one_short_training_run_per_dataset(layout, tmp_path, capsys):
     if name == "inshop":
         assert "query: 3 classes, 3 images" in printed and "gallery: 3 classes, 6 images" in printed
     assert (out / "checkpoint.pt").is_file()
+    # the table says which model on which data, and that a tiny tree is not the papers' split
+    assert printed.startswith(f"{name}: GSP (4 prototypes, mu 0.3, gamma 5; zero-shot loss x0.1) on smallcnn (random init), 8-d")
+    assert "gsp smallcnn 8-d" in printed
+    if name == "imagefolder":
+        assert record["split_differences"] is None and "WARNING" not in printed
+    else:
+        assert record["split_differences"] and "WARNING: not the papers' split" in printed
+        assert f"train images {fixtures.EXPECTED[name]['train']['images']} (the papers: " in printed
+
+
+@pytest.mark.parametrize("problem", ["undecodable image", "missing image", "no layout"])
+def test_bad_data_is_a_clear_error_before_training(problem, tmp_path, capsys):
+    root = fixtures.write_cub(tmp_path / "data")
+    images = sorted((root / "CUB_200_2011" / "images").rglob("*.jpg"))
+    if problem == "undecodable image":
+        images[4].write_bytes(b"GIF89a but cut")
+        expected = [str(images[4]), "1 of 18 images cannot be read"]
+    elif problem == "missing image":
+        images[-1].unlink()
+        expected = [str(images[-1]), "images listed in", "images.txt are missing"]
+    else:
+        (root / "CUB_200_2011" / "images.txt").unlink()
+        expected = ["images.txt", str(root / "CUB_200_2011")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--dataset", "cub", "--data-root", str(root), *TINY_FLAGS[:-1]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("gsp-kernels train: error: ")
+    assert all(text in err for text in expected), err
+    assert "epoch" not in err and "Traceback" not in err  # stopped before the first step
 
 
 def test_evaluate_reproduces_the_training_runs_metrics(tmp_path, capsys):
@@ -66,6 +95,7 @@ def test_evaluate_reproduces_the_training_runs_metrics(tmp_path, capsys):
           "--output-dir", str(tmp_path / "eval")])
     evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert evaluation["metrics"] == trained  # the same weights, test transform and metrics
+    assert evaluation["split_differences"] == json.loads((out / "results.json").read_text())["split_differences"]
     assert evaluation["splits"]["gallery"] == {"classes": 3, "images": 6}
     assert "recall@50" in capsys.readouterr().out
     # the dataset and its root default to the checkpoint's

@@ -11,15 +11,9 @@ pytest.importorskip("pytorch_metric_learning")
 import dataset_fixtures as fixtures
 
 from gsp_kernels.training import train as train_module
+from gsp_kernels.training.config import TrainConfig
 from gsp_kernels.training.data import ClassBalancedBatchSampler, CollageDataset
-from gsp_kernels.training.train import (
-    TrainConfig,
-    build_model_for,
-    fit,
-    seed_everything,
-    train,
-)
-
+from gsp_kernels.training.train import build_model_for, fit, seed_everything, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -103,6 +97,10 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path):
     assert losses_of(again["epochs"]) == losses_of(first["epochs"]) and again["metrics"] == first["metrics"]
     with pytest.raises(ValueError, match=r"cannot resume .* lr 0.001 -> 0.01, seed 0 -> 1"):
         train(TrainConfig(**TINY, output_dir=str(tmp_path), resume=True, lr=0.01, seed=1))
+    # the cosine schedule ends at the epochs it was built for: more would anneal back up
+    assert config.scheduler == "cosine"
+    with pytest.raises(ValueError, match=r"cannot resume .* epochs 2 -> 3"):
+        train(TrainConfig(**{**TINY, "epochs": 3}, output_dir=str(tmp_path), resume=True))
 
 
 def test_early_stopping_keeps_the_best_epoch():
@@ -223,6 +221,51 @@ def _ddp_worker(rank: int, world_size: int, port: int, settings: dict, out: str)
         dist.destroy_process_group()
 
 
+def _ddp_resume_worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> None:
+    """One rank: a 4-epoch run, and a 2-epoch run extended to 4 from its checkpoint."""
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        straight = train(TrainConfig(**{**settings, "epochs": 4}))
+        train(TrainConfig(**settings, output_dir=f"{out}/run"))
+        extended = train(TrainConfig(**{**settings, "epochs": 4}, output_dir=f"{out}/run", resume=True))
+        summary = {"straight": losses_of(straight["epochs"]), "extended": losses_of(extended["epochs"]),
+                   "straight_metrics": straight["metrics"], "extended_metrics": extended["metrics"],
+                   "weights_equal": all(torch.equal(a, b) for a, b in zip(straight["model"].state_dict().values(),
+                                                                          extended["model"].state_dict().values()))}
+        torch.save(summary, f"{out}/resume_rank{rank}.pt")
+        del straight, extended
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_under_two_ranks_matches_the_uninterrupted_run(tmp_path):
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    root = fixtures.write_imagefolder(tmp_path / "data", classes=16, images_per_class=3)
+    settings = {**TINY, "dataset": "imagefolder", "data_root": str(root), "image_size": 16, "batch_size": 4, "samples_per_class": 2,
+                "eval_batch_size": 7, "scheduler": "plateau", "plateau_patience": 0, "lr": 1e-3}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_resume_worker, args=(2, port, settings, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        summary = torch.load(tmp_path / f"resume_rank{rank}.pt", weights_only=False)
+        assert summary["extended"] == summary["straight"] and summary["weights_equal"], rank  # bitwise, on every rank
+        assert summary["extended_metrics"] == summary["straight_metrics"]  # rank 0's metrics, None on rank 1
+    assert torch.load(tmp_path / "resume_rank0.pt", weights_only=False)["straight_metrics"] is not None
+
+
 def test_training_under_two_ranks(tmp_path):
     import socket
 
@@ -264,10 +307,41 @@ def test_bf16_autocast_trains_close_to_float32():
 
 
 def test_summary_shows_the_last_epochs():
-    from gsp_kernels.training.train import SUMMARY_EPOCHS, summary_table
+    from gsp_kernels.training.report import SUMMARY_EPOCHS, summary_table
 
     epoch = {"loss": 1.0, "metric": 0.5, "zero_shot": 0.5, "lr": 1e-5, "images_per_second": 10.0}
-    result = {"epochs": [epoch] * (SUMMARY_EPOCHS + 3), "metrics": None}
+    result = {"config": TrainConfig(), "epochs": [epoch] * (SUMMARY_EPOCHS + 3), "metrics": None}
     lines = summary_table(result).splitlines()
-    assert lines[2].startswith("4 ") and lines[-2].startswith(f"{SUMMARY_EPOCHS + 3} ") and lines[-1] == "(3 earlier epochs in results.json)"
-    assert len(summary_table({"epochs": [epoch] * 2, "metrics": None}).splitlines()) == 4
+    assert lines[0].startswith("collage: GSP (16 prototypes")  # the title line
+    assert lines[3].startswith("4 ") and lines[-2].startswith(f"{SUMMARY_EPOCHS + 3} ") and lines[-1] == "(3 earlier epochs in results.json)"
+    assert len(summary_table({**result, "epochs": [epoch] * 2}).splitlines()) == 5
+
+
+def test_extending_a_plateau_run_matches_the_longer_run(tmp_path):
+    # a learning rate too small to lower the loss: the plateau schedule halves it after epochs 2 and 3
+    settings = {**TINY, "scheduler": "plateau", "plateau_patience": 0, "optimizer": "adam", "lr": 1e-7, "min_lr": 1e-9}
+    longer = train(TrainConfig(**{**settings, "epochs": 4}))
+    train(TrainConfig(**settings, output_dir=str(tmp_path)))  # 2 epochs, then 2 more
+    extended = train(TrainConfig(**{**settings, "epochs": 4}, output_dir=str(tmp_path), resume=True))
+    assert losses_of(extended["epochs"]) == losses_of(longer["epochs"]) and extended["metrics"] == longer["metrics"]
+    assert [epoch["lr"] for epoch in longer["epochs"]] == [1e-7, 1e-7, 5e-8, 2.5e-8]  # the plateau state came back with the checkpoint
+
+
+def test_the_test_split_is_embedded_only_after_training(monkeypatch):
+    """The plateau schedule (and the recipes' whole run) never sees the test classes: the test
+    split is embedded once, after the last epoch."""
+    events = []
+    original_epoch, original_embed = train_module._train_epoch, train_module.compute_embeddings
+
+    def epoch(*args, **kwargs):
+        events.append("epoch")
+        return original_epoch(*args, **kwargs)
+
+    def embed(model, dataset, *args, **kwargs):
+        events.append(("embed", dataset.digits.min().item()))
+        return original_embed(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_epoch", epoch)
+    monkeypatch.setattr(train_module, "compute_embeddings", embed)
+    train(TrainConfig(**{**TINY, "epochs": 3, "scheduler": "plateau"}))
+    assert events == ["epoch", "epoch", "epoch", ("embed", 5)]  # the test digits 5-9, once, at the end

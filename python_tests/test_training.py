@@ -15,6 +15,7 @@ from test_train_loop import losses_of
 
 from gsp_kernels.training import cli as training_cli
 from gsp_kernels.training.bench_step import training_step_rows
+from gsp_kernels.training.config import TrainConfig
 from gsp_kernels.training.data import (
     TILE_SIZE,
     ClassBalancedBatchSampler,
@@ -24,12 +25,8 @@ from gsp_kernels.training.data import (
 )
 from gsp_kernels.training.demo import class_tile_weight_share, run_demo
 from gsp_kernels.training.models import build_model
-from gsp_kernels.training.train import (
-    TrainConfig,
-    summary_table,
-    train,
-)
-
+from gsp_kernels.training.report import summary_table
+from gsp_kernels.training.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -94,7 +91,7 @@ def test_class_balanced_sampler():
 
 @pytest.mark.parametrize("pooling", ["gsp", "gap"])
 def test_short_training_run_loss_falls_and_checkpoints(pooling, tmp_path):
-    config = TrainConfig(pooling=pooling, output_dir=str(tmp_path), **{**TINY, "epochs": 3})
+    config = TrainConfig(pooling=pooling, output_dir=str(tmp_path), scheduler="constant", **{**TINY, "epochs": 3})
     result = train(config)
     losses = [epoch["loss"] for epoch in result["epochs"]]
     assert losses[-1] < losses[0]
@@ -104,7 +101,7 @@ def test_short_training_run_loss_falls_and_checkpoints(pooling, tmp_path):
     assert "recall@1" in summary_table(result) and "images/s" in summary_table(result)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 2 and len(state["history"]) == 3
-    resumed = train(TrainConfig(pooling=pooling, output_dir=str(tmp_path), resume=True, **{**TINY, "epochs": 4}))
+    resumed = train(TrainConfig(pooling=pooling, output_dir=str(tmp_path), scheduler="constant", resume=True, **{**TINY, "epochs": 4}))
     assert len(resumed["epochs"]) == 4 and losses_of(resumed["epochs"][:3]) == losses_of(result["epochs"])
 
 

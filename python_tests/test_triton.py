@@ -404,46 +404,6 @@ def test_strategies_agree(case, tiles):
         assert_close(gemm, fused, 2 * TOL[dtype], what)
 
 
-@pytest.mark.parametrize("channels_first", [False, True])
-@pytest.mark.parametrize(
-    "x_dtype, prototype_dtype",
-    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-     (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
-)
-def test_gemm_products(channels_first, x_dtype, prototype_dtype):
-    """The gemm strategy's products: x·z of every feature at the (b, i, k) strides it reports,
-    float32, for both layouts; prototypes of another dtype than half x as parts in x's dtype
-    whose sum is z to float32 accuracy."""
-    batch, n, m, d = 3, 10, 6, 7
-    x, prototypes = inputs(batch, n, m, d, seed=2)
-    x, prototypes = x.to(x_dtype), prototypes.to(prototype_dtype)
-    if channels_first:  # the op's view of a [B, D, H, W] map
-        x = channels_first_map(x, 2, 5).flatten(2).transpose(1, 2)
-    assert _triton_gemm._folds(x) is not channels_first
-    columns, parts = _triton_gemm._prototype_columns(x, prototypes)
-    assert columns.dtype == x.dtype and columns.shape == (parts * m, d)
-    assert parts == (1 if x_dtype in (torch.float32, prototype_dtype) else 3 if x_dtype == torch.bfloat16 else 2)
-    summed = columns.double().view(parts, m, d).sum(0)
-    # Relative to z, plus float16's subnormal spacing 2⁻²⁴ (the lo part of small values).
-    assert ((summed - prototypes.double()).abs() <= 2.0**-21 * prototypes.double().abs() + 2.0**-24).all()
-    products, strides = _triton_gemm._products(x, columns, "ieee")
-    assert products.dtype == torch.float32
-    got = products.as_strided((batch, n, parts * m), strides)
-    want = torch.einsum("bnd,kd->bnk", x.double(), columns.double())
-    assert_close(got, want, 1e-6, "products", floor=0.0)
-
-
-@pytest.mark.parametrize("precision, tf32", [("tf32", True), ("tf32x3", False), ("ieee", False)])
-def test_float32_gemm_setting_is_set_and_restored(precision, tf32):
-    """TF32 is torch's global cuBLAS setting: on inside, for precision="tf32" only; as before after."""
-    matmul = torch.backends.cuda.matmul
-    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
-    before = getattr(matmul, name)
-    with _triton_gemm._float32_gemms(precision):
-        assert getattr(matmul, name) == (("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32)
-    assert getattr(matmul, name) == before
-
-
 # ----------------------------------------------------------------------------- GPU (training sizes)
 
 GPU_SHAPE = (8, 196, 128, 512)
@@ -748,7 +708,7 @@ def _compile_gemm_strategy(dtype, precision) -> list[str]:
             SPLIT_HALF=half, NATIVE_HALF_DOT=True, PARTS=1, stride_zd=1, **{f"stride_l{product_stride}": 1},
         )
         lines.append(compile_one(_triton._gsp_forward_kernel, dtype, FORWARD_F32_POINTERS, constexprs, **launch))
-        config = dict(_triton_gemm._launch_config(n, m, d, half, backward=True))
+        config = dict(_triton_gemm._launch_config(n, m, d, half, backward=True, rows_layout=product_stride == "m"))
         launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
         constexprs = dict(
             config, **x_strides, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=False, PRECISION="ieee",

@@ -51,6 +51,15 @@ def test_write_load_round_trip_and_merge(tmp_path):
         tuning.write(path, "NVIDIA H100", "3.6.0", PRODUCED, [entry()])
 
 
+def test_write_to_a_folder_named_with_a_trailing_separator(tmp_path):
+    """A folder that does not exist yet, named as one ("out/"), gets the standard file name
+    rather than becoming a file called "out"."""
+    written = tuning.write(f"{tmp_path / 'new_folder'}/", "NVIDIA H200", "3.6.0", PRODUCED, [entry()])
+    assert written.path == tmp_path / "new_folder" / "NVIDIA_H200__triton-3.6.json" and written.path.is_file()
+    named = tuning.write(tmp_path / "named.json", "NVIDIA H200", "3.6.0", PRODUCED, [entry()])
+    assert named.path == tmp_path / "named.json" and named.path.is_file()
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"strategy": "cublas"}, "strategy must be one of"),
     ({"n": 196}, "n must be a power of two"),
@@ -193,9 +202,16 @@ def test_tuned_entry_reaches_the_triton_kernels(tmp_path, clean_cache):
     for out, ref in zip(outputs, expected):
         assert rel_err(out, ref) < 1e-5
 
-    # An entry that asks for the gemm strategy sends both directions there.
-    tuning.write(path, "any", "3.8", PRODUCED, [entry("float32", batch=2, n=32, m=16, d=32, strategy="gemm")])
+    # An entry that asks for the gemm strategy sends both directions there; its tiles are the
+    # fused kernels' and stay out of the gemm strategy's launches (its own table applies).
+    tuning.write(path, "any", "3.8", PRODUCED, [
+        entry("float32", batch=2, n=32, m=16, d=32, strategy="gemm", forward=small, backward=small)])
     tuning.clear_cache()
     run_and_record(clean_cache)
     assert _triton.strategy_for(x, z) == "gemm"
     assert set(launches) == {"_gsp_forward_kernel", "_gsp_backward_kernel"}  # products from torch, no split-K GEMM
+    from gsp_kernels import _triton_gemm
+
+    for name, backward in (("_gsp_forward_kernel", False), ("_gsp_backward_kernel", True)):
+        own = _triton_gemm._launch_config(20, 9, 24, False, backward=backward)
+        assert {k: launches[name][k] for k in small} == {k: own[k] for k in small} != small, name

@@ -5,11 +5,14 @@
 # mismatch before it costs device minutes. Downloads ~1.5 GB (the CUDA build of torch and its
 # libraries, ~5 GB installed): not part of CI.
 #   usage: scripts/device_versions_check.sh [VENV_DIR]      (default /tmp/gsp-device-versions)
-#   TORCH_VERSION, TRITON_VERSION: default the H200 machine's 2.11.0 and 3.6.0.
+#   TORCH_VERSION, TORCHVISION_VERSION, TRITON_VERSION: default the H200 machine's 2.11.0, 0.26.0
+#   and 3.6.0 (device/KINDS.md). pytorch-metric-learning, which that machine lacks, is installed
+#   here so that the whole suite runs (its tests skip there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-/tmp/gsp-device-versions}
 torch_version=${TORCH_VERSION:-2.11.0}
+torchvision_version=${TORCHVISION_VERSION:-0.26.0}
 triton_version=${TRITON_VERSION:-3.6.0}
 
 if [ ! -x "$venv/bin/python" ]; then
@@ -17,17 +20,21 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # numpy < 2.3: Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.3+ refuses.
 # setuptools >= 77 for pyproject's SPDX license string (the GPU machine's is new enough).
-"$venv/bin/python" -m pip install --quiet "torch==$torch_version" "triton==$triton_version" "numpy<2.3" \
+# The pins hold for every install below (a constraints file): the test extra's unpinned
+# torchvision would otherwise pull the newest torch over them.
+pins="$venv/device-pins.txt"
+printf '%s\n' "torch==$torch_version" "torchvision==$torchvision_version" "triton==$triton_version" "numpy<2.3" >"$pins"
+"$venv/bin/python" -m pip install --quiet -c "$pins" torch torchvision triton numpy \
     "setuptools>=77,<82" pybind11 cmake ninja
 # A copy of the committed tree: its native module is built against this torch, not .venv's.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 git archive HEAD | tar -x -C "$work"
 cd "$work"
-"$venv/bin/python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+"$venv/bin/python" -c "import torch, torchvision, triton; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'triton', triton.__version__)"
 # The device's build (no build isolation: against the torch above); the test extra's other
 # requirements from pyproject.toml (the pins above already satisfy torch, triton and numpy).
-"$venv/bin/python" -m pip install --quiet --no-build-isolation -e ".[test]"
+"$venv/bin/python" -m pip install --quiet -c "$pins" --no-build-isolation -e ".[test]"
 "$venv/bin/python" -m pytest python_tests -q -p no:cacheprovider -p no:warnings --timeout=900
 cd python_tests
 env -u TRITON_INTERPRET "$venv/bin/python" -c \

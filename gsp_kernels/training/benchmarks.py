@@ -3,12 +3,14 @@
 API (``name`` in DATASETS; ``collage`` is built by ``data.CollageDataset`` instead):
 
 - ``load_benchmark(name, root, *, train_transform=None, test_transform=None,
-  num_train_classes=None) -> BenchmarkData``: ``root`` is the folder the official archive
-  was extracted into, or the archive's top folder itself. Transforms default to
-  ``data.train_transform()`` / ``data.test_transform()``.
+  num_train_classes=None, verify_images=True) -> BenchmarkData``: ``root`` is the folder the
+  official archive was extracted into, or the archive's top folder itself (``~`` expanded).
+  Transforms default to ``data.train_transform()`` / ``data.test_transform()``. Every
+  image's header is read before it returns (``data.check_images``).
 - ``BenchmarkData``: ``train``, ``query``, ``gallery`` (None: the query set is searched
   against itself, all against all; In-Shop has a gallery), ``recall_ks`` (the benchmark's
-  usual Recall@K), ``describe()`` (classes and images per split, for results.json).
+  usual Recall@K), ``describe()`` (classes and images per split, for results.json),
+  ``differences_from_papers()`` (against ``PAPER_SPLITS``, the full archives' sizes).
 - ``class_folds(labels, num_folds=4, seed=0)``: class-disjoint folds for cross-validation.
 - ``subset(dataset, indices, transform=None)``: a dataset of those samples, classes
   renumbered 0-based, with the same attributes (paths, labels, class_names, num_classes).
@@ -42,7 +44,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from . import data
-from .data import ImageFolderSplit, ImageListDataset, relabel
+from .data import ImageFolderSplit, ImageListDataset, LayoutError, check_images, relabel
 
 DATASETS = ("collage", "imagefolder", "cub", "cars196", "sop", "inshop")
 RECALL_KS = {
@@ -52,6 +54,13 @@ RECALL_KS = {
     "cars196": (1, 2, 4, 8),
     "sop": (1, 10, 100, 1000),
     "inshop": (1, 10, 20, 30, 40, 50),
+}
+# Classes and images per split of each full archive, as the papers use them (describe()'s keys).
+PAPER_SPLITS = {
+    "cub": {"train": {"classes": 100, "images": 5864}, "test": {"classes": 100, "images": 5924}},
+    "cars196": {"train": {"classes": 98, "images": 8054}, "test": {"classes": 98, "images": 8131}},
+    "sop": {"train": {"classes": 11318, "images": 59551}, "test": {"classes": 11316, "images": 60502}},
+    "inshop": {"train": {"classes": 3997, "images": 25882}, "query": {"images": 14218}, "gallery": {"images": 12612}},
 }
 CUB_FOLDER = "CUB_200_2011"
 SOP_FOLDER = "Stanford_Online_Products"
@@ -83,6 +92,16 @@ class BenchmarkData:
         return {split: {"classes": len(torch.unique(dataset.labels)), "images": len(dataset)}
                 for split, dataset in splits.items()}
 
+    def differences_from_papers(self) -> list[str] | None:
+        """How the splits differ from the papers' (``PAPER_SPLITS``): e.g. ["train images 9
+        (the papers: 5864)"]; [] when they match, None for data without a paper split."""
+        expected = PAPER_SPLITS.get(self.name)
+        if expected is None:
+            return None
+        found = self.describe()
+        return [f"{split} {key} {found[split][key]} (the papers: {value})"
+                for split, sizes in expected.items() for key, value in sizes.items() if found[split][key] != value]
+
 
 def _locate(root: Path, required: tuple[str, ...], folders: list[Path], layout: str) -> Path:
     """The first of ``folders`` holding every ``required`` file; FileNotFoundError naming the
@@ -97,7 +116,7 @@ def _locate(root: Path, required: tuple[str, ...], folders: list[Path], layout: 
 
 
 def _check_root(root) -> Path:
-    root = Path(root)
+    root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {str(root)!r} is not a directory")
     return root
@@ -148,7 +167,7 @@ def _read_cars_annos(path: Path) -> tuple[list[str], list[int]]:
     annotations = loadmat(str(path)).get("annotations")
     fields = ("relative_im_path", "class")
     if annotations is None or annotations.dtype.names is None or not set(fields) <= set(annotations.dtype.names):
-        raise ValueError(f"{path} should hold a struct array 'annotations' with fields {fields}")
+        raise LayoutError(f"{path} should hold a struct array 'annotations' with fields {fields}")
     relative = [str(entry.item()) for entry in annotations["relative_im_path"].ravel()]
     classes = [int(entry.item()) for entry in annotations["class"].ravel()]
     return relative, classes
@@ -183,14 +202,14 @@ def _read_inshop_partition(path: Path) -> list[tuple[str, str, str]]:
     a header line, then one row per image."""
     lines = path.read_text().splitlines()
     if len(lines) < 2 or lines[1].split() != ["image_name", "item_id", "evaluation_status"]:
-        raise ValueError(f"{path}: expected an image count on line 1 and the header "
-                         f"'image_name item_id evaluation_status' on line 2")
+        raise LayoutError(f"{path}: expected an image count on line 1 and the header "
+                          f"'image_name item_id evaluation_status' on line 2")
     rows = [tuple(line.split()) for line in lines[2:] if line.strip()]
     bad = [row for row in rows if len(row) != 3]
     if bad:
-        raise ValueError(f"{path}: rows need 3 columns, got {bad[0]!r}")
+        raise LayoutError(f"{path}: rows need 3 columns, got {bad[0]!r}")
     if not lines[0].strip().isdigit() or int(lines[0]) != len(rows):
-        raise ValueError(f"{path}: line 1 says {lines[0].strip()!r} images but {len(rows)} rows follow")
+        raise LayoutError(f"{path}: line 1 says {lines[0].strip()!r} images but {len(rows)} rows follow")
     return rows
 
 
@@ -205,7 +224,7 @@ def _load_inshop(root: Path, train_tf, test_tf):
                  for status in ("train", "query", "gallery")}
     empty = [status for status, entries in by_status.items() if not entries]
     if empty:
-        raise ValueError(f"{partition} has no {' / '.join(empty)} rows")
+        raise LayoutError(f"{partition} has no {' / '.join(empty)} rows")
     # image names are relative to the folder holding img/: the benchmark's folder, or its Img/
     benchmark = listing.parent if listing.name == "Eval" else listing
     image_bases = [benchmark, benchmark / "Img"]
@@ -228,11 +247,13 @@ _LOADERS = {"cub": _load_cub, "cars196": _load_cars, "sop": _load_sop, "inshop":
 
 
 def load_benchmark(name: str, root, *, train_transform=None, test_transform=None,
-                   num_train_classes: int | None = None) -> BenchmarkData:
+                   num_train_classes: int | None = None, verify_images: bool = True) -> BenchmarkData:
     """The benchmark ``name`` (one of DATASETS but "collage") from its extracted archive at
     ``root``, split as the papers do. ``num_train_classes`` applies to ImageFolder trees only
     (the others have a fixed split). Missing images, or a folder without the layout, raise
-    FileNotFoundError naming the files expected and where they were looked for."""
+    FileNotFoundError naming the files expected and where they were looked for; a malformed
+    annotation file LayoutError; with ``verify_images``, every image's header is read
+    (``data.check_images``) and one PIL cannot identify raises ImageReadError naming it."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     if name == "collage":
@@ -247,6 +268,8 @@ def load_benchmark(name: str, root, *, train_transform=None, test_transform=None
         query, gallery = ImageFolderSplit(root, "test", num_train_classes=num_train_classes, transform=test_tf), None
     else:
         train, query, gallery = _LOADERS[name](root, train_tf, test_tf)
+    if verify_images:
+        check_images([path for split in (train, query, gallery) if split is not None for path in split.paths])
     return BenchmarkData(train=train, query=query, gallery=gallery, recall_ks=RECALL_KS[name], name=name)
 
 

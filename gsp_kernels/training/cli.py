@@ -17,16 +17,18 @@ from pathlib import Path
 
 from ..nn import POOLING_METHODS
 from .benchmarks import DATASETS
-from .models import PROTOTYPE_INITS
-from .recipes import RECIPES, recipe_config
-from .train import (
+from .config import (
     METRIC_LOSSES,
     OPTIMIZERS,
     PROTOCOLS,
     SCHEDULERS,
     TrainConfig,
-    _validate,
+    layer_defaults,
+    validate_config,
 )
+from .data import ImageReadError, LayoutError
+from .models import PROTOTYPE_INITS
+from .recipes import RECIPES, recipe_config
 
 _HELP = {
     "dataset": f"one of {', '.join(DATASETS)} ('collage' is embedded; the others are read from --data-root)",
@@ -36,6 +38,9 @@ _HELP = {
     "(timm:NAME, timm/NAME or a bare name timm knows, e.g. timm:vit_small_patch14_dinov2.lvd142m); random init unless --pretrained",
     "pretrained": "backbone weights: a local torchvision/timm state dict (.pth, .safetensors), or 'cache' for the arch's "
     "weights already in the Hugging Face / torch.hub cache (nothing is downloaded)",
+    "embedding_dim": "embedding size (default 64 with smallcnn, 512 with any other backbone, unless a recipe sets it)",
+    "num_prototypes": "GSP prototypes M (default 16 with smallcnn, 64 with any other backbone, unless a recipe sets it)",
+    "class_embedding_dim": "zero-shot loss: class embedding size (default 32 with smallcnn, 512 with any other backbone)",
     "num_train_classes": "imagefolder: classes used for training (default: first half of the sorted classes)",
     "prototype_init": "kcenter (greedy k-center on a training batch), random, memory (GAP while a memory of "
     "--prototype-memory pooled embeddings fills, then k-center over it) or proxies (k-center over proxyanchor's class proxies)",
@@ -71,6 +76,7 @@ _CHOICES = {"pooling": ("gsp", "gap"), "pooling_method": POOLING_METHODS, "metri
             "prototype_init": PROTOTYPE_INITS, "dataset": DATASETS, "optimizer": OPTIMIZERS,
             "scheduler": SCHEDULERS, "protocol": PROTOCOLS, "recipe": tuple(RECIPES)}
 _NOT_FLAGS = {"progress"}
+_DATA_ERRORS = (FileNotFoundError, ImageReadError, LayoutError)  # a dataset's layout or files: reported without a traceback
 _NONE = "none"  # the value of an optional flag that sets the field to None explicitly
 
 
@@ -130,9 +136,12 @@ def _config_from_args(args: argparse.Namespace, base: TrainConfig | None = None)
         if base is None:
             recipe = explicit.get("recipe")
             protocol = explicit.get("protocol", "standard")
-            base = recipe_config(recipe, protocol) if recipe else TrainConfig()
+            if recipe:
+                base = recipe_config(recipe, protocol)
+            else:  # without a recipe, a real backbone gets the paper's layer sizes unless flags say otherwise
+                base = TrainConfig(**layer_defaults(explicit.get("arch", TrainConfig.arch)))
         config = dataclasses.replace(base, **explicit, progress=not args.no_progress)
-        _validate(config)
+        validate_config(config)
     except ValueError as exc:
         _usage_error(args, str(exc))
     return config
@@ -147,9 +156,14 @@ def _write_json(output_dir: str, name: str, record: dict) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Train as configured and print the summary (rank 0 under torchrun); results.json in
     --output-dir."""
-    from .train import results_record, shutdown_distributed, summary_table, train
+    from .report import results_record, summary_table
+    from .train import shutdown_distributed, train
 
-    result = train(_config_from_args(args))
+    config = _config_from_args(args)
+    try:
+        result = train(config)
+    except _DATA_ERRORS as exc:  # the data on disk, not a bug: the message names the file
+        _usage_error(args, str(exc))
     shutdown_distributed()  # on success only: a barrier after a failed rank would hang
     if result["metrics"] is None:
         return 0  # not rank 0
@@ -167,7 +181,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                  if getattr(args, name) is not None}
     try:
         result = evaluate_checkpoints(args.checkpoint, **overrides)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, *_DATA_ERRORS) as exc:
         _usage_error(args, str(exc))
     print(evaluation_table(result))
     if args.output_dir:

@@ -6,7 +6,8 @@ trees, the papers' torchvision transforms, and a class-balanced batch sampler.
   four benchmarks (``benchmarks.py``) are built from it. Attributes ``paths``, ``labels``
   (LongTensor ``[n]``), ``class_names``, ``num_classes``. Missing files raise
   FileNotFoundError when it is built, undecodable ones ImageReadError (naming the path)
-  when read; ``check_images(paths)`` tries every header up front.
+  when read; ``check_images(paths)`` tries every header up front. ``LayoutError``: a
+  folder or annotation file not in the layout expected.
 - ``ImageFolderSplit(root, split)``: ``root/<class>/<image>``, first half of the sorted
   classes train, the rest test.
 - ``train_transform(image_size=227)``, ``test_transform(resize=256, crop=227)``.
@@ -161,6 +162,11 @@ class ImageReadError(OSError):
     """An image file listed by a dataset could not be decoded; the message names the path."""
 
 
+class LayoutError(ValueError):
+    """A dataset folder or annotation file is not in the layout expected; the message names
+    the file or folder and what was expected."""
+
+
 def relabel(class_ids: list, classes: list | None = None) -> tuple[Tensor, list]:
     """0-based labels ``[n]`` for per-image class identifiers, in the order of ``classes``
     (default: the sorted distinct identifiers). -> (labels, classes)."""
@@ -188,19 +194,28 @@ def report_missing_files(paths: list[str], source: str) -> None:
                                 f"{_first_few(missing)}")
 
 
-def check_images(paths: list[str]) -> None:
-    """Open every image's header with PIL (``Image.verify``, no decoding of the pixels) and
-    raise ImageReadError naming the first few that fail, and how many: a check to run before
-    training rather than meet a bad file in the middle of an epoch."""
+def _header_error(path: str) -> str | None:
+    """"path: reason" when PIL cannot identify the image at ``path`` from its header, else None."""
     from PIL import Image
 
-    failures = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (OSError, SyntaxError) as error:  # PIL raises SyntaxError for some broken headers
-            failures.append(f"{path}: {error}")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError) as error:  # PIL raises SyntaxError for some broken headers
+        return f"{path}: {error}"
+    return None
+
+
+def check_images(paths: list[str], threads: int = 16) -> None:
+    """Open every image's header with PIL (``Image.verify``, no decoding of the pixels; on
+    ``threads`` threads) and raise ImageReadError naming the first few that fail, and how
+    many: the check ``load_benchmark`` runs, so a bad file stops a run before training rather
+    than in the middle of an epoch. (A file cut short after a valid header is only found
+    when it is decoded; ``ImageListDataset`` then names it.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        failures = [failure for failure in pool.map(_header_error, paths, chunksize=64) if failure is not None]
     if failures:
         raise ImageReadError(f"{len(failures)} of {len(paths)} images cannot be read:{_first_few(failures)}")
 
@@ -276,14 +291,14 @@ class ImageFolderSplit(ImageListDataset):
 
         root = Path(root)
         if not root.is_dir():
-            raise ValueError(f"dataset root {str(root)!r} is not a directory")
+            raise LayoutError(f"dataset root {str(root)!r} is not a directory")
         class_dirs = [entry.name for entry in root.iterdir() if entry.is_dir()]
         if len(class_dirs) < 2:
-            raise ValueError(f"{str(root)!r} needs at least 2 class folders, found {len(class_dirs)}")
+            raise LayoutError(f"{str(root)!r} needs at least 2 class folders, found {len(class_dirs)}")
         names = split_class_names(class_dirs, split, num_train_classes)
         samples = make_dataset(root, {name: index for index, name in enumerate(names)}, IMAGE_EXTENSIONS, allow_empty=True)
         if not samples:
-            raise ValueError(f"no images with extensions {IMAGE_EXTENSIONS} under {str(root)!r} for split {split!r}")
+            raise LayoutError(f"no images with extensions {IMAGE_EXTENSIONS} under {str(root)!r} for split {split!r}")
         if transform is None:
             if split == "train":
                 transform = train_transform(image_size)

@@ -14,8 +14,10 @@ import time
 import torch
 from torch import Tensor
 
+from .config import TrainConfig
 from .data import TILE_SIZE, CollageDataset
-from .train import TrainConfig, format_table, train
+from .report import format_table
+from .train import train
 
 # The demo's GSP settings. The digit tile is a quarter of the map and its strokes less, so
 # the demo transports 20% of the mass (with the layer's default 0.3, at least 5% must come

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from .config import TrainConfig, validate_config
+from .report import split_note, splits_line
 from .train import (
     CHECKPOINT_NAME,
-    TrainConfig,
-    _validate,
     build_model_for,
     embed_test_splits,
     load_checkpoint,
@@ -22,7 +22,6 @@ from .train import (
     model_state,
     resolve_device,
     retrieval_scores,
-    splits_line,
 )
 
 
@@ -49,7 +48,7 @@ def config_from_checkpoint(checkpoint: dict, **overrides) -> TrainConfig:
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     saved = {name: value for name, value in checkpoint["config"].items() if name in known}
     config = TrainConfig(**{**saved, **overrides, "resume": False, "output_dir": None, "pretrained": None})
-    _validate(config)
+    validate_config(config)
     return config
 
 
@@ -57,8 +56,8 @@ def evaluate_checkpoints(paths, **overrides) -> dict:
     """Test metrics of the models in ``paths`` (see ``checkpoint_files``). ``overrides``:
     TrainConfig fields such as dataset, data_root, device, num_workers, eval_batch_size.
 
-    -> {"checkpoints", "dataset", "splits", "models": [{"checkpoint", "epochs_trained",
-    "embedding_dim", "metrics"}], "metrics" (the only model's, or the concatenation's),
+    -> {"checkpoints", "dataset", "splits", "split_differences", "models": [{"checkpoint",
+    "epochs_trained", "embedding_dim", "metrics"}], "metrics" (the only model's, or the concatenation's),
     "concatenated_dim" and "separated_metrics" (the mean over the models; several models)}."""
     from .mlrc import concatenated_metrics, separated_metrics
 
@@ -82,7 +81,8 @@ def evaluate_checkpoints(paths, **overrides) -> dict:
         gallery_parts.append(gallery)
         models.append({"checkpoint": str(path), "epochs_trained": checkpoint["epoch"] + 1, "embedding_dim": query.shape[1],
                        "metrics": retrieval_scores(data, query, gallery)})
-    result = {"checkpoints": [str(path) for path in files], "dataset": first.dataset, "splits": data.describe(), "models": models}
+    result = {"checkpoints": [str(path) for path in files], "dataset": first.dataset, "splits": data.describe(),
+              "split_differences": data.differences_from_papers(), "models": models}
     if len(models) == 1:
         result["metrics"] = models[0]["metrics"]
         return result
@@ -100,4 +100,5 @@ def evaluation_table(result: dict) -> str:
     if "concatenated_dim" in result:
         rows[f"separated (mean of {len(result['models'])})"] = result["separated_metrics"]
         rows[f"concatenated ({result['concatenated_dim']}-d)"] = result["metrics"]
-    return f"{result['dataset']}  {splits_line(result['splits'])}\n{format_metrics_table(rows)}"
+    return (f"{result['dataset']}  {splits_line(result['splits'])}{split_note(result.get('split_differences'))}\n"
+            f"{format_metrics_table(rows)}")

@@ -19,20 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .benchmarks import BenchmarkData, class_folds, subset
+from .config import TrainConfig, eval_resize
 from .data import test_transform
 from .metrics import format_metrics_table, retrieval_metrics
+from .report import format_table, run_title, split_note, splits_line
 from .train import (
     CHECKPOINT_NAME,
-    TrainConfig,
     compute_embeddings,
     embed_test_splits,
-    eval_resize,
     fit,
-    format_table,
     metrics_entries,
     retrieval_scores,
     seed_everything,
-    splits_line,
 )
 
 
@@ -110,8 +108,8 @@ def train_mlrc(config: TrainConfig, data: BenchmarkData, device: torch.device, *
         records.append(record)
     seconds = sum(record["seconds"] for record in records)
     images = sum(record["seconds"] * (record["images_per_second"] or 0) for record in records)
-    result = {"config": config, "splits": data.describe(), "folds": records, "seconds": seconds,
-              "images_per_second": images / seconds if seconds > 0 else None, "model": None, "models": models,
+    result = {"config": config, "splits": data.describe(), "split_differences": data.differences_from_papers(),
+              "folds": records, "seconds": seconds, "images_per_second": images / seconds if seconds > 0 else None, "model": None, "models": models,
               "metrics": None, "recall_at_1": None, "map_at_r": None}
     if rank == 0:
         metrics, result["concatenated_dim"] = concatenated_metrics(data, query_parts, gallery_parts)
@@ -126,12 +124,14 @@ def mlrc_table(result: dict) -> str:
     rows = [[str(record["fold"]), str(record["train"]["classes"]), str(record["validation"]["classes"]),
              str(record["best_epoch"]), f"{record['best_val_map_at_r']:.4f}", f"{record['images_per_second'] or 0:.1f}"]
             for record in result["folds"]]
-    table = format_table(["fold", "train classes", "val classes", "best epoch", "val MAP@R", "images/s"], rows)
+    header = ["fold", "train classes", "val classes", "best epoch", "val MAP@R", "images/s"]
+    table = f"{run_title(result['config'])}\n{format_table(header, rows)}"
     if result["metrics"] is not None:
         dim = result["config"].embedding_dim
         per_model = {f"fold {record['fold']} ({dim}-d)": record["metrics"] for record in result["folds"]}
         per_model[f"separated (mean of {len(result['folds'])}, {dim}-d)"] = result["separated_metrics"]
         per_model[f"concatenated ({result['concatenated_dim']}-d)"] = result["metrics"]
-        table += f"\n{splits_line(result['splits'])}\n{format_metrics_table(per_model)}"
+        table += f"\n{splits_line(result['splits'])}{split_note(result.get('split_differences'))}"
+        table += f"\n{format_metrics_table(per_model)}"
         table += f"\n({result['seconds']:.1f} s training, {result['images_per_second'] or 0:.1f} images/s)"
     return table

@@ -38,6 +38,10 @@ class SmallCNN(nn.Sequential):
 class GlobalAveragePoolHead(nn.Module):
     """The GAP baseline: average the local features, then a Linear to the embedding.
 
+    It averages the very features GSP pools (GSP with transport_ratio 1 computes the same), so
+    for backbones whose head runs per position (``gsp_kernels.backbones.TimmBackbone``: a ViT's
+    ``fc_norm``, ConvNeXt's head norm) it is the mean of those, not the head of the mean.
+
     A map ``[B, C, H, W]``, tokens ``[B, N, C]`` or ``PatchTokens`` -> ``GSPOutput(embedding
     [B, E], None, weights)`` where the weights, when asked for, are uniform (``[B, H, W]``,
     ``[B, h, w]`` or ``[B, N]``, as ``GSP`` gives them).
@@ -102,6 +106,8 @@ def build_model(
     transport_ratio: float = 0.3,
     gamma: float = 5.0,
     backend: str = "auto",
+    solver: str = "newton",
+    max_iter: int | None = None,
     pretrained: str | Path | bool | None = None,
     pooling_method: str = "sum",
     augment_max_pool: bool = False,
@@ -110,8 +116,9 @@ def build_model(
     backbone_kwargs: dict | None = None,
 ) -> EmbeddingModel:
     """An ``EmbeddingModel``: the trunk of ``build_trunk`` and a GAP or GSP head whose input
-    width is the backbone's ``num_features``. ``pooling_method``, ``augment_max_pool``,
-    ``memory_size`` and ``warm_up_steps`` are ``GSP``'s options (the authors' variants)."""
+    width is the backbone's ``num_features``. ``solver``, ``max_iter``, ``pooling_method``,
+    ``augment_max_pool``, ``memory_size`` and ``warm_up_steps`` are ``GSP``'s options (the
+    authors' variants)."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     trunk, report = build_trunk(arch, width=width, pretrained=pretrained, **(backbone_kwargs or {}))
@@ -126,6 +133,8 @@ def build_model(
             transport_ratio=transport_ratio,
             gamma=gamma,
             backend=backend,
+            solver=solver,
+            max_iter=max_iter,
             pooling_method=pooling_method,
             augment_max_pool=augment_max_pool,
             memory_size=memory_size,

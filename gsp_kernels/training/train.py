@@ -4,7 +4,8 @@ torchrun support.
 ``train(config)`` runs the protocol ``config.protocol`` names: "standard" trains one model
 (GAP baseline or GSP + zero-shot loss) with a pytorch-metric-learning loss and evaluates
 it on the test classes; "mlrc" (``mlrc.py``) trains one model per class-disjoint fold of
-the training classes. ``fit`` is one model's training loop, shared by both.
+the training classes. ``fit`` is one model's training loop, shared by both. The settings
+(``TrainConfig``) live in ``config.py``, what a run prints and writes in ``report.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,82 +24,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..backbones import resolve_arch
-from ..backends import BACKENDS
 from ..losses import ZeroShotPredictionLoss
-from ..nn import POOLING_METHODS
-from .benchmarks import DATASETS, RECALL_KS, BenchmarkData, load_benchmark
+from .benchmarks import RECALL_KS, BenchmarkData, load_benchmark
+from .config import METRIC_LOSSES, TrainConfig, eval_resize, validate_config
 from .data import (
     ClassBalancedBatchSampler,
     CollageDataset,
     test_transform,
     train_transform,
 )
-from .models import CACHED_WEIGHTS, POOLINGS, PROTOTYPE_INITS, build_model
+from .models import build_model
 
-METRIC_LOSSES = ("multisimilarity", "contrastive", "proxyanchor")
-OPTIMIZERS = ("adamw", "adam")
-SCHEDULERS = ("cosine", "plateau", "constant")
-PROTOCOLS = ("standard", "mlrc")
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run (the CLI flags mirror these names)."""
-
-    dataset: str = "collage"  # one of benchmarks.DATASETS; "collage" is embedded, the others read data_root
-    data_root: str | None = None
-    pooling: str = "gsp"  # "gsp" or "gap"
-    arch: str = "smallcnn"  # "smallcnn", a torchvision ResNet/ViT name, or a timm name ("timm:NAME"); see backbones.resolve_arch
-    pretrained: str | None = None  # backbone weights: a local .pth/.safetensors state dict, or "cache" (the arch's, from the local caches)
-    embedding_dim: int = 64
-    width: int = 32  # SmallCNN width
-    num_prototypes: int = 16
-    transport_ratio: float = 0.3
-    gamma: float = 5.0
-    prototype_init: str = "kcenter"  # "kcenter" (a training batch), "random", "memory" (warm-up memory), "proxies" (proxyanchor's)
-    prototype_memory: int = 1024  # prototype_init "memory": pooled embeddings stored (GAP meanwhile) before k-center
-    warm_up_steps: int = 0  # prototype_init "memory": training steps before the memory starts filling
-    pooling_method: str = "sum"  # GSP: "sum" (the paper), "gem" or "max" (the authors' variants, see nn.GSP)
-    augment_max_pool: bool = False  # GSP: add the projected global max pool to the embedding (the authors' option)
-    zero_shot_weight: float = 0.1
-    class_embedding_dim: int = 32
-    metric_loss: str = "multisimilarity"
-    contrastive_neg_margin: float = 0.5  # negative margin of the contrastive loss (Euclidean, normalized)
-    epochs: int = 12
-    steps_per_epoch: int | None = None  # None: one pass, len(train) // batch_size batches
-    batch_size: int = 60
-    samples_per_class: int = 4
-    optimizer: str = "adamw"  # "adamw" (decoupled weight decay) or "adam" (L2 in the gradient)
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine"  # "cosine" (per step to 0), "plateau" (on the epoch's training loss), "constant"
-    plateau_factor: float = 0.5
-    plateau_patience: int = 4
-    min_lr: float = 1e-6  # plateau floor
-    grad_clip: float = 0.0  # clip the gradient norm at this value (0: no clipping)
-    freeze_bn: bool = False  # backbone BatchNorm: running statistics and affine parameters fixed
-    image_size: int = 224  # image datasets: training crop and test centre crop
-    resize: int | None = None  # image datasets: test-time shorter side (None: image_size * 256 / 227)
-    num_train_classes: int | None = None  # imagefolder: default first half of the classes
-    collages_per_digit: int = 2  # collage training set size
-    data_seed: int = 0  # collage content (fixed across training seeds)
-    seed: int = 0  # model init, batch sampling, augmentation, folds
-    protocol: str = "standard"  # "standard" (one model) or "mlrc" (one model per class-disjoint fold)
-    num_folds: int = 4  # mlrc
-    early_stopping_patience: int = 15  # mlrc: epochs without a better validation MAP@R before stopping
-    recipe: str | None = None  # the recipe the settings came from (recorded only; see recipes.py)
-    backend: str = "auto"
-    amp: bool = False  # bf16 autocast (CUDA, or CPU when asked)
-    channels_last: bool = False  # channels-last memory format for the model and the images
-    compile: bool = False  # torch.compile the model's forward
-    device: str = "auto"
-    num_workers: int = 0
-    eval_batch_size: int = 256
-    output_dir: str | None = None  # checkpoints go to output_dir/checkpoint.pt after each epoch
-    resume: bool = False
-    progress: bool = True
 
 
 def seed_everything(seed: int) -> None:
@@ -152,11 +88,6 @@ def load_data(config: TrainConfig) -> BenchmarkData:
         test_transform=test_transform(eval_resize(config), config.image_size),
         num_train_classes=config.num_train_classes,
     )
-
-
-def eval_resize(config: TrainConfig) -> int:
-    """Test-time shorter side: ``config.resize``, or the papers' 256/227 ratio of the crop."""
-    return config.resize if config.resize is not None else round(config.image_size * 256 / 227)
 
 
 def build_model_for(config: TrainConfig, load_pretrained: bool = True) -> nn.Module:
@@ -394,6 +325,7 @@ def _train_epoch(trainer, objective, optimizer, scheduler, loader, config: Train
     if config.freeze_bn:
         freeze_batchnorm(objective.model.trunk)
     trainable = [parameter for parameter in objective.parameters() if parameter.requires_grad]
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     sums = torch.zeros(3, device=device)  # loss, metric, zero-shot summed over the steps
     started = time.perf_counter()
     timed_from, timed_images, steps = started, 0, 0
@@ -418,9 +350,8 @@ def _train_epoch(trainer, objective, optimizer, scheduler, loader, config: Train
         else:
             timed_images += len(labels)
         if hasattr(bar, "set_postfix") and step > 1 and (step % 10 == 0 or step == len(loader)):
-            rate = timed_images / max(time.perf_counter() - timed_from, 1e-9)
+            rate = world_size * timed_images / max(time.perf_counter() - timed_from, 1e-9)  # every rank's images
             bar.set_postfix(loss=f"{float(sums[0]) / step:.4f}", images_per_s=f"{rate:.1f}")
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
     if world_size > 1:  # every rank's mean: the plateau schedule must take the same step on every rank
         dist.all_reduce(sums)
         sums /= world_size
@@ -472,7 +403,8 @@ def model_state(checkpoint: dict) -> dict:
     return {key[len(prefix):]: value for key, value in checkpoint["objective"].items() if key.startswith(prefix)}
 
 
-# Settings a run may change when it resumes: where and how fast it runs, and how long.
+# Settings a run may change when it resumes: where and how fast it runs, and how long (not
+# under the cosine schedule, which spans the epochs the run started with).
 RESUMABLE_CHANGES = ("epochs", "resume", "progress", "output_dir", "device", "num_workers", "eval_batch_size", "compile", "backend")
 
 
@@ -481,9 +413,12 @@ def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
     (beyond ``RESUMABLE_CHANGES``): resuming them would not continue the same run."""
     current = dataclasses.asdict(config)
     changed = [name for name, value in saved.items() if name in current and name not in RESUMABLE_CHANGES and current[name] != value]
+    if config.scheduler == "cosine" and saved.get("epochs") != config.epochs:
+        changed.append("epochs")  # the saved cosine schedule ends at the saved epochs: more would raise the lr again
     if changed:
         details = ", ".join(f"{name} {saved[name]!r} -> {current[name]!r}" for name in changed)
-        raise ValueError(f"cannot resume {path} with other settings: {details} (use another output_dir, or the saved settings)")
+        raise ValueError(f"cannot resume {path} with other settings: {details} (use another output_dir, or the saved settings; "
+                         f"the number of epochs can change under the plateau and constant schedules only)")
 
 
 def fit(
@@ -599,59 +534,13 @@ def fit(
     }
 
 
-def _validate(config: TrainConfig) -> None:
-    """Fail early, before data loading, on settings that would fail later."""
-    choices = {"pooling": POOLINGS, "metric_loss": METRIC_LOSSES, "prototype_init": PROTOTYPE_INITS, "pooling_method": POOLING_METHODS,
-               "dataset": DATASETS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "protocol": PROTOCOLS}
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
-    resolve_arch(config.arch)  # a ValueError naming the accepted spellings
-    if config.pretrained is not None and config.pretrained != CACHED_WEIGHTS and not Path(config.pretrained).is_file():
-        raise ValueError(f"pretrained must be a checkpoint file or {CACHED_WEIGHTS!r}, got {config.pretrained!r} (no such file)")
-    if config.pretrained is not None and config.arch == "smallcnn":
-        raise ValueError("pretrained needs a torchvision or timm arch; smallcnn has no pretrained weights")
-    if config.prototype_init == "proxies" and config.metric_loss != "proxyanchor":
-        raise ValueError(f"prototype_init 'proxies' needs a loss with class proxies (proxyanchor), got metric_loss {config.metric_loss!r}")
-    if config.prototype_init == "memory" and config.prototype_memory < config.num_prototypes:
-        raise ValueError(f"prototype_memory must be >= num_prototypes={config.num_prototypes}, got {config.prototype_memory}")
-    for name in ("epochs", "batch_size", "embedding_dim", "num_prototypes", "width", "class_embedding_dim",
-                 "image_size", "collages_per_digit", "eval_batch_size", "early_stopping_patience"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("steps_per_epoch", "resize"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(config, name)}")
-    if config.resize is not None and config.resize < config.image_size:
-        raise ValueError(f"resize must be >= image_size={config.image_size} (the centre crop), got {config.resize}")
-    if not 1 <= config.samples_per_class <= config.batch_size:
-        raise ValueError(f"samples_per_class must be in [1, batch_size={config.batch_size}], got {config.samples_per_class}")
-    for name in ("zero_shot_weight", "weight_decay", "num_workers", "grad_clip", "min_lr", "plateau_patience", "contrastive_neg_margin",
-                 "warm_up_steps"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-    if not config.lr > 0:
-        raise ValueError(f"lr must be > 0, got {config.lr}")
-    if not 0 < config.plateau_factor < 1:
-        raise ValueError(f"plateau_factor must be in (0, 1), got {config.plateau_factor}")
-    if not 0 < config.transport_ratio <= 1:
-        raise ValueError(f"transport_ratio must be in (0, 1], got {config.transport_ratio}")
-    if not config.gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {config.gamma}")
-    if config.num_folds < 2:
-        raise ValueError(f"num_folds must be >= 2, got {config.num_folds}")
-    if config.backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {config.backend!r}")
-    if config.dataset != "collage" and (config.data_root is None or not Path(config.data_root).is_dir()):
-        raise ValueError(f"dataset {config.dataset!r} reads data_root, which must be a directory, got {config.data_root!r}")
-
-
 def train(config: TrainConfig) -> dict:
     """Train and evaluate as ``config.protocol`` says. Returns {"config", "splits" (classes
-    and images per split), "epochs" (per-epoch records), "metrics" (test retrieval metrics),
+    and images per split), "split_differences" (from the papers' split sizes:
+    ``BenchmarkData.differences_from_papers``), "epochs" (per-epoch records), "metrics" (test retrieval metrics),
     "recall_at_1", "map_at_r", "seconds", "images_per_second", "model"}; "mlrc" adds
     "folds" (mlrc.py). Metrics on rank 0; other ranks get None."""
-    _validate(config)
+    validate_config(config)
     rank, world_size, local_rank = init_distributed()
     device = resolve_device(config, local_rank)
     seed_everything(config.seed)
@@ -662,7 +551,8 @@ def train(config: TrainConfig) -> dict:
         return train_mlrc(config, data, device, rank=rank, world_size=world_size)
     checkpoint_path = Path(config.output_dir) / CHECKPOINT_NAME if config.output_dir else None
     run = fit(config, data.train, device, rank=rank, world_size=world_size, checkpoint_path=checkpoint_path)
-    result = {"config": config, "splits": data.describe(), "epochs": run["history"], "seconds": run["seconds"],
+    result = {"config": config, "splits": data.describe(), "split_differences": data.differences_from_papers(),
+              "epochs": run["history"], "seconds": run["seconds"],
               "images_per_second": run["images_per_second"], "model": run["model"], "metrics": None,
               "recall_at_1": None, "map_at_r": None}
     if rank == 0:
@@ -675,55 +565,3 @@ def metrics_entries(metrics: dict) -> dict:
     return {"metrics": metrics, "recall_at_1": metrics["recall@1"], "map_at_r": metrics["map@r"]}
 
 
-def results_record(result: dict) -> dict:
-    """The JSON-ready part of a ``train`` result (what results.json holds): no model; a run
-    from a recipe also lists what the recipe does not reproduce of the authors' runs."""
-    rest = {key: value for key, value in result.items() if key not in ("model", "models", "config")}
-    record = {"config": dataclasses.asdict(result["config"]), **rest}
-    if result["config"].recipe is not None:
-        from .recipes import NOT_REPRODUCED
-
-        record["recipe_not_reproduced"] = list(NOT_REPRODUCED)
-    return record
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """A plain-text table with aligned columns."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(header, widths))]
-    lines.append("  ".join("-" * width for width in widths))
-    lines += ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
-
-
-def splits_line(splits: dict) -> str:
-    """"train: 100 classes, 5864 images  test: ..." from a BenchmarkData.describe()."""
-    return "  ".join(f"{split}: {sizes['classes']} classes, {sizes['images']} images" for split, sizes in splits.items())
-
-
-SUMMARY_EPOCHS = 10  # epochs the summary table shows (the last ones; results.json has all)
-
-
-def summary_table(result: dict) -> str:
-    """Losses and throughput of the last ``SUMMARY_EPOCHS`` epochs, then the retrieval
-    metrics table of one run (mlrc: one row per fold's model and the concatenation)."""
-    from .metrics import format_metrics_table
-
-    if "folds" in result:
-        from .mlrc import mlrc_table
-
-        return mlrc_table(result)
-    history = result["epochs"]
-    first_shown = max(0, len(history) - SUMMARY_EPOCHS)
-    rows = [
-        [str(index + 1), f"{epoch['loss']:.4f}", f"{epoch['metric']:.4f}", f"{epoch['zero_shot']:.4f}", f"{epoch['lr']:.3g}",
-         f"{epoch['images_per_second']:.1f}"]
-        for index, epoch in enumerate(history[first_shown:], start=first_shown)
-    ]
-    table = format_table(["epoch", "loss", "metric", "zero-shot", "lr", "images/s"], rows)
-    if first_shown:
-        table += f"\n({first_shown} earlier epochs in results.json)"
-    if result["metrics"] is not None:
-        table += f"\n{splits_line(result['splits'])}\n{format_metrics_table(result['metrics'])}"
-        table += f"\n({result['seconds']:.1f} s training, {result['images_per_second'] or 0:.1f} images/s)"
-    return table

@@ -1,0 +1,101 @@
+"""What a run prints and writes: the summary table (which model on which data, the last
+epochs, the split sizes, the test metrics), and the JSON record of results.json.
+
+- ``run_title(config)``: one line naming the data, the model and the schedule.
+- ``split_note(differences)``: a warning line when the splits are not the papers'.
+- ``summary_table(result)``: everything ``gsp-kernels train`` prints at the end.
+- ``results_record(result)``: the JSON-ready part of a ``train`` result.
+- ``format_table(header, rows)``, ``splits_line(splits)``: the plain-text pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .config import TrainConfig
+
+SUMMARY_EPOCHS = 10  # epochs the summary table shows (the last ones; results.json has all)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table with aligned columns."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(header, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def splits_line(splits: dict) -> str:
+    """"train: 100 classes, 5864 images  test: ..." from a BenchmarkData.describe()."""
+    return "  ".join(f"{split}: {sizes['classes']} classes, {sizes['images']} images" for split, sizes in splits.items())
+
+
+def split_note(differences: list[str] | None) -> str:
+    """"" when the splits are the papers' (or the data has none), else a line saying how
+    they differ: numbers from such a run are not comparable with the papers' tables."""
+    if not differences:
+        return ""
+    return f"\nWARNING: not the papers' split, not comparable with their tables: {'; '.join(differences)}"
+
+
+def model_label(config: TrainConfig) -> str:
+    """"gsp resnet50 512-d": the row name of a model in the metrics table."""
+    return f"{config.pooling} {config.arch} {config.embedding_dim}-d"
+
+
+def run_title(config: TrainConfig) -> str:
+    """One line: dataset (and recipe, protocol), pooling and its settings, backbone and its
+    weights, embedding size, and the schedule's length."""
+    recipe = f", recipe {config.recipe}" if config.recipe else ""
+    protocol = f", protocol {config.protocol}" if config.protocol != "standard" else ""
+    pooling = "GAP"
+    if config.pooling == "gsp":
+        extras = (config.pooling_method if config.pooling_method != "sum" else "", "max-pool branch" if config.augment_max_pool else "")
+        pooling = (f"GSP ({config.num_prototypes} prototypes, mu {config.transport_ratio:g}, gamma {config.gamma:g}"
+                   f"{''.join(f', {extra}' for extra in extras if extra)}; zero-shot loss x{config.zero_shot_weight:g})")
+    weights = f"weights {config.pretrained}" if config.pretrained else "random init"
+    steps = f"{config.steps_per_epoch} steps" if config.steps_per_epoch else "one pass"
+    length = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} of {steps}"
+    if config.protocol == "mlrc":
+        length = f"{config.num_folds} folds, each at most {length} (early stopping patience {config.early_stopping_patience})"
+    return (f"{config.dataset}{recipe}{protocol}: {pooling} on {config.arch} ({weights}), {config.embedding_dim}-d, "
+            f"{config.metric_loss} loss; {length}, batches of {config.batch_size}")
+
+
+def summary_table(result: dict) -> str:
+    """The run's title, losses and throughput of the last ``SUMMARY_EPOCHS`` epochs, then the
+    split sizes and the retrieval metrics (mlrc: one row per fold's model and the concatenation)."""
+    from .metrics import format_metrics_table
+
+    if "folds" in result:
+        from .mlrc import mlrc_table
+
+        return mlrc_table(result)
+    history = result["epochs"]
+    first_shown = max(0, len(history) - SUMMARY_EPOCHS)
+    rows = [
+        [str(index + 1), f"{epoch['loss']:.4f}", f"{epoch['metric']:.4f}", f"{epoch['zero_shot']:.4f}", f"{epoch['lr']:.3g}",
+         f"{epoch['images_per_second']:.1f}"]
+        for index, epoch in enumerate(history[first_shown:], start=first_shown)
+    ]
+    table = f"{run_title(result['config'])}\n" + format_table(["epoch", "loss", "metric", "zero-shot", "lr", "images/s"], rows)
+    if first_shown:
+        table += f"\n({first_shown} earlier epochs in results.json)"
+    if result["metrics"] is not None:
+        table += f"\n{splits_line(result['splits'])}{split_note(result.get('split_differences'))}"
+        table += f"\n{format_metrics_table({model_label(result['config']): result['metrics']})}"
+        table += f"\n({result['seconds']:.1f} s training, {result['images_per_second'] or 0:.1f} images/s)"
+    return table
+
+
+def results_record(result: dict) -> dict:
+    """The JSON-ready part of a ``train`` result (what results.json holds): no model; a run
+    from a recipe also lists what the recipe does not reproduce of the authors' runs."""
+    rest = {key: value for key, value in result.items() if key not in ("model", "models", "config")}
+    record = {"config": dataclasses.asdict(result["config"]), **rest}
+    if result["config"].recipe is not None:
+        from .recipes import NOT_REPRODUCED
+
+        record["recipe_not_reproduced"] = list(NOT_REPRODUCED)
+    return record
