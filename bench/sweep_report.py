@@ -70,7 +70,7 @@ def summarize(report: dict) -> list[dict]:
 
 
 def config_header(kernel: str) -> str:
-    return "BLOCK_K,M,D,warps,stages,programs" if kernel == "coef_x" else "BLOCK_N,M,D,warps,stages"
+    return {"coef_x": "BLOCK_K,M,D,warps,stages,programs", "strategy": "strategy"}.get(kernel, "BLOCK_N,M,D,warps,stages")
 
 
 def print_report(report: dict) -> None:
@@ -147,7 +147,7 @@ def tuned_entries(report: dict, problem) -> list[dict]:
         else:
             strategy = report["defaults"].get(f"strategy {dtype} {precision}", {}).get("strategy", "fused")
         entry = {
-            "dtype": dtype, "prototype_dtype": dtype, "precision": precision,
+            "dtype": dtype.split("+")[0], "prototype_dtype": dtype.split("+")[-1], "precision": precision,
             "batch": tuning.bucket(problem.batch), "n": tuning.bucket(problem.n),
             "m": tuning.bucket(problem.m), "d": tuning.bucket(problem.d), "strategy": strategy,
         }

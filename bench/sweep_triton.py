@@ -6,9 +6,13 @@ What it answers, at the target shape B=256 N=196 D=512 M=128 (gamma 5, transport
 lipschitz, euclidean, newton, max_iter / tol from gsp_kernels._reference): which
 (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) is fastest for the forward kernel and for
 the backward, which (BLOCK_K, BLOCK_M, BLOCK_D, num_warps, num_stages, programs_wanted) for
-the backward's split-K prototype-gradient GEMM ("coef_x", `_gsp_coef_x_kernel`), in float32
-(precision auto = tf32x3, and ieee) and bfloat16, and whether each config is bitwise
-deterministic and accurate against a float64 reference.
+the backward's split-K prototype-gradient GEMM ("coef_x", `_gsp_coef_x_kernel`), and which
+strategy ("strategy": the fused kernels or the gemm strategy, forward+backward at their
+defaults, `_triton.use_strategy`), in float32 (precision auto = tf32x3, and ieee), bfloat16, and
+bfloat16 features with float32 prototypes (the GSP layer under autocast), and whether each config
+is bitwise deterministic and accurate against a float64 reference. `--write-config` turns the
+winners into the tuned-configuration file of gsp_kernels.tuning (bench/sweep_report.py); defaults
+are always the built-in rules (a tuned file in force is set aside while sweeping).
 
 How:
 - `_triton.BLOCK_OVERRIDE` is set to the full config around the timed call only (and reset
@@ -83,9 +87,16 @@ from sweep_report import (  # noqa: E402
 from gsp_kernels import _reference, _triton, tuning  # noqa: E402
 
 KERNELS = ("strategy", "forward", "backward", "coef_x")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# SPEC.md's tolerances on ‖out − ref‖ / ‖ref‖ per input dtype.
-TOL = {"float32": 1e-5, "bfloat16": 2e-2}
+# (features, prototypes) dtypes by name; "bfloat16+float32" is the GSP layer under bf16 autocast
+# (the projected map in bfloat16, the prototypes float32 parameters), the common training call.
+DTYPES = {
+    "float32": (torch.float32, torch.float32),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "bfloat16+float32": (torch.bfloat16, torch.float32),
+}
+DEFAULT_DTYPES = "float32,bfloat16,bfloat16+float32"
+# SPEC.md's tolerances on ‖out − ref‖ / ‖ref‖ per features' dtype.
+TOL = {"float32": 1e-5, "bfloat16": 2e-2, "bfloat16+float32": 2e-2}
 FORWARD_OUTPUTS = ("pooled", "attr", "weights", "u")
 BACKWARD_OUTPUTS = ("grad_x", "grad_prototypes")
 TARGET_SHAPE = "256x196x512x128"
@@ -239,7 +250,7 @@ def config_problem(config: dict, kernel: str, dtype: str) -> str | None:
         return f"num_warps={config['num_warps']} must be a power of two <= 16"
     if config["num_stages"] < 1:
         return "num_stages must be >= 1"
-    elem = 2 if dtype == "bfloat16" else 4
+    elem = DTYPES[dtype][0].itemsize
     if kernel == "coef_x":
         if config["programs_wanted"] < 1:
             return "programs_wanted must be >= 1"
@@ -263,13 +274,16 @@ def default_config(problem: Problem, kernel: str, dtype: str, device: torch.devi
     """The config the kernels use today at this shape (no override) on `device` (default: the
     sweep's; the GEMM's programs_wanted depends on it)."""
     assert not _triton.BLOCK_OVERRIDE and not _triton.GEMM_OVERRIDE, "overrides must be None outside a measurement"
-    if kernel == "strategy":  # shape, dtype and device only: broadcast views of one element
-        one = torch.empty((1, 1, 1), dtype=DTYPES[dtype], device=device or sweep_device())
-        return {"strategy": _triton.strategy_for(one.expand(problem.batch, problem.n, problem.d), one[0].expand(problem.m, problem.d))}
+    # The inputs' shape, dtypes and device only: broadcast views of one element each.
+    x_dtype, z_dtype = DTYPES[dtype]
+    x = torch.empty((1, 1, 1), dtype=x_dtype, device=device or sweep_device()).expand(problem.batch, problem.n, problem.d)
+    z = torch.empty((1, 1), dtype=z_dtype, device=x.device).expand(problem.m, problem.d)
+    if kernel == "strategy":
+        return {"strategy": _triton.strategy_for(x, z)}
     if kernel == "coef_x":
-        config = _triton._gemm_config(problem.batch * problem.n, problem.m, problem.d, device or sweep_device())
+        config = _triton._gemm_config(problem.batch * problem.n, problem.m, problem.d, x.device)
     else:
-        config = _triton._launch_config(problem.n, problem.m, problem.d, dtype == "bfloat16", backward=kernel == "backward")
+        config = _triton._launch_config(problem.n, problem.m, problem.d, _triton._half_products(x, z), backward=kernel == "backward")
     return {k: int(config[k]) for k in config_keys(kernel)}
 
 
@@ -350,15 +364,16 @@ def forward_args(problem: Problem, precision: str) -> tuple:
 
 
 def make_tensors(problem: Problem, batch: int, dtype: str, device: torch.device, seed: int) -> dict:
-    """Inputs in `dtype` on `device` and cotangents of the three outputs in `dtype`."""
+    """Features and prototypes in `dtype`'s pair on `device`, and cotangents of the three outputs
+    in the features' dtype (the outputs')."""
     x, z = random_inputs(problem, batch, seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    torch_dtype = DTYPES[dtype]
+    x_dtype, z_dtype = DTYPES[dtype]
     cot = [torch.randn(shape, generator=gen) for shape in ((batch, problem.d), (batch, problem.m), (batch, problem.n))]
     return {
-        "x": x.to(device, torch_dtype),
-        "z": z.to(device, torch_dtype),
-        "cotangents": [c.to(device, torch_dtype) for c in cot],
+        "x": x.to(device, x_dtype),
+        "z": z.to(device, z_dtype),
+        "cotangents": [c.to(device, x_dtype) for c in cot],
     }
 
 
@@ -589,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost", default="euclidean", choices=_reference.COST_MODES)
     p.add_argument("--solver", default="newton", choices=_reference.SOLVERS)
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {', '.join(KERNELS)}")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16")
+    p.add_argument("--dtypes", default=None, help=f"comma list of {', '.join(DTYPES)} (features+prototypes; default "
+                   f"{DEFAULT_DTYPES}, --smoke: float32)")
     p.add_argument("--precisions", default="auto,ieee", help="float32 precisions (bfloat16 always runs auto)")
     p.add_argument("--configs", type=parse_config, action="append", default=None,
                    help="sweep only these configs (repeatable): BLOCK_N,BLOCK_M,BLOCK_D,num_warps,num_stages for "
@@ -609,17 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit", default=os.environ.get("GSP_COMMIT"),
                    help="the commit measured, recorded in --write-config's file (default $GSP_COMMIT, else git)")
     p.add_argument("--smoke", action="store_true",
-                   help=f"tiny shape {SMOKE_SHAPE}, two configs per kernel, float32 auto only (CPU: interpreter)")
+                   help=f"tiny shape {SMOKE_SHAPE}, two configs per kernel, auto precision, float32 unless --dtypes "
+                        "(CPU: interpreter)")
     p.add_argument("--dry-run", action="store_true", help="print the groups and configs, run nothing")
     p.add_argument("--_compile-worker", dest="compile_worker", default=None, help=argparse.SUPPRESS)
     return p
 
 
-def smoke_configs(problem: Problem, kernel: str) -> list[dict]:
+def smoke_configs(problem: Problem, kernel: str, dtype: str = "float32") -> list[dict]:
     """Two configs: the default and one with small D tiles (D spans two tiles); for coef_x
     also small feature tiles and twice the programs (the features then split in two); for the
     strategy group both strategies."""
-    default = default_config(problem, kernel, "float32")
+    default = default_config(problem, kernel, dtype)
     if kernel == "strategy":
         return [default, *({"strategy": name} for name in _triton.STRATEGIES if name != default["strategy"])]
     small = {**default, "BLOCK_D": 16, "num_warps": 2, "num_stages": 2}
@@ -654,12 +671,13 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> dict:
     batch, n, d, m = args.shape or parse_shape(SMOKE_SHAPE if args.smoke else TARGET_SHAPE)
     problem = Problem(batch, n, d, m, args.gamma, args.transport_ratio, args.normalize, args.cost, args.solver)
     kernels = [k for k in args.kernels.split(",") if k]
-    dtypes = [t for t in args.dtypes.split(",") if t]
+    dtypes = [t for t in (args.dtypes or ("float32" if args.smoke else DEFAULT_DTYPES)).split(",") if t]
     precisions = [p for p in args.precisions.split(",") if p]
     if args.smoke:
-        dtypes, precisions = ["float32"], ["auto"]
+        precisions = ["auto"]
     if device.type == "cpu" and "bfloat16" in dtypes and not args.dry_run:
-        print("bfloat16 dropped: the interpreter's tl.dot is not reliable in bfloat16 (float32 only on the CPU)")
+        print("bfloat16 dropped: the interpreter's tl.dot is not reliable in bfloat16 (float32 and mixed dtypes, whose "
+              "dots run in float32, only on the CPU)")
         dtypes = [t for t in dtypes if t != "bfloat16"]
     for name, values, allowed in (("kernels", kernels, KERNELS), ("dtypes", dtypes, DTYPES), ("precisions", precisions, ("auto", "ieee", "tf32x3", "tf32"))):
         bad = [v for v in values if v not in allowed]
@@ -679,7 +697,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> dict:
                 group = Group(kernel, dtype, precision)
                 if args.smoke:
                     group.default = default_config(problem, kernel, dtype)
-                    group.configs = smoke_configs(problem, kernel)
+                    group.configs = smoke_configs(problem, kernel, dtype)
                 else:
                     group.default, group.configs = candidate_configs(
                         problem, kernel, dtype, precision, args.max_configs, args.configs

@@ -656,12 +656,20 @@ def _gemm_config(total_rows: int, m: int, d: int, device: torch.device, tuned: d
             "rows_per_split": rows_per_split, "splits": splits}
 
 
+def _half_products(x: torch.Tensor, prototypes: torch.Tensor) -> bool:
+    """Whether the fused kernels' cost products run in a half dtype (features and prototypes of
+    one half dtype): they then take the half tile table and its register cap. Mixed dtypes (half
+    features, float32 prototypes: the GSP layer under autocast) upcast to float32 and run three
+    TF32 products per step, the float32 kernels' register profile: under the half cap they spilled
+    280-400 bytes (sm_90 builds, Triton 3.6 and 3.8)."""
+    return x.dtype == prototypes.dtype and x.dtype in _HALF_DTYPES
+
+
 def _resolve_precision(x: torch.Tensor, prototypes: torch.Tensor, precision: str) -> tuple[bool, str, str, float]:
     """(cast cost operands to float32, cost-dot precision, float32-dot precision, snap)."""
     f32_precision = "tf32x3" if precision == "auto" else precision
-    native_half = x.dtype == prototypes.dtype and x.dtype in _HALF_DTYPES
     # The interpreter's tl.dot reads bfloat16 as raw integers; exact products either way.
-    native_half = native_half and not (_INTERPRETED and x.dtype == torch.bfloat16)
+    native_half = _half_products(x, prototypes) and not (_INTERPRETED and x.dtype == torch.bfloat16)
     if native_half:  # exact products of half values; the precision flag does not apply
         return False, "tf32", f32_precision, _reference.COST_SNAP
     return True, f32_precision, f32_precision, _reference.COST_SNAP
@@ -701,7 +709,7 @@ def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, pr
         if strategy_for(x, prototypes, precision) == "gemm":
             return _triton_gemm.forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision)
         tiles = (tuned_entry(x, prototypes, precision) or {}).get("forward")
-        config = _launch_config(x.shape[1], prototypes.shape[0], x.shape[2], x.dtype in _HALF_DTYPES, tuned=tiles)
+        config = _launch_config(x.shape[1], prototypes.shape[0], x.shape[2], _half_products(x, prototypes), tuned=tiles)
         logits = x.new_empty((x.shape[0], x.shape[1], prototypes.shape[0]), dtype=torch.float32)  # [B, N, M]
         options = (mu, gamma, normalize, cost, solver, max_iter, tol, precision)
         return _per_sample_forward(x, prototypes, *options, config, logits, logits.stride())
@@ -794,7 +802,7 @@ def _backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma,
     batch, n, d = x.shape
     m = prototypes.shape[0]
     _, _, f32_precision, _ = _resolve_precision(x, prototypes, precision)
-    config = _launch_config(n, m, d, x.dtype in _HALF_DTYPES, backward=True, tuned=tuned.get("backward"))
+    config = _launch_config(n, m, d, _half_products(x, prototypes), backward=True, tuned=tuned.get("backward"))
     native_half_dot = not _INTERPRETED  # the interpreter's tl.dot misreads bfloat16 operands
     coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # raw x·z, then V
     row_coefs, col_sum = _per_sample_backward(

@@ -87,14 +87,18 @@ def test_write_config(sweep, tmp_path, monkeypatch):
     if _triton.availability(device) is not None:
         pytest.skip(_triton.availability(device))
     monkeypatch.setenv(tuning.ENV_VAR, str(tmp_path / "ignored-while-sweeping.json"))  # would fail if loaded
-    report = sweep.main(["--smoke", "--kernels", "strategy,forward", "--write-config", str(tmp_path), "--commit", "feed123"])
+    report = sweep.main(["--smoke", "--kernels", "strategy,forward", "--dtypes", "float32,bfloat16+float32",
+                         "--write-config", str(tmp_path), "--commit", "feed123"])
     assert report["tuned_config"]["path"].startswith(str(tmp_path))
     assert tuning.os.environ[tuning.ENV_VAR].endswith("ignored-while-sweeping.json"), "the sweep restores the variable"
     written = tuning.load(report["tuned_config"]["path"])
     assert written.produced_by["commit"] == "feed123" and written.produced_by["triton"]
-    (entry,) = written.entries
+    entries = {(e["dtype"], e["prototype_dtype"]): e for e in written.entries}
+    assert set(entries) == {("float32", "float32"), ("bfloat16", "float32")}  # the second: the layer under autocast
+    assert entries["bfloat16", "float32"]["strategy"] in _triton.STRATEGIES
+    entry = entries["float32", "float32"]
     assert (entry["dtype"], entry["precision"], entry["batch"], entry["n"], entry["m"], entry["d"]) == ("float32", "auto", 2, 16, 8, 32)
-    rows = {(r["kernel"], sweep.config_key(r["config"])): r for r in report["rows"]}
+    rows = {(r["kernel"], sweep.config_key(r["config"])): r for r in report["rows"] if r["dtype"] == "float32"}
     winner = rows["strategy", entry["strategy"]]
     assert winner["deterministic"] and winner["accurate"]
     assert winner["ms"] == min(r["ms"] for (kernel, _), r in rows.items() if kernel == "strategy")
@@ -109,6 +113,7 @@ def test_write_config(sweep, tmp_path, monkeypatch):
     try:
         x, z = torch.zeros(2, 9, 20), torch.zeros(7, 20)
         assert _triton.strategy_for(x, z) == entry["strategy"]
+        assert _triton.tuned_entry(x.bfloat16(), z) == entries["bfloat16", "float32"]
         assert _triton.strategy_for(torch.zeros(2, 40, 20), z) == "fused"
         with _triton.use_strategy("gemm" if entry["strategy"] == "fused" else "fused") as forced:
             assert _triton.strategy_for(x, z) == forced

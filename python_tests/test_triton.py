@@ -636,12 +636,16 @@ def _compile_kernels_for_sm90() -> list[str]:
     compile_one = _compile_one
     lines = []
     n, m, d = 196, 128, 512
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    # (features, prototypes): one dtype, or bfloat16 features with float32 prototypes (the GSP
+    # layer under autocast: float32 products, so the float32 tiles; only the fused kernels differ).
+    for dtype, prototype_dtype in DTYPE_PAIRS:
         x = torch.empty(1, n, d, dtype=dtype)
-        prototypes = torch.empty(m, d, dtype=dtype)
+        prototypes = torch.empty(m, d, dtype=prototype_dtype)
+        mixed = dtype != prototype_dtype
+        f32_pointers = {"z_ptr"} if mixed else set()
         for precision in ("auto", "tf32") if dtype == torch.float32 else ("auto",):
             cast_f32, dot_precision, f32_precision, _ = _triton._resolve_precision(x, prototypes, precision)
-            half = dtype != torch.float32
+            half = _triton._half_products(x, prototypes)
             config = dict(_triton._launch_config(n, m, d, half))
             launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
             # BLOCK_ALL_N (ℓ of a whole sample in registers): the typical N (196 -> 256), then 1024.
@@ -653,14 +657,16 @@ def _compile_kernels_for_sm90() -> list[str]:
                     SPLIT_HALF=dtype != torch.float32, NATIVE_HALF_DOT=True, PARTS=0, stride_lm=1,
                 )
                 kernel = _triton._gsp_forward_kernel
-                lines.append(compile_one(kernel, dtype, FORWARD_F32_POINTERS, constexprs, **launch))
+                lines.append(compile_one(kernel, dtype, FORWARD_F32_POINTERS | f32_pointers, constexprs, **launch))
             config = dict(_triton._launch_config(n, m, d, half, backward=True))
             launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
             constexprs = dict(
                 config, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=cast_f32, PRECISION=dot_precision,
                 stride_xd=1, stride_zd=1, PARTS=0, V_PAIR=False, stride_cm=1,
             )
-            lines.append(compile_one(_triton._gsp_backward_kernel, dtype, BACKWARD_F32_POINTERS, constexprs, **launch))
+            lines.append(compile_one(_triton._gsp_backward_kernel, dtype, BACKWARD_F32_POINTERS | f32_pointers, constexprs, **launch))
+            if mixed:
+                continue
             if precision == "auto":  # the gemm strategy's builds do not depend on it
                 lines += _compile_gemm_strategy(dtype, precision)
             constexprs = dict(
@@ -681,6 +687,8 @@ def _compile_kernels_for_sm90() -> list[str]:
     return lines
 
 
+DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+               (torch.bfloat16, torch.float32))
 FORWARD_F32_POINTERS = {"u_ptr", "logits_ptr", "ell_ptr", "x_sq_ptr", "z_sq_ptr"}
 BACKWARD_F32_POINTERS = {
     "u_ptr", "coef_ptr", "row_coefs_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr", "tile_sums_ptr",
@@ -752,10 +760,12 @@ def test_kernels_compile_for_sm90():
     assert len(lines) >= 20, result.stdout
     spilling = [line for line in lines if " stack=0 " not in line]
     assert not spilling, "Triton kernels that spill in an sm_90 build:\n" + "\n".join(spilling)
-    # The half-precision per-sample kernels are sized for two programs per SM (64K registers).
+    # The half-precision per-sample kernels are sized for two programs per SM (64K registers); the
+    # mixed-dtype ones (float32 products, CAST_F32) for one, as the float32 kernels.
     crowded = [
         line for line in lines
         if line.startswith(("_gsp_forward_kernel", "_gsp_backward_kernel")) and "float16" in line.split()[1]
+        and "('CAST_F32', False)" in line
         and 2 * 32 * int(re.search(r"warps=(\d+)", line)[1]) * int(re.search(r"registers=(\d+)", line)[1]) > 65536
     ]
     assert not crowded, "half-precision kernels that no longer fit two programs per SM:\n" + "\n".join(crowded)
