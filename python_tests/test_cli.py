@@ -102,6 +102,35 @@ def test_bench_backend_with_precision(tmp_path):
     assert [o["backend"] for o in report["overhead"]] == ["reference"]  # one overhead row per backend
 
 
+@pytest.mark.skipif(_triton is None, reason="triton not installed")
+def test_bench_strategy_rows_force_their_strategy(monkeypatch):
+    """A triton:gemm candidate runs the gemm strategy in every phase, triton:fused never."""
+    if _triton.availability(torch.device("cpu")) is not None:
+        pytest.skip(_triton.availability(torch.device("cpu")))
+    from gsp_kernels import _triton_gemm
+    from gsp_kernels.benchmark import build_candidates, make_input_sets
+
+    calls = []
+    for name in ("forward", "backward"):
+        original = getattr(_triton_gemm, name)
+        monkeypatch.setattr(_triton_gemm, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    inputs = make_input_sets(Shape(2, 5, 16, 3), torch.float32, torch.device("cpu"))
+    (fused, gemm), failed = build_candidates(["triton:fused", "triton:gemm"], [], inputs, newton_iterations=5)
+    assert failed == [] and (fused.name, gemm.name) == ("triton:fused", "triton:gemm")
+    for phase in PHASES:
+        getattr(fused, phase)(0)
+    assert calls == []
+    for phase in PHASES:
+        calls.clear()
+        getattr(gemm, phase)(0)
+        # bwd's first call also builds the graph it keeps (its forward): under the strategy too
+        expected = {"fwd": ["forward"], "bwd": ["forward", "backward"], "fwd_bwd": ["forward", "backward"]}[phase]
+        assert calls == expected, phase
+    calls.clear()
+    gemm.bwd(0)  # the retained graph: the backward alone
+    assert calls == ["backward"]
+
+
 def test_backend_spec_parsing():
     assert parse_backend_spec("cuda") == ("cuda", None, "auto")
     assert parse_backend_spec("triton@tf32x3") == ("triton", None, "tf32x3")
