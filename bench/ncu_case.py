@@ -1,8 +1,10 @@
 """One forward+backward per kernel backend and dtype, for Nsight Compute's hardware counters.
 
     ncu --clock-control none --profile-from-start off --nvtx --kernel-name-base demangled \\
-        --kernel-name regex:gsp --section SpeedOfLight --section Occupancy --section LaunchStats \\
-        python bench/ncu_case.py [--shape 256x196x512x128]
+        --kernel-name "regex:gsp|gemm|nvjet|xmma|cutlass" --section SpeedOfLight --section Occupancy \\
+        --section LaunchStats python bench/ncu_case.py [--shape 256x196x512x128]
+
+(``gsp`` names this project's kernels; the others cuBLAS's GEMMs, as bench/device_check.sh runs it.)
 
 Each case (backend, dtype, precision, and for triton the strategy: fused, or gemm with its
 products on cuBLAS) runs twice unprofiled (compilation, caches), then once
@@ -14,11 +16,11 @@ achieved occupancy. Without ncu it runs the same work and prints the cases.
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 
 from gsp_kernels import available_backends, gsp_pool
+from gsp_kernels.check import forcing_strategy
 
 # (backend, dtype, precision, Triton strategy): the defaults of both backends, CUDA's tensor-core
 # candidate for float32 (`auto` is its exact SIMT path), and both Triton strategies.
@@ -56,7 +58,7 @@ def main(argv=None):
             continue
         x, prototypes = x32.to(dtype), z32.to(dtype)
         label = f"{backend}{':' + strategy if strategy else ''} {str(dtype)[6:]} {precision}"
-        with forcing(strategy):
+        with forcing_strategy(strategy):
             for _ in range(2):
                 forward_backward(x, prototypes, backend, precision)
             torch.cuda.synchronize()
@@ -67,15 +69,6 @@ def main(argv=None):
             torch.cuda.synchronize()
             cudart.cudaProfilerStop()
         print(f"profiled: {label} at {args.shape}")
-
-
-def forcing(strategy):
-    """The Triton backend's strategy forced for the block (none for other backends)."""
-    if strategy is None:
-        return contextlib.nullcontext()
-    from gsp_kernels import _triton
-
-    return _triton.use_strategy(strategy)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ Checks the outputs against the float64 reference loosely (the sanitizer's job is
 races) and prints SANITIZER_CASE_OK with the backends it ran.
 """
 
-import contextlib
-
 import torch
 
 from gsp_kernels import backend_status, gsp_pool
+from gsp_kernels.check import forcing_strategy
 
 
 def run_case(x, prototypes, backend, **options):
@@ -55,16 +54,11 @@ def main():
     # (backend, Triton strategy or None, (feature dtype, prototype dtype) pairs)
     runs = [("cuda", None, ((torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float16,) * 2))]
     if status["triton"].available:
-        from gsp_kernels import _triton
-
         runs += [("triton", "fused", ((torch.bfloat16,) * 2,)),
                  ("triton", "gemm", ((torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)))]
     ran = []
     for backend, strategy, dtypes in runs:
-        if not status[backend].available:
-            continue
-        forcing = _triton.use_strategy(strategy) if strategy else contextlib.nullcontext()
-        with forcing:
+        with forcing_strategy(strategy):
             run_backend(backend, dtypes)
         ran.append(f"{backend}:{strategy}" if strategy else backend)
     print("SANITIZER_CASE_OK", " ".join(ran))

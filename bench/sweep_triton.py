@@ -85,6 +85,7 @@ from sweep_report import (  # noqa: E402
 )
 
 from gsp_kernels import _reference, _triton, tuning  # noqa: E402
+from gsp_kernels.ops import PRECISIONS  # noqa: E402
 
 KERNELS = ("strategy", "forward", "backward", "coef_x")
 # (features, prototypes) dtypes by name; "bfloat16+float32" is the GSP layer under bf16 autocast
@@ -242,7 +243,7 @@ def _pow2(v: int) -> bool:
 def config_problem(config: dict, kernel: str, dtype: str) -> str | None:
     """Why a config cannot be launched by these kernels (None if it can)."""
     if kernel == "strategy":
-        return None if config["strategy"] in _triton.STRATEGIES else f"strategy must be one of {_triton.STRATEGIES}"
+        return None  # its configs are _triton.STRATEGIES' names (use_strategy checks them)
     for key in config_keys(kernel)[:3]:
         if not _pow2(config[key]) or config[key] < 16:  # tl.arange: powers of two; tl.dot: >= 16
             return f"{key}={config[key]} must be a power of two >= 16"
@@ -455,15 +456,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(group: Group, config: dict, problem: Problem, refs: dict, device: torch.device, args) -> dict:
-    """One row: first-call time, determinism, errors and median time of one config."""
-    names = {"forward": FORWARD_OUTPUTS, "strategy": FORWARD_OUTPUTS + BACKWARD_OUTPUTS}.get(group.kernel, BACKWARD_OUTPUTS)
-    row = {
+def blank_row(group: Group, config: dict, error: str | None = None) -> dict:
+    """A result row of `config` with nothing measured yet (or only `error`)."""
+    return {
         "kernel": group.kernel, "dtype": group.dtype, "precision": group.precision, "config": dict(config),
         "is_default": config == group.default, "ms": None, "deterministic": None, "det_runs": 0,
         "rel_err": {}, "max_rel_err": None, "tol": TOL[group.dtype], "accurate": None,
-        "first_call_s": None, "error": None,
+        "first_call_s": None, "error": error,
     }
+
+
+def measure(group: Group, config: dict, problem: Problem, refs: dict, device: torch.device, args) -> dict:
+    """One row: first-call time, determinism, errors and median time of one config."""
+    names = {"forward": FORWARD_OUTPUTS, "strategy": FORWARD_OUTPUTS + BACKWARD_OUTPUTS}.get(group.kernel, BACKWARD_OUTPUTS)
+    row = blank_row(group, config)
     call = kernel_call(group, problem, config)
     set_override(config, group.kernel)
     try:
@@ -679,7 +685,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> dict:
         print("bfloat16 dropped: the interpreter's tl.dot is not reliable in bfloat16 (float32 and mixed dtypes, whose "
               "dots run in float32, only on the CPU)")
         dtypes = [t for t in dtypes if t != "bfloat16"]
-    for name, values, allowed in (("kernels", kernels, KERNELS), ("dtypes", dtypes, DTYPES), ("precisions", precisions, ("auto", "ieee", "tf32x3", "tf32"))):
+    for name, values, allowed in (("kernels", kernels, KERNELS), ("dtypes", dtypes, DTYPES), ("precisions", precisions, PRECISIONS)):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"--{name}: unknown {bad}, choose from {list(allowed)}")
@@ -779,12 +785,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> dict:
             entry = compiled.get(index, {})
             worker_error = entry.get("error") if entry.get("compile_error") else None
             if worker_error:  # failed to compile/launch in the worker: do not pay for it again
-                row = {
-                    "kernel": group.kernel, "dtype": group.dtype, "precision": group.precision, "config": dict(config),
-                    "is_default": config == group.default, "ms": None, "deterministic": None, "det_runs": 0,
-                    "rel_err": {}, "max_rel_err": None, "tol": TOL[group.dtype], "accurate": None,
-                    "first_call_s": None, "error": "precompile: " + worker_error,
-                }
+                row = blank_row(group, config, error="precompile: " + worker_error)
             else:
                 row = measure(group, config, problem, refs[group.dtype], device, args)
             report["rows"].append(row)

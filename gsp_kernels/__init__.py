@@ -11,9 +11,9 @@ Public names:
 """
 
 from ._build import build_info
+from .backbones import PatchTokens
 from .backends import BackendStatus, available_backends, backend_status
 from .losses import ZeroShotLoss, ZeroShotPredictionLoss
-from .backbones import PatchTokens
 from .nn import GSP, GSPNet, GSPOutput, replace_global_pool
 from .ops import gsp_pool
 from .pretrained import load_backbone_weights

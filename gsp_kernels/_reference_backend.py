@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _reference
@@ -10,6 +12,16 @@ from . import _reference
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half types are upcast)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def autocast_off(device_type: str):
+    """torch.autocast disabled inside, where it is on. The op computes in ``compute_dtype`` by its
+    own policy, but its body runs under the caller's autocast (a custom op without an autocast
+    kernel falls through it, and so does an autograd.Function), which would cast every matmul
+    inside to half precision."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def availability(device: torch.device) -> str | None:

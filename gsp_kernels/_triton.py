@@ -120,7 +120,7 @@ SPLIT_SAMPLES = os.environ.get("GSP_TRITON_SPLIT", "1") != "0"
 _NORMALIZE_CODES = {"lipschitz": 0, "l2": 1, "none": 2}
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
-# The backend's two designs: "fused" (this module's kernels compute the products too) and "gemm"
+# The backend's two designs: "fused" (``_triton_kernels`` compute the products too) and "gemm"
 # (``_triton_gemm``: the products on the vendor GEMM, the rest in the same per-sample kernels).
 STRATEGIES = tuning.STRATEGIES
 

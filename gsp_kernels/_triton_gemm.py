@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from . import _triton
+from ._reference_backend import autocast_off
 from ._triton_math import _grad_x_epilogue, _prototype_grad_program
 
 # ----------------------------------------------------------------------------- kernels
@@ -217,19 +218,13 @@ def _float32_gemms(precision: str):
         setattr(matmul, name, previous)
 
 
-def _autocast_off(device_type: str):
-    """torch.autocast disabled inside, where it is on: the op runs under its caller's autocast (a
-    custom op without an autocast kernel falls through it), which would run the float32 GEMMs in
-    half precision and return half products."""
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
-
-
 def _product(op, a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
-    """op(a, b) (torch.mm or torch.bmm) in float32, with autocast off (``_autocast_off``):
+    """op(a, b) (torch.mm or torch.bmm) in float32, with autocast off (``autocast_off``: also for
+    callers of the backend's functions that bypass ``gsp_pool``, such as the sweep):
     float32 operands at ``precision``; half operands (one dtype) natively with a float32 result,
     or through float32 where torch cannot (the CPU), which is exact for products of half values
     (also under TF32: its 10-bit mantissa holds theirs)."""
-    with _autocast_off(a.device.type):
+    with autocast_off(a.device.type):
         if a.dtype == torch.float32:
             if not a.is_cuda:
                 return op(a, b)
@@ -306,8 +301,12 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool, rows_layout
     (``rows_layout`` False): the device's Triton 3.6 spills at 32 there (8 bytes of stack, float32
     and bfloat16; ``scripts/device_versions_check.sh``), and builds 16 in 64-128 registers. BLOCK_D
     is the pooling product's step, as in the fused kernel. To be tuned on the GPU."""
+    if backward:
+        widest_m = 32 if rows_layout else 16
+    else:
+        widest_m = 32 if half else 64
     block_n = min(max(n, 16), 64)
-    block_m = min(max(m, 16), 64 if not (half or backward) else 32 if rows_layout or not backward else 16)
+    block_m = min(max(m, 16), widest_m)
     block_d = min(max(d, 16), 64 if half else 32)
     num_warps = 4 if not (half or backward) else 8
     return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 3}

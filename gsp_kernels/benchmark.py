@@ -36,6 +36,7 @@ import torch
 
 from . import _paper, _reference, tuning
 from .backends import available_backends, get_backend
+from .check import forcing_strategy, split_spec
 from .ops import PRECISIONS, gsp_pool
 
 TRANSPORT_RATIO = 0.3
@@ -349,21 +350,17 @@ def parse_backend_spec(spec: str) -> tuple[str, str | None, str]:
     'triton:gemm@ieee' -> ('triton', 'gemm', 'ieee'). A strategy (``tuning.STRATEGIES``) is the
     Triton backend's design, forced for that row; without one the backend chooses per call."""
     name, _, precision = spec.partition("@")
-    backend, _, strategy = name.partition(":")
     precision = precision or "auto"
     if precision not in PRECISIONS:
         raise ValueError(f"precision in backend spec {spec!r} must be one of {PRECISIONS}")
-    if strategy and (backend != "triton" or strategy not in tuning.STRATEGIES):
-        raise ValueError(f"backend spec {spec!r}: only triton takes a strategy, one of {tuning.STRATEGIES}")
-    return backend, strategy or None, precision
+    return (*split_spec(name), precision)
 
 
 def _forcing_strategy(fn: Callable[[int], object], strategy: str) -> Callable[[int], object]:
     """fn run with the Triton backend's strategy forced (forward and backward alike)."""
-    from . import _triton
 
     def forced(i):
-        with _triton.use_strategy(strategy):
+        with forcing_strategy(strategy):
             return fn(i)
 
     return forced
@@ -709,17 +706,17 @@ def format_report(report: dict) -> str:
             _fmt(row["speedup_vs_paper"].get("fwd_bwd"), ".2f"), _fmt(row["peak_memory_mb"], ".1f"),
             _fmt(row["tflops"].get("fwd_bwd")), _fmt(row["gbps"].get("fwd_bwd")), floor_text, row["note"],
         ])
+    has_triton = any(row["name"].startswith("triton") for row in report["rows"])
     parts = [
         f"device: {report['device']}, torch {report['torch']}, {report['cpu_threads']} CPU threads "
         f"(load average {report['load_average']:.1f}), "
         f"timer: {report['timer']}; mu={report['params']['transport_ratio']}, gamma={report['params']['gamma']}"
-        + (_SPLIT_TEXT.get(report.get("triton_split_samples"), "")
-           if any(row["name"].startswith("triton") for row in report["rows"]) else ""),
+        + (_SPLIT_TEXT.get(report.get("triton_split_samples"), "") if has_triton else ""),
         f"peaks: {report['peaks']['source']}; fwd = forward of a training step (inputs require grad), "
         "x paper = paper's time / this time",
         *([f"triton tuned configuration: {report.get('triton_tuned_config', 'not recorded')}; "
            "triton:fused / triton:gemm rows force that strategy, plain triton rows let the backend choose"]
-          if any(row["name"].startswith("triton") for row in report["rows"]) else []),
+          if has_triton else []),
         render_table(headers, lines),
         "",
         "per-call overhead on a 1x1x1x1 input (gsp_pool vs the backend's functions called directly):",

@@ -113,7 +113,7 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     """'triton:gemm' -> ('triton', 'gemm'); 'cuda' -> ('cuda', None). Only triton takes a strategy."""
     backend, _, strategy = spec.partition(":")
     if strategy and (backend != "triton" or strategy not in tuning.STRATEGIES):
-        raise ValueError(f"{spec!r}: only triton takes a strategy, one of {tuning.STRATEGIES}")
+        raise ValueError(f"backend spec {spec!r}: only triton takes a strategy, one of {tuning.STRATEGIES}")
     return backend, strategy or None
 
 
@@ -123,8 +123,8 @@ def expand_specs(backends: list[str]) -> list[str]:
             for spec in ([f"triton:{s}" for s in tuning.STRATEGIES] if name == "triton" else [name])]
 
 
-def _strategy(strategy: str | None):
-    """The Triton strategy forced for a call (nothing for other backends)."""
+def forcing_strategy(strategy: str | None):
+    """A context forcing the Triton backend's strategy (``_triton.use_strategy``); nothing for None."""
     if strategy is None:
         return contextlib.nullcontext()
     from . import _triton
@@ -136,7 +136,7 @@ def run_with_grads(x, prototypes, grads, case: Case, spec: str, precision: str) 
     """Forward with weights, then backward of Σ pooled·gy + attr·ga + weights·gw, by the backend
     (and Triton strategy) that ``spec`` names."""
     backend, strategy = split_spec(spec)
-    with _strategy(strategy):
+    with forcing_strategy(strategy):
         return _run_with_grads(x, prototypes, grads, case, backend, precision)
 
 

@@ -41,7 +41,8 @@ def _known(items: list[str], allowed, what: str) -> list[str]:
 
 
 def _backend_specs(text: str) -> list[str]:
-    """'cuda,cuda@tf32x3' -> the specs, each a known backend with a known precision."""
+    """'cuda,cuda@tf32x3,triton:gemm' -> the specs, each a known backend (parse_backend_spec checks
+    the precision and strategy)."""
     from .benchmark import parse_backend_spec
 
     specs = _csv(text)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import _reference
 from .backbones import PatchTokens, backbone_from_model
-from .ops import gsp_pool
+from .ops import _check_choice, gsp_pool
 
 DEFAULT_NUM_PROTOTYPES = 64
 POOLING_METHODS = ("sum", "gem", "max")
@@ -222,16 +222,12 @@ class GSP(nn.Module):
             raise ValueError(f"transport_ratio must be in (0, 1], got {transport_ratio}")
         if not gamma > 0.0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
-        if normalize not in _reference.NORMALIZE_MODES:
-            raise ValueError(f"normalize must be one of {_reference.NORMALIZE_MODES}, got {normalize!r}")
-        if cost not in _reference.COST_MODES:
-            raise ValueError(f"cost must be one of {_reference.COST_MODES}, got {cost!r}")
-        if solver not in _reference.SOLVERS:
-            raise ValueError(f"solver must be one of {_reference.SOLVERS}, got {solver!r}")
+        _check_choice("normalize", normalize, _reference.NORMALIZE_MODES)
+        _check_choice("cost", cost, _reference.COST_MODES)
+        _check_choice("solver", solver, _reference.SOLVERS)
         if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
             raise ValueError(f"max_iter must be None or a positive int, got {max_iter!r}")
-        if pooling_method not in POOLING_METHODS:
-            raise ValueError(f"pooling_method must be one of {POOLING_METHODS}, got {pooling_method!r}")
+        _check_choice("pooling_method", pooling_method, POOLING_METHODS)
         if not gem_power > 0.0:
             raise ValueError(f"gem_power must be > 0, got {gem_power}")
         if not isinstance(augment_max_pool, bool):

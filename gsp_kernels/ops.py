@@ -17,14 +17,13 @@ registered one fails when its backward op is differentiated.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor
 
 from . import _reference
-from ._reference_backend import compute_dtype
+from ._reference_backend import autocast_off, compute_dtype
 from .backends import get_backend, resolve_backend
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -32,25 +31,17 @@ PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
 
 
 def _backend_forward(backend: str, x: Tensor, prototypes: Tensor, *options):
-    """The backend's forward, with the caller's autocast off: the op has its own precision policy
-    (float32 compute, ``precision`` for the products), and a custom op without an autocast kernel,
-    or an autograd.Function, runs its body under the caller's autocast, which would cast every
-    matmul inside to half precision."""
-    with _autocast_off(x.device.type):
+    """The backend's forward, with the caller's autocast off (``autocast_off``: the op has its own
+    precision policy)."""
+    with autocast_off(x.device.type):
         return get_backend(backend).forward(x, prototypes, *options)
 
 
 def _backend_backward(backend: str, *args):
     """The backend's backward, with autocast off as in ``_backend_forward`` (a backward called
     inside an autocast region runs under it)."""
-    with _autocast_off(args[3].device.type):  # x's device
+    with autocast_off(args[3].device.type):  # x's device
         return get_backend(backend).backward(*args)
-
-
-def _autocast_off(device_type: str):
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 @torch.library.custom_op("gsp_kernels::gsp_pool", mutates_args=())

@@ -1,8 +1,12 @@
-"""Shared test configuration: GPU marker, Triton interpreter on CPU-only machines, error metric."""
+"""Shared test configuration: GPU marker, Triton interpreter on CPU-only machines, error metric,
+CPU process groups for the DistributedDataParallel tests."""
 
+import gc
 import os
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 if not torch.cuda.is_available():
     # Triton kernels run on the CPU through its interpreter; set before triton is imported.
@@ -40,3 +44,24 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     denom = ref64.norm().item()
     assert denom > 0, "never compare against an all-zero reference"
     return (out64 - ref64).norm().item() / denom
+
+
+def spawn_gloo_ranks(body, world_size: int, tmp_path, *args) -> None:
+    """Run ``body(rank, *args)`` in ``world_size`` CPU processes joined in one gloo group; a file
+    store under ``tmp_path``: no TCP server thread on rank 0 that another rank could outlive, no
+    port race."""
+    mp.spawn(_gloo_rank, args=(world_size, str(tmp_path / "store"), body, args), nprocs=world_size, join=True)
+
+
+def _gloo_rank(rank: int, world_size: int, store_path: str, body, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        body(rank, *args)
+        # Release DDP's reducer (body's locals) before the group goes: left to interpreter
+        # teardown, it aborted the process now and then (std::terminate, "without an active
+        # exception", ~3% of runs).
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -62,7 +62,7 @@ def _torchvision_nodes(node):  # torchvision's FX feature extractor: an independ
     return extract
 
 
-# id: (factory, image height, width, expected grid, reference local features or None)
+# id: (factory, image height, width, expected grid, reference local features)
 MODELS = {
     "timm-vit_tiny": (_timm("vit_tiny_patch16_224", img_size=32, depth=2), 32, 32, (2, 2), _timm_intermediates),
     "timm-deit_distilled": (_timm("deit_tiny_distilled_patch16_224", img_size=32, depth=1), 32, 32, (2, 2), _timm_intermediates),
@@ -118,7 +118,7 @@ def test_swap_forward_backward_weights_on_the_patch_grid(model_id, backend):
         assert parameter.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("model_id", [key for key, value in MODELS.items() if value[4] is not None])
+@pytest.mark.parametrize("model_id", list(MODELS))
 def test_pooled_features_are_the_libraries_own_local_features(model_id):
     """GSP on the swapped model equals GSP on the patch-token map extracted by timm's
     ``forward_intermediates`` / torchvision's FX feature extractor: same tokens, same grid order."""
@@ -245,6 +245,11 @@ def test_gsp_with_transport_ratio_one_is_the_gap_baseline_on_a_head_per_position
 TINY_VIT = {"img_size": 32, "depth": 1}
 
 
+def _save_safetensors(module, path) -> None:
+    """``module``'s state dict as a .safetensors file (contiguous tensors, as the format needs)."""
+    save_file({key: value.contiguous() for key, value in module.state_dict().items()}, str(path))
+
+
 def _assert_trunk_holds(module, state):
     own = module.state_dict()
     for key, value in state.items():
@@ -255,7 +260,7 @@ def _assert_trunk_holds(module, state):
 def test_pretrained_safetensors_timm_checkpoint(tmp_path):
     source = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT)
     path = tmp_path / "vit.safetensors"
-    save_file({key: value.contiguous() for key, value in source.state_dict().items()}, str(path))
+    _save_safetensors(source, path)
     with pytest.warns(UserWarning, match="2 unexpected"):
         model = build_model("timm:vit_tiny_patch16_224", "gsp", 16, pretrained=str(path), backbone_kwargs=TINY_VIT)
     report = model.pretrained_report
@@ -317,7 +322,7 @@ def test_cached_weights_are_found_offline_in_the_hugging_face_and_torch_hub_cach
     (repo / "refs" / "main").write_text("0123abcd")
     (repo / "snapshots" / "0123abcd").mkdir(parents=True)
     source = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT)
-    save_file({key: value.contiguous() for key, value in source.state_dict().items()}, str(repo / "snapshots" / "0123abcd" / "model.safetensors"))
+    _save_safetensors(source, repo / "snapshots" / "0123abcd" / "model.safetensors")
     with pytest.warns(UserWarning, match="unexpected"):
         model = build_model("timm:vit_tiny_patch16_224", pretrained="cache", backbone_kwargs=TINY_VIT)
     _assert_trunk_holds(model.trunk.model, source.state_dict())
@@ -336,7 +341,7 @@ def test_train_cli_loads_a_pretrained_timm_checkpoint(tmp_path, capsys):
 
     source = timm.create_model("vit_tiny_patch16_224", pretrained=False)
     path = tmp_path / "vit.safetensors"
-    save_file({key: value.contiguous() for key, value in source.state_dict().items()}, str(path))
+    _save_safetensors(source, path)
     loaded = len(source.state_dict()) - 2  # all but the classifier
     flags = ["--arch", "timm:vit_tiny_patch16_224", "--pretrained", str(path), "--epochs", "1", "--steps-per-epoch", "1",
              "--batch-size", "20", "--no-progress", "--pooling-method", "gem", "--augment-max-pool", "--output-dir", str(tmp_path / "run")]
@@ -453,7 +458,7 @@ def test_pretrained_torchvision_vit_partial_checkpoint_and_wrapped_gspnet(tmp_pa
 
     net = replace_global_pool(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT), 8, num_prototypes=2)
     gspnet_path = tmp_path / "gspnet.safetensors"
-    save_file({key: value.contiguous() for key, value in net.state_dict().items()}, str(gspnet_path))
+    _save_safetensors(net, gspnet_path)
     with pytest.warns(UserWarning, match=r"unexpected \(ignored\): gsp\."):
         model = build_model("timm:vit_tiny_patch16_224", "gsp", 16, pretrained=gspnet_path, backbone_kwargs=TINY_VIT)
     assert model.pretrained_report.missing == []

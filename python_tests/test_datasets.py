@@ -308,6 +308,9 @@ def test_cars_classic_split_ignores_the_test_flag(tmp_path):
     assert flags == {0, 1}  # the fixture marks images of every class both ways
     benchmark = load_benchmark("cars196", root, **SMALL)
     assert len(benchmark.train) + len(benchmark.query) == len(annotations)
+    # split by class (1-98 train, 99-196 test), every image of a class on its side whatever its flag
+    assert benchmark.train.class_names == ["1", "2", "98"] and benchmark.query.class_names == ["99", "100", "196"]
+    assert benchmark.describe() == fixtures.EXPECTED["cars196"]  # 9 images a side (by the flag: 12 and 6, all 6 classes in each)
 
 
 def _constant_image(width, height, colour=(200, 40, 90)):

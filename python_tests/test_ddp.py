@@ -1,12 +1,10 @@
 """DistributedDataParallel: two CPU processes (gloo) give the same GSP and zero-shot-loss
 gradients as one process that averages the two shards' losses."""
 
-import gc
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo_ranks
 from torch import nn
 
 from gsp_kernels.losses import ZeroShotPredictionLoss
@@ -42,29 +40,19 @@ def _fresh_objective():
     return Objective().double()  # float64: the two runs differ only by summation order
 
 
-def _worker(rank: int, store_path: str, result_path: str) -> None:
-    torch.set_num_threads(1)
-    # A file store: no TCP server thread on rank 0 that the other rank could outlive, no port race.
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        objective = _fresh_objective()
-        model = nn.parallel.DistributedDataParallel(objective)
-        feature_maps, labels = _data()
-        model(feature_maps[rank], labels[rank]).backward()
-        if rank == 0:
-            torch.save({name: p.grad.clone() for name, p in objective.named_parameters()}, result_path)
-        # Release DDP's reducer before the group goes: left to interpreter teardown, it aborted
-        # the process now and then (std::terminate, "without an active exception", ~3% of runs).
-        del model
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _rank_gradients(rank: int, result_path: str) -> None:
+    """One rank's DDP step; rank 0 saves the averaged gradients."""
+    objective = _fresh_objective()
+    model = nn.parallel.DistributedDataParallel(objective)
+    feature_maps, labels = _data()
+    model(feature_maps[rank], labels[rank]).backward()
+    if rank == 0:
+        torch.save({name: p.grad.clone() for name, p in objective.named_parameters()}, result_path)
 
 
 def test_ddp_gradients_match_single_process(tmp_path):
     result_path = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), result_path), nprocs=WORLD_SIZE, join=True)
+    spawn_gloo_ranks(_rank_gradients, WORLD_SIZE, tmp_path, result_path)
     ddp_grads = torch.load(result_path)
 
     objective = _fresh_objective()

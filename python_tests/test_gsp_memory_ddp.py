@@ -3,12 +3,10 @@ every rank's pooled embeddings (the ranks' batches differ in size), so all pick 
 prototypes; the warm-up forwards leave no parameter unused (DDP without find_unused_parameters
 would fail on the next step)."""
 
-import gc
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo_ranks
 from torch import nn
 
 from gsp_kernels.nn import GSP, kcenter_indices
@@ -31,29 +29,22 @@ def _batches():
     return [[torch.randn(size, 6, 3, 3, generator=generator, dtype=torch.float64) for size in BATCH_SIZES] for _ in range(STEPS)]
 
 
-def _worker(rank: int, store_path: str, result_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        layer = _fresh_layer()
-        model = nn.parallel.DistributedDataParallel(layer)
-        batches = _batches()
-        attributes = []
-        for step in range(STEPS):
-            out = model(batches[step][rank])
-            (out.embedding.square().mean() + out.attributes.square().mean()).backward()
-            attributes.append(out.attributes.detach())
-        torch.save({"prototypes": layer.prototypes.detach(), "memory": layer.memory, "attributes": attributes}, f"{result_path}.{rank}")
-        del model  # release DDP's reducer before the group goes
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _rank_steps(rank: int, result_path: str) -> None:
+    """One rank's STEPS training steps under DDP; saves its prototypes, memory and attributes."""
+    layer = _fresh_layer()
+    model = nn.parallel.DistributedDataParallel(layer)
+    batches = _batches()
+    attributes = []
+    for step in range(STEPS):
+        out = model(batches[step][rank])
+        (out.embedding.square().mean() + out.attributes.square().mean()).backward()
+        attributes.append(out.attributes.detach())
+    torch.save({"prototypes": layer.prototypes.detach(), "memory": layer.memory, "attributes": attributes}, f"{result_path}.{rank}")
 
 
 def test_memory_fills_with_every_ranks_embeddings_and_all_ranks_agree(tmp_path):
     result_path = str(tmp_path / "result")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), result_path), nprocs=WORLD_SIZE, join=True)
+    spawn_gloo_ranks(_rank_steps, WORLD_SIZE, tmp_path, result_path)
     results = [torch.load(f"{result_path}.{rank}") for rank in range(WORLD_SIZE)]
 
     layer = _fresh_layer()

@@ -200,8 +200,9 @@ def test_compile_runs_a_training_step():
     torch.testing.assert_close(compiled["map_at_r"], eager["map_at_r"], rtol=1e-3, atol=1e-3)
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> None:
-    """One torchrun-style rank: env:// rendezvous as torchrun sets it up, then ``train``."""
+def _torchrun_rank(rank: int, world_size: int, port: int, body, settings: dict, out: str) -> None:
+    """One torchrun-style rank: env:// rendezvous as torchrun sets it up, then ``body(rank,
+    settings, out)``, whose ``train`` joins the group."""
     import os
 
     import torch.distributed as dist
@@ -209,42 +210,14 @@ def _ddp_worker(rank: int, world_size: int, port: int, settings: dict, out: str)
     torch.set_num_threads(1)
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        standard = train(TrainConfig(**{**settings, "scheduler": "plateau", "plateau_patience": 0, "lr": 1e-5, "epochs": 4},
-                                     output_dir=f"{out}/standard"))
-        mlrc = train(TrainConfig(**{**settings, "protocol": "mlrc", "num_folds": 2, "early_stopping_patience": 1, "epochs": 3}))
-        summary = {"metrics": standard["metrics"], "losses": losses_of(standard["epochs"]), "mlrc_metrics": mlrc["metrics"],
-                   "mlrc_epochs": [len(fold["epochs"]) for fold in mlrc["folds"]]}
-        torch.save(summary, f"{out}/rank{rank}.pt")
-        del standard, mlrc
+        body(rank, settings, out)  # its runs (and their DDP reducers) released before the group goes
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _ddp_resume_worker(rank: int, world_size: int, port: int, settings: dict, out: str) -> None:
-    """One rank: a 4-epoch run, and a 2-epoch run extended to 4 from its checkpoint."""
-    import os
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        straight = train(TrainConfig(**{**settings, "epochs": 4}))
-        train(TrainConfig(**settings, output_dir=f"{out}/run"))
-        extended = train(TrainConfig(**{**settings, "epochs": 4}, output_dir=f"{out}/run", resume=True))
-        summary = {"straight": losses_of(straight["epochs"]), "extended": losses_of(extended["epochs"]),
-                   "straight_metrics": straight["metrics"], "extended_metrics": extended["metrics"],
-                   "weights_equal": all(torch.equal(a, b) for a, b in zip(straight["model"].state_dict().values(),
-                                                                          extended["model"].state_dict().values()))}
-        torch.save(summary, f"{out}/resume_rank{rank}.pt")
-        del straight, extended
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def test_resume_under_two_ranks_matches_the_uninterrupted_run(tmp_path):
+def _spawn_two_torchrun_ranks(body, settings: dict, out) -> None:
+    """``body`` on two CPU ranks (gloo) that rendezvous on a free local port."""
     import socket
 
     import torch.distributed as dist
@@ -252,13 +225,39 @@ def test_resume_under_two_ranks_matches_the_uninterrupted_run(tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
-    root = fixtures.write_imagefolder(tmp_path / "data", classes=16, images_per_class=3)
-    settings = {**TINY, "dataset": "imagefolder", "data_root": str(root), "image_size": 16, "batch_size": 4, "samples_per_class": 2,
-                "eval_batch_size": 7, "scheduler": "plateau", "plateau_patience": 0, "lr": 1e-3}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_ddp_resume_worker, args=(2, port, settings, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_torchrun_rank, args=(2, port, body, settings, str(out)), nprocs=2, join=True)
+
+
+def _ddp_runs(rank: int, settings: dict, out: str) -> None:
+    """One rank: a standard run with the plateau schedule and an mlrc run."""
+    standard = train(TrainConfig(**{**settings, "scheduler": "plateau", "plateau_patience": 0, "lr": 1e-5, "epochs": 4},
+                                 output_dir=f"{out}/standard"))
+    mlrc = train(TrainConfig(**{**settings, "protocol": "mlrc", "num_folds": 2, "early_stopping_patience": 1, "epochs": 3}))
+    summary = {"metrics": standard["metrics"], "losses": losses_of(standard["epochs"]), "mlrc_metrics": mlrc["metrics"],
+               "mlrc_epochs": [len(fold["epochs"]) for fold in mlrc["folds"]]}
+    torch.save(summary, f"{out}/rank{rank}.pt")
+
+
+def _ddp_resume_runs(rank: int, settings: dict, out: str) -> None:
+    """One rank: a 4-epoch run, and a 2-epoch run extended to 4 from its checkpoint."""
+    straight = train(TrainConfig(**{**settings, "epochs": 4}))
+    train(TrainConfig(**settings, output_dir=f"{out}/run"))
+    extended = train(TrainConfig(**{**settings, "epochs": 4}, output_dir=f"{out}/run", resume=True))
+    summary = {"straight": losses_of(straight["epochs"]), "extended": losses_of(extended["epochs"]),
+               "straight_metrics": straight["metrics"], "extended_metrics": extended["metrics"],
+               "weights_equal": all(torch.equal(a, b) for a, b in zip(straight["model"].state_dict().values(),
+                                                                      extended["model"].state_dict().values()))}
+    torch.save(summary, f"{out}/resume_rank{rank}.pt")
+
+
+def test_resume_under_two_ranks_matches_the_uninterrupted_run(tmp_path):
+    root = fixtures.write_imagefolder(tmp_path / "data", classes=16, images_per_class=3)
+    settings = {**TINY, "dataset": "imagefolder", "data_root": str(root), "image_size": 16, "batch_size": 4, "samples_per_class": 2,
+                "eval_batch_size": 7, "scheduler": "plateau", "plateau_patience": 0, "lr": 1e-3}
+    _spawn_two_torchrun_ranks(_ddp_resume_runs, settings, tmp_path)
     for rank in range(2):
         summary = torch.load(tmp_path / f"resume_rank{rank}.pt", weights_only=False)
         assert summary["extended"] == summary["straight"] and summary["weights_equal"], rank  # bitwise, on every rank
@@ -267,20 +266,10 @@ def test_resume_under_two_ranks_matches_the_uninterrupted_run(tmp_path):
 
 
 def test_training_under_two_ranks(tmp_path):
-    import socket
-
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("needs torch.distributed with gloo")
     root = fixtures.write_imagefolder(tmp_path / "data", classes=16, images_per_class=3)  # 8 training classes
     settings = {**TINY, "dataset": "imagefolder", "data_root": str(root), "image_size": 16, "batch_size": 4, "samples_per_class": 2,
                 "eval_batch_size": 7}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, settings, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two_torchrun_ranks(_ddp_runs, settings, tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2))
     assert rank0["metrics"] is not None and rank1["metrics"] is None  # rank 0 evaluates
     assert rank0["mlrc_metrics"] is not None and rank1["mlrc_metrics"] is None

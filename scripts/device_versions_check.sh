@@ -33,7 +33,8 @@ git archive HEAD | tar -x -C "$work"
 cd "$work"
 "$venv/bin/python" -c "import torch, torchvision, triton; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'triton', triton.__version__)"
 # The device's build (no build isolation: against the torch above); the test extra's other
-# requirements from pyproject.toml (the pins above already satisfy torch, triton and numpy).
+# requirements from pyproject.toml (the pins, held again by -c, already satisfy torch, torchvision,
+# triton and numpy).
 "$venv/bin/python" -m pip install --quiet -c "$pins" --no-build-isolation -e ".[test]"
 "$venv/bin/python" -m pytest python_tests -q -p no:cacheprovider -p no:warnings --timeout=900
 cd python_tests

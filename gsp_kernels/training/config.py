@@ -10,6 +10,7 @@ from ..backbones import resolve_arch
 from ..backends import BACKENDS
 from ..nn import POOLING_METHODS
 from .benchmarks import DATASETS
+from .data import papers_resize
 from .models import CACHED_WEIGHTS, POOLINGS, PROTOTYPE_INITS
 
 METRIC_LOSSES = ("multisimilarity", "contrastive", "proxyanchor")
@@ -138,5 +139,5 @@ def validate_config(config: TrainConfig) -> None:
 
 def eval_resize(config: TrainConfig) -> int:
     """Test-time shorter side: ``config.resize``, or the papers' 256/227 ratio of the crop."""
-    return config.resize if config.resize is not None else round(config.image_size * 256 / 227)
+    return config.resize if config.resize is not None else papers_resize(config.image_size)
 

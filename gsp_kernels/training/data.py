@@ -10,7 +10,8 @@ trees, the papers' torchvision transforms, and a class-balanced batch sampler.
   folder or annotation file not in the layout expected.
 - ``ImageFolderSplit(root, split)``: ``root/<class>/<image>``, first half of the sorted
   classes train, the rest test.
-- ``train_transform(image_size=227)``, ``test_transform(resize=256, crop=227)``.
+- ``train_transform(image_size=227)``, ``test_transform(resize=256, crop=227)``;
+  ``papers_resize(crop)``: the test-time shorter side for a crop (256/227 of it).
 - ``ClassBalancedBatchSampler(labels, batch_size, samples_per_class)``.
 
 Every dataset returns ``(image [3, S, S] float32, label int)`` with labels 0-based within
@@ -158,6 +159,11 @@ def test_transform(resize: int = 256, crop: int = 227):
 test_transform.__test__ = False  # a transform, not a pytest test, when imported into a test module
 
 
+def papers_resize(crop: int) -> int:
+    """The papers' test-time shorter side for a centre crop of ``crop``: 256/227 of it, rounded."""
+    return round(crop * 256 / 227)
+
+
 class ImageReadError(OSError):
     """An image file listed by a dataset could not be decoded; the message names the path."""
 
@@ -282,7 +288,7 @@ class ImageFolderSplit(ImageListDataset):
     class with ``split_class_names``: ``(image, 0-based label within the split)``.
 
     ``transform`` defaults to ``train_transform(image_size)`` for the train split and
-    ``test_transform(round(image_size * 256 / 227), image_size)`` for the test split.
+    ``test_transform(papers_resize(image_size), image_size)`` for the test split.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", image_size: int = 224,
@@ -303,7 +309,7 @@ class ImageFolderSplit(ImageListDataset):
             if split == "train":
                 transform = train_transform(image_size)
             else:
-                transform = test_transform(round(image_size * 256 / 227), image_size)
+                transform = test_transform(papers_resize(image_size), image_size)
         super().__init__([path for path, _ in samples], [names[index] for _, index in samples], transform,
                          source=f"the class folders of {root}")
 

@@ -62,7 +62,12 @@ def evaluate_checkpoints(paths, **overrides) -> dict:
     from .mlrc import concatenated_metrics, separated_metrics
 
     files = checkpoint_files(paths)
-    configs = [config_from_checkpoint(load_checkpoint(path), **overrides) for path in files]
+    configs, weights, epochs_trained = [], [], []
+    for path in files:  # each file read once; only its model weights are kept past this loop
+        checkpoint = load_checkpoint(path)
+        configs.append(config_from_checkpoint(checkpoint, **overrides))
+        weights.append(model_state(checkpoint))
+        epochs_trained.append(checkpoint["epoch"] + 1)
     first = configs[0]
     data_keys = ("dataset", "data_root", "image_size", "resize", "num_train_classes", "collages_per_digit", "data_seed")
     for path, config in zip(files[1:], configs[1:]):
@@ -72,14 +77,13 @@ def evaluate_checkpoints(paths, **overrides) -> dict:
     device = resolve_device(first)
     data = load_data(first)
     models, query_parts, gallery_parts = [], [], []
-    for path, config in zip(files, configs):
-        checkpoint = load_checkpoint(path, device)
+    for path, config, state, epochs in zip(files, configs, weights, epochs_trained):
         model = build_model_for(config, load_pretrained=False).to(device)  # the checkpoint has every weight
-        model.load_state_dict(model_state(checkpoint))
+        model.load_state_dict(state)
         query, gallery = embed_test_splits(model, data, config, device)
         query_parts.append(query)
         gallery_parts.append(gallery)
-        models.append({"checkpoint": str(path), "epochs_trained": checkpoint["epoch"] + 1, "embedding_dim": query.shape[1],
+        models.append({"checkpoint": str(path), "epochs_trained": epochs, "embedding_dim": query.shape[1],
                        "metrics": retrieval_scores(data, query, gallery)})
     result = {"checkpoints": [str(path) for path in files], "dataset": first.dataset, "splits": data.describe(),
               "split_differences": data.differences_from_papers(), "models": models}

@@ -27,6 +27,7 @@ from .train import (
     CHECKPOINT_NAME,
     compute_embeddings,
     embed_test_splits,
+    embedding_options,
     fit,
     metrics_entries,
     retrieval_scores,
@@ -54,8 +55,7 @@ def concatenated_metrics(data: BenchmarkData, query_parts: list[Tensor], gallery
 
 def validation_map_at_r(model: nn.Module, val_set, config: TrainConfig, device: torch.device) -> float:
     """MAP@R of ``val_set`` searched all against all with ``model``'s embeddings."""
-    embeddings = compute_embeddings(model, val_set, device, batch_size=config.eval_batch_size, amp=config.amp,
-                                    num_workers=config.num_workers, channels_last=config.channels_last)
+    embeddings = compute_embeddings(model, val_set, device, **embedding_options(config))
     return retrieval_metrics(embeddings, val_set.labels, recall_ks=(1,))["map@r"]
 
 

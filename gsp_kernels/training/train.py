@@ -206,10 +206,15 @@ def compute_embeddings(model: nn.Module, dataset, device: torch.device, *, batch
     return torch.cat(chunks)
 
 
+def embedding_options(config: TrainConfig) -> dict:
+    """``compute_embeddings``'s keyword options as ``config`` sets them."""
+    return {"batch_size": config.eval_batch_size, "amp": config.amp, "num_workers": config.num_workers,
+            "channels_last": config.channels_last}
+
+
 def embed_test_splits(model: nn.Module, data: BenchmarkData, config: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor | None]:
     """(query embeddings ``[Q, E]``, gallery embeddings ``[G, E]`` or None) of one model."""
-    options = {"batch_size": config.eval_batch_size, "amp": config.amp, "num_workers": config.num_workers,
-               "channels_last": config.channels_last}
+    options = embedding_options(config)
     query = compute_embeddings(model, data.query, device, **options)
     gallery = None if data.gallery is None else compute_embeddings(model, data.gallery, device, **options)
     return query, gallery
@@ -327,6 +332,7 @@ def _train_epoch(trainer, objective, optimizer, scheduler, loader, config: Train
     trainable = [parameter for parameter in objective.parameters() if parameter.requires_grad]
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     sums = torch.zeros(3, device=device)  # loss, metric, zero-shot summed over the steps
+    no_zero_shot = torch.zeros((), device=device)  # the zero-shot term of a run without that loss
     started = time.perf_counter()
     timed_from, timed_images, steps = started, 0, 0
     bar = _progress(loader, description, show)
@@ -341,7 +347,7 @@ def _train_epoch(trainer, objective, optimizer, scheduler, loader, config: Train
         optimizer.step()
         if config.scheduler == "cosine":
             scheduler.step()
-        zero_shot_value = torch.zeros((), device=device) if zero_shot_value is None else zero_shot_value
+        zero_shot_value = no_zero_shot if zero_shot_value is None else zero_shot_value
         sums += torch.stack([loss.detach().float(), metric.float(), zero_shot_value.float()])
         steps = step
         if step == 1:
