@@ -26,7 +26,7 @@
 # the split-sample guard, sanitizers, check), bench.log (benchmarks, ncu, training step, profile,
 # sweep tables), bench.json, bench_compile.json, train_step.json, sweep.json, and tuned_config.json
 # (the sweep's winners as gsp_kernels/tuning's file for this GPU: copy it into
-# gsp_kernels/tuned_configs/ under the name it records, gsp_kernels.tuning.config_filename).
+# gsp_kernels/backends/triton/tuned_configs/ under the name it records, gsp_kernels.backends.triton.tuning.config_filename).
 set -uo pipefail
 out=${1:?usage: bench/device_check.sh OUTDIR}
 mkdir -p "$out"

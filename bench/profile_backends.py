@@ -9,8 +9,8 @@ host-side operations that take the CPU time, in µs per iteration, largest first
 time reaches the wall time, the step is bound by the host (for Triton, the part of the issue
 time spent in Triton's own launcher is shown too). Then the Triton kernels' GPU time (CUDA-graph
 replay) with samples split across programs against one program per sample
-(``_triton.SPLIT_SAMPLES``), per shape and dtype, and in bfloat16 with the half kernels'
-register cap (two programs per SM) against none (``_triton.PROGRAMS_PER_SM``). Also re-runs the Triton
+(``launch.SPLIT_SAMPLES``), per shape and dtype, and in bfloat16 with the half kernels'
+register cap (two programs per SM) against none (``launch.PROGRAMS_PER_SM``). Also re-runs the Triton
 forward on a bfloat16 channels-first map several times and reports whether it is bitwise
 stable (a moving result is a race).
 """
@@ -106,16 +106,18 @@ def triton_launcher_time(x, z, iters):
 def triton_stability(shape, runs=6):
     """Bitwise stability of the fused strategy's bf16 forward (the one BLOCK_OVERRIDE tiles),
     forced whatever a tuned configuration would pick."""
-    import gsp_kernels._triton as tri
+    from gsp_kernels.backends import triton as triton_backend
 
-    with tri.use_strategy("fused"):
-        _triton_stability(tri, shape, runs)
+    with triton_backend.use_strategy("fused"):
+        _triton_stability(shape, runs)
 
 
-def _triton_stability(tri, shape, runs):
+def _triton_stability(shape, runs):
+    from gsp_kernels.backends.triton import launch
+
     for channels_first in (False, True):
         for override in ({}, {"num_stages": 1}):
-            tri.BLOCK_OVERRIDE = dict(override) or None
+            launch.BLOCK_OVERRIDE = dict(override) or None
             x, z = make_inputs(shape, torch.bfloat16, channels_first)
             first = [t.float() for t in gsp_pool(x.detach(), z.detach(), backend="triton", return_weights=True)]
             worst = 0.0
@@ -124,30 +126,31 @@ def _triton_stability(tri, shape, runs):
                 worst = max(worst, *((a.float() - b).abs().max().item() for a, b in zip(again, first)))
             layout = "NCHW" if channels_first else "BND"
             print(f"triton bf16 {layout} override={override}: max |run - run0| over {runs} runs = {worst:.3e}")
-    tri.BLOCK_OVERRIDE = None
+    launch.BLOCK_OVERRIDE = None
 
 
 def knob_comparison(title, knob, settings, shapes, dtypes):
     """GPU µs (CUDA-graph replay) of the Triton forward and forward+backward under each setting
-    of a module knob of ``gsp_kernels._triton`` (the first is the default), side by side."""
-    import gsp_kernels._triton as tri
+    of a module knob of ``gsp_kernels.backends.triton.launch`` (the first is the default), side by side."""
+    from gsp_kernels.backends import triton as triton_backend
+    from gsp_kernels.backends.triton import launch
     from gsp_kernels.benchmark import graph_replay_ms
 
     print(f"\n== triton: {title} (GPU µs, graph replay) ==")
-    default = getattr(tri, knob)
+    default = getattr(launch, knob)
     for shape in shapes:
         for dtype in dtypes:
             x, z = make_inputs(shape, dtype)
             times = []
             try:
                 for setting in settings:
-                    setattr(tri, knob, setting)
-                    with tri.use_strategy("fused"):  # the knobs are the fused kernels'
+                    setattr(launch, knob, setting)
+                    with triton_backend.use_strategy("fused"):  # the knobs are the fused kernels'
                         fwd = graph_replay_ms(lambda _i: gsp_pool(x.detach(), z.detach(), backend="triton"), x.device)
                         fwd_bwd = graph_replay_ms(lambda _i: step(x, z, "triton"), x.device)
                     times.append((fwd * 1e3, fwd_bwd * 1e3))
             finally:
-                setattr(tri, knob, default)
+                setattr(launch, knob, default)
             (f_first, fb_first), (f_other, fb_other) = times
             print(f"  {'x'.join(map(str, shape))} {str(dtype)[6:]}: fwd {f_first:.0f} vs {f_other:.0f} "
                   f"({f_other / f_first:.2f}x), fwd+bwd {fb_first:.0f} vs {fb_other:.0f} ({fb_other / fb_first:.2f}x)")
@@ -172,10 +175,10 @@ def main():
                 if backend != "triton":
                     profile_backend(shape, dtype, backend, args.iters)
                     continue
-                import gsp_kernels._triton as tri
+                from gsp_kernels.backends import triton as triton_backend
 
-                for strategy in tri.STRATEGIES:
-                    with tri.use_strategy(strategy):
+                for strategy in triton_backend.STRATEGIES:
+                    with triton_backend.use_strategy(strategy):
                         profile_backend(shape, dtype, backend, args.iters, f"triton:{strategy}")
     if "triton" in backends:
         knob_comparison("samples split across programs vs one program per sample", "SPLIT_SAMPLES",

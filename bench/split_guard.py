@@ -8,7 +8,7 @@ show under the CPU interpreter. This runs forward + backward with the split at t
 (float32 and bfloat16), several times, and checks that
   * every repeat gives the same bits (a race shows up as results that move between runs), and
   * the split is as close to the float64 reference as one program per sample is
-    (``_triton.SPLIT_SAMPLES = False``, the fallback), to 2x its error plus a float32 floor.
+    (``triton_launch.SPLIT_SAMPLES = False``, the fallback), to 2x its error plus a float32 floor.
 Prints SPLIT_GUARD_OK or the failures and exits 1; `bench/device_check.sh` then times the rest
 of its run with ``GSP_TRITON_SPLIT=0``.
 """
@@ -20,7 +20,9 @@ import sys
 
 import torch
 
-from gsp_kernels import _triton, gsp_pool
+from gsp_kernels import gsp_pool
+from gsp_kernels.backends import triton as _triton
+from gsp_kernels.backends.triton import launch as triton_launch
 
 NAMES = ("pooled", "attr", "weights", "grad_x", "grad_prototypes")
 # B, N, D, M: the target shape; a small batch with a prime N (tiles of 50, 50, 50 and 47
@@ -64,7 +66,7 @@ def check_shape(shape, dtype, repeats, device):
     # Cotangents of pooled [B, D], attr [B, M], weights [B, N].
     cotangents = [torch.randn(s, device=device, generator=gen) for s in ((batch, d), (batch, m), (batch, n))]
     failures = []
-    _triton.SPLIT_SAMPLES = True
+    triton_launch.SPLIT_SAMPLES = True
     first = forward_backward(x, prototypes, cotangents)
     for run in range(1, repeats):
         again = forward_backward(x, prototypes, cotangents)
@@ -72,11 +74,11 @@ def check_shape(shape, dtype, repeats, device):
         if moved:
             failures.append(f"repeat {run} moved {', '.join(moved)}")
             break
-    _triton.SPLIT_SAMPLES = False
+    triton_launch.SPLIT_SAMPLES = False
     try:
         whole = forward_backward(x, prototypes, cotangents)
     finally:
-        _triton.SPLIT_SAMPLES = True
+        triton_launch.SPLIT_SAMPLES = True
     want = reference(x, prototypes, cotangents)
     floor = 1e-6 if dtype == torch.float32 else 1e-3
     for name, split_out, whole_out, ref in zip(NAMES, first, whole, want):

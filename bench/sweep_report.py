@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 import triton
 
-from gsp_kernels import tuning
+from gsp_kernels.backends.triton import tuning
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEYS = tuning.TILE_KEYS  # BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages
-# The backward's split-K GEMM (_gsp_coef_x_kernel, through _triton.GEMM_OVERRIDE).
+# The backward's split-K GEMM (_gsp_coef_x_kernel, through triton_fused.GEMM_OVERRIDE).
 GEMM_KEYS = tuning.GEMM_KEYS
 # The strategy group times forward+backward of each design (_triton.use_strategy) at its defaults.
 STRATEGY_KEYS = ("strategy",)

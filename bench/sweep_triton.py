@@ -3,7 +3,7 @@
 GPU-time estimate, default sweep (128 configs: 48 forward, 48 backward, 32 coef_x): ~1.5-2 min on an H200 with 12 precompile processes (compile ~1-3 s per config, the small GEMM less, 128 x 2 s / 12 = ~21 s, plus ~10 s of process start), then ~0.3 s per config to check and time (do_bench ~0.1-0.3 s): ~40 s; ~5-6 min if compiled serially (--compile-workers 0), which --budget-s 180 cuts short, round-robin over the groups so each keeps its first candidates.
 
 What it answers, at the target shape B=256 N=196 D=512 M=128 (gamma 5, transport_ratio 0.3,
-lipschitz, euclidean, newton, max_iter / tol from gsp_kernels._reference): which
+lipschitz, euclidean, newton, max_iter / tol from gsp_kernels.backends.reference): which
 (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) is fastest for the forward kernel and for
 the backward, which (BLOCK_K, BLOCK_M, BLOCK_D, num_warps, num_stages, programs_wanted) for
 the backward's split-K prototype-gradient GEMM ("coef_x", `_gsp_coef_x_kernel`), and which
@@ -11,23 +11,23 @@ strategy ("strategy": the fused kernels or the gemm strategy, forward+backward a
 defaults, `_triton.use_strategy`), in float32 (precision auto = tf32x3, and ieee), bfloat16, and
 bfloat16 features with float32 prototypes (the GSP layer under autocast), and whether each config
 is bitwise deterministic and accurate against a float64 reference. `--write-config` turns the
-winners into the tuned-configuration file of gsp_kernels.tuning (bench/sweep_report.py); defaults
+winners into the tuned-configuration file of gsp_kernels.backends.triton.tuning (bench/sweep_report.py); defaults
 are always the built-in rules (a tuned file in force is set aside while sweeping).
 
 How:
-- `_triton.BLOCK_OVERRIDE` is set to the full config around the timed call only (and reset
+- `triton_launch.BLOCK_OVERRIDE` is set to the full config around the timed call only (and reset
   to None in a `finally`). It applies to the forward *and* the backward launch, so the two
   are swept separately: forward configs time `_triton.forward` alone; backward configs time
   `_triton.backward` alone, on a u computed once per (dtype, precision) with the default
   config. The backward's prototype-gradient GEMM (`_gsp_coef_x_kernel`) keeps its default config
   there (included in the backward time) and is swept by the coef_x groups through
-  `_triton.GEMM_OVERRIDE` instead: they time `_triton.backward` the same way, with the
+  `triton_fused.GEMM_OVERRIDE` instead: they time `_triton.backward` the same way, with the
   backward kernel's default config, so a coef_x speedup is over the whole backward.
   programs_wanted (the split-K's target program count) is 1, 2 (default) or 4 per SM.
 - Per config: one call (compile, or load from Triton's cache; compile/launch errors such as
   out-of-resources are recorded and the sweep goes on), --det-runs more calls compared with
   torch.equal on every output, ‖out − ref‖/‖ref‖ per output against a float64 reference
-  computed once per dtype (gsp_kernels._reference on the same rounded inputs), then the
+  computed once per dtype (gsp_kernels.backends.reference on the same rounded inputs), then the
   median of triton.testing.do_bench (GPU) or of the determinism runs' wall times
   (time.perf_counter, interpreter). The last output of do_bench's calls is compared too.
 - On a GPU, --compile-workers processes first compile every config into Triton's on-disk
@@ -67,7 +67,7 @@ from pathlib import Path
 
 import torch
 
-# The interpreter is chosen when gsp_kernels._triton is decorated, i.e. imported: without a
+# The interpreter is chosen when the Triton kernels are decorated, i.e. imported: without a
 # GPU, set it before triton and the package are imported (a no-op if already imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -84,8 +84,15 @@ from sweep_report import (  # noqa: E402
     write_tuned_config,
 )
 
-from gsp_kernels import _reference, _triton, tuning  # noqa: E402
-from gsp_kernels.ops import PRECISIONS  # noqa: E402
+from gsp_kernels.backends import reference as _reference  # noqa: E402
+from gsp_kernels.backends import triton as _triton  # noqa: E402
+from gsp_kernels.backends.triton import fused as triton_fused  # noqa: E402
+from gsp_kernels.backends.triton import launch as triton_launch  # noqa: E402
+from gsp_kernels.backends.triton import tuning  # noqa: E402
+from gsp_kernels.contract import (  # noqa: E402
+    COST_MODES, NORMALIZE_MODES, PRECISIONS, SOLVERS, GSPOptions, check_options, default_max_iter, default_tol,
+    options_for_call,
+)
 
 KERNELS = ("strategy", "forward", "backward", "coef_x")
 # (features, prototypes) dtypes by name; "bfloat16+float32" is the GSP layer under bf16 autocast
@@ -109,7 +116,7 @@ WORKER_BATCH = 16
 
 # Candidates in priority order (a budget-limited run gets the first ones of every group):
 # (BLOCK_N, BLOCK_M, BLOCK_D as a factor of the default's BLOCK_D, num_warps, num_stages).
-# The default (_triton._tile_config), always measured first, is 64 x 128 x 32 (float32) or
+# The default (triton_fused._tile_config), always measured first, is 64 x 128 x 32 (float32) or
 # 64 x 64 x 64 (half), 8 warps, 3 stages for the forward, 64 x 64 x 32 (float32) or 64 x 32 x 64
 # (half), 8 warps, 3 stages for the backward (whose tiles also set its grad_x GEMM's: BLOCK_N
 # features by BLOCK_D columns, BLOCK_M prototypes per step). num_stages pipelines the loops
@@ -166,7 +173,7 @@ BACKWARD_CANDIDATES = [
 ]
 # The prototype-gradient GEMM over all B·N features: (BLOCK_K, BLOCK_M, BLOCK_D, num_warps,
 # num_stages, programs_wanted per SM). The default (first) is 64 x 64 x 64, 4 warps, 3 stages,
-# 2 programs per SM (_triton._gemm_config), 16 tiles x 17 splits at the target shape on an H200.
+# 2 programs per SM (triton_fused._gemm_config), 16 tiles x 17 splits at the target shape on an H200.
 GEMM_CANDIDATES = [
     (64, 64, 64, 4, 3, 2),  # default
     (64, 128, 64, 8, 3, 2),  # one prototype tile at M=128: each x tile read once
@@ -268,13 +275,13 @@ def config_problem(config: dict, kernel: str, dtype: str) -> str | None:
 
 
 def sweep_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and not _triton._INTERPRETED else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and not triton_launch.INTERPRETED else "cpu")
 
 
 def default_config(problem: Problem, kernel: str, dtype: str, device: torch.device | None = None) -> dict:
     """The config the kernels use today at this shape (no override) on `device` (default: the
     sweep's; the GEMM's programs_wanted depends on it)."""
-    assert not _triton.BLOCK_OVERRIDE and not _triton.GEMM_OVERRIDE, "overrides must be None outside a measurement"
+    assert not triton_launch.BLOCK_OVERRIDE and not triton_fused.GEMM_OVERRIDE, "overrides must be None outside a measurement"
     # The inputs' shape, dtypes and device only: broadcast views of one element each.
     x_dtype, z_dtype = DTYPES[dtype]
     x = torch.empty((1, 1, 1), dtype=x_dtype, device=device or sweep_device()).expand(problem.batch, problem.n, problem.d)
@@ -282,9 +289,9 @@ def default_config(problem: Problem, kernel: str, dtype: str, device: torch.devi
     if kernel == "strategy":
         return {"strategy": _triton.strategy_for(x, z)}
     if kernel == "coef_x":
-        config = _triton._gemm_config(problem.batch * problem.n, problem.m, problem.d, x.device)
+        config = triton_fused._gemm_config(problem.batch * problem.n, problem.m, problem.d, x.device)
     else:
-        config = _triton._launch_config(problem.n, problem.m, problem.d, _triton._half_products(x, z), backward=kernel == "backward")
+        config = triton_fused._launch_config(problem.n, problem.m, problem.d, triton_launch.half_products(x, z), backward=kernel == "backward")
     return {k: int(config[k]) for k in config_keys(kernel)}
 
 
@@ -297,7 +304,7 @@ def candidate_configs(problem: Problem, kernel: str, dtype: str, precision: str,
     elif kernel == "strategy":
         raw = [{"strategy": name} for name in _triton.STRATEGIES]
     elif kernel == "coef_x":
-        # programs_wanted per SM: the default's 2 per SM (_triton._programs_wanted) scaled.
+        # programs_wanted per SM: the default's 2 per SM (triton_fused._programs_wanted) scaled.
         table = GEMM_CANDIDATES[:IEEE_CANDIDATES] if precision == "ieee" else GEMM_CANDIDATES
         raw = [
             {"BLOCK_K": bk, "BLOCK_M": bm, "BLOCK_D": bd, "num_warps": w, "num_stages": s,
@@ -318,7 +325,7 @@ def candidate_configs(problem: Problem, kernel: str, dtype: str, precision: str,
     configs, seen = [default], {config_key(default)}
     for config in raw:
         for key, dim in caps.items():
-            config[key] = max(16, min(config[key], _triton._next_pow2(dim)))
+            config[key] = max(16, min(config[key], triton_launch.next_pow2(dim)))
         key = config_key(config)
         if key in seen:
             continue
@@ -356,11 +363,11 @@ def random_inputs(problem: Problem, batch: int, seed: int) -> tuple[torch.Tensor
     return x.reshape(batch, problem.n, problem.d), prototypes
 
 
-def forward_args(problem: Problem, precision: str) -> tuple:
-    """The trailing arguments of _triton.forward after (x, prototypes)."""
-    return (
-        problem.mu, problem.gamma, problem.normalize, problem.cost, problem.solver,
-        _reference.default_max_iter(problem.solver), _reference.default_tol(torch.float32), precision,
+def call_options(problem: Problem, precision: str) -> GSPOptions:
+    """The options of the backend's forward and backward for ``problem`` (float32 compute)."""
+    return options_for_call(
+        check_options(problem.mu, problem.gamma, problem.normalize, problem.cost, problem.solver, precision=precision),
+        problem.n, torch.float32,
     )
 
 
@@ -383,7 +390,7 @@ def reference_outputs(problem: Problem, tensors: dict) -> dict:
     x64, z64 = tensors["x"].double(), tensors["z"].double()
     pooled, attr, weights, u = _reference.gsp_forward(
         x64, z64, problem.mu, problem.gamma, problem.normalize, problem.cost, problem.solver,
-        _reference.default_max_iter(problem.solver), _reference.default_tol(torch.float64),
+        default_max_iter(problem.solver), default_tol(torch.float64),
     )
     grad_x, grad_z = _reference.gsp_backward(
         *(c.double() for c in tensors["cotangents"]), x64, z64, u,
@@ -407,25 +414,24 @@ def kernel_call(group: Group, problem: Problem, config: dict | None = None):
     groups time the fused strategy (their overrides' kernels), the strategy group forward then
     backward (on the forward's u) of ``config``'s strategy."""
     t = group.inputs
-    args = forward_args(problem, group.precision)
-    extra = (problem.mu, problem.gamma, problem.normalize, problem.cost, group.precision)
+    options = call_options(problem, group.precision)
     if group.kernel == "strategy":
         def forward_backward():
             with _triton.use_strategy(config["strategy"]):
-                outputs = _triton.forward(t["x"], t["z"], *args)
-                return (*outputs, *_triton.backward(*t["cotangents"], t["x"], t["z"], outputs[3], *extra))
+                outputs = _triton.forward(t["x"], t["z"], options)
+                return (*outputs, *_triton.backward(*t["cotangents"], t["x"], t["z"], outputs[3], options))
 
         return forward_backward
     if group.kernel == "forward":
         def forward():
             with _triton.use_strategy("fused"):
-                return _triton.forward(t["x"], t["z"], *args)
+                return _triton.forward(t["x"], t["z"], options)
 
         return forward
 
     def backward():
         with _triton.use_strategy("fused"):
-            return _triton.backward(*t["cotangents"], t["x"], t["z"], t["u"], *extra)
+            return _triton.backward(*t["cotangents"], t["x"], t["z"], t["u"], options)
 
     return backward
 
@@ -437,8 +443,8 @@ def set_override(config: dict | None, kernel: str = "forward") -> None:
     """The config on the hook its kernel reads (GEMM_OVERRIDE for coef_x; the strategy group's
     configs act through kernel_call); None: both off."""
     tiles = config if config and kernel != "strategy" else None
-    _triton.BLOCK_OVERRIDE = dict(tiles) if tiles and kernel != "coef_x" else None
-    _triton.GEMM_OVERRIDE = dict(tiles) if tiles and kernel == "coef_x" else None
+    triton_launch.BLOCK_OVERRIDE = dict(tiles) if tiles and kernel != "coef_x" else None
+    triton_fused.GEMM_OVERRIDE = dict(tiles) if tiles and kernel == "coef_x" else None
 
 
 def context_ok(device: torch.device) -> bool:
@@ -606,9 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=parse_shape, default=None, help=f"BxNxDxM (default {TARGET_SHAPE}; smoke {SMOKE_SHAPE})")
     p.add_argument("--gamma", type=float, default=5.0)
     p.add_argument("--transport-ratio", type=float, default=0.3)
-    p.add_argument("--normalize", default="lipschitz", choices=_reference.NORMALIZE_MODES)
-    p.add_argument("--cost", default="euclidean", choices=_reference.COST_MODES)
-    p.add_argument("--solver", default="newton", choices=_reference.SOLVERS)
+    p.add_argument("--normalize", default="lipschitz", choices=NORMALIZE_MODES)
+    p.add_argument("--cost", default="euclidean", choices=COST_MODES)
+    p.add_argument("--solver", default="newton", choices=SOLVERS)
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {', '.join(KERNELS)}")
     p.add_argument("--dtypes", default=None, help=f"comma list of {', '.join(DTYPES)} (features+prototypes; default "
                    f"{DEFAULT_DTYPES}, --smoke: float32)")
@@ -626,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--write-config", metavar="PATH", default=None,
-                   help="write (or merge into) a tuned-configuration file for this GPU and Triton (gsp_kernels.tuning): "
+                   help="write (or merge into) a tuned-configuration file for this GPU and Triton (gsp_kernels.backends.triton.tuning): "
                         "per dtype the fastest deterministic, accurate strategy and tiles; a folder gets the standard name")
     p.add_argument("--commit", default=os.environ.get("GSP_COMMIT"),
                    help="the commit measured, recorded in --write-config's file (default $GSP_COMMIT, else git)")
@@ -729,7 +735,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shape": {"B": batch, "N": n, "D": d, "M": m},
         "problem": problem.__dict__,
-        "max_iter": _reference.default_max_iter(problem.solver), "tol": _reference.default_tol(torch.float32),
+        "max_iter": default_max_iter(problem.solver), "tol": default_tol(torch.float32),
         "timer": "triton.testing.do_bench median" if device.type == "cuda" else "time.perf_counter median of the determinism runs",
         "budget_s": args.budget_s, "budget_reached": False, "elapsed_s": 0.0,
         "argv": list(argv) if argv is not None else sys.argv[1:],
@@ -756,10 +762,10 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> dict:
         for group in groups:
             group.inputs = dict(tensors[group.dtype])
             if group.kernel != "forward":
-                assert _triton.BLOCK_OVERRIDE is None and _triton.GEMM_OVERRIDE is None
+                assert triton_launch.BLOCK_OVERRIDE is None and triton_fused.GEMM_OVERRIDE is None
                 if (group.dtype, group.precision) not in us:
                     us[group.dtype, group.precision] = _triton.forward(
-                        group.inputs["x"], group.inputs["z"], *forward_args(problem, group.precision)
+                        group.inputs["x"], group.inputs["z"], call_options(problem, group.precision)
                     )[3]
                 group.inputs["u"] = us[group.dtype, group.precision]
         synchronize(device)

@@ -1,7 +1,7 @@
 """gsp-kernels: Generalized Sum Pooling (ICCV 2023) with fused Triton and CUDA kernels.
 
 Public names:
-    gsp_pool: the op (SPEC.md), differentiable, dispatcher-registered.
+    gsp_pool: the op (docs/math.md), differentiable, dispatcher-registered.
     GSP, GSPOutput, GSPNet, replace_global_pool: the pooling layer for metric learning.
     PatchTokens: a vision transformer's patch tokens with their grid (GSP input).
     load_backbone_weights: a local timm/torchvision checkpoint into a backbone (no downloads).
@@ -10,13 +10,18 @@ Public names:
     build_info: how the native extension ``gsp_kernels._C`` was built (or why it is absent).
 """
 
-from ._build import build_info
-from .backbones import PatchTokens
 from .backends import BackendStatus, available_backends, backend_status
+from .backends.native import build_info
 from .losses import ZeroShotLoss, ZeroShotPredictionLoss
-from .nn import GSP, GSPNet, GSPOutput, replace_global_pool
+from .nn import (
+    GSP,
+    GSPNet,
+    GSPOutput,
+    PatchTokens,
+    load_backbone_weights,
+    replace_global_pool,
+)
 from .ops import gsp_pool
-from .pretrained import load_backbone_weights
 
 __all__ = [
     "gsp_pool",

@@ -34,10 +34,17 @@ from typing import Callable
 
 import torch
 
-from . import _paper, _reference, tuning
-from .backends import available_backends, get_backend
-from .check import forcing_strategy, split_spec
-from .ops import PRECISIONS, gsp_pool
+from . import _paper
+from .backends import (
+    available_backends,
+    forcing_strategy,
+    get_backend,
+    parse_spec,
+    triton_tuned_config,
+)
+from .backends import reference as _reference
+from .contract import check_options, options_for_call
+from .ops import gsp_pool
 
 TRANSPORT_RATIO = 0.3
 GAMMA = 5.0
@@ -344,16 +351,7 @@ class BenchRow:
     note: str = ""
 
 
-def parse_backend_spec(spec: str) -> tuple[str, str | None, str]:
-    """'backend[:strategy][@precision]' -> (backend, strategy or None, precision):
-    'cuda' -> ('cuda', None, 'auto'); 'cuda@tf32x3' -> ('cuda', None, 'tf32x3');
-    'triton:gemm@ieee' -> ('triton', 'gemm', 'ieee'). A strategy (``tuning.STRATEGIES``) is the
-    Triton backend's design, forced for that row; without one the backend chooses per call."""
-    name, _, precision = spec.partition("@")
-    precision = precision or "auto"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision in backend spec {spec!r} must be one of {PRECISIONS}")
-    return (*split_spec(name), precision)
+parse_backend_spec = parse_spec
 
 
 def _forcing_strategy(fn: Callable[[int], object], strategy: str) -> Callable[[int], object]:
@@ -532,8 +530,7 @@ def dispatch_overhead(backends: list[str], device: torch.device, calls: int = 20
     prototypes = torch.randn(1, 1, device=device)
     x_leaf, prototypes_leaf = x.clone().requires_grad_(), prototypes.clone().requires_grad_()
     grad_pooled, grad_attr, grad_weights = (torch.randn(1, 1, device=device) for _ in range(3))
-    solver, max_iter, tol = "newton", _reference.default_max_iter("newton"), _reference.default_tol(torch.float32)
-    options = (TRANSPORT_RATIO, GAMMA, "lipschitz", "euclidean")
+    options = options_for_call(check_options(TRANSPORT_RATIO, GAMMA), 1, torch.float32)
     results = []
     for backend in backends:
         module = get_backend(backend)
@@ -542,7 +539,7 @@ def dispatch_overhead(backends: list[str], device: torch.device, calls: int = 20
             return gsp_pool(x, prototypes, transport_ratio=TRANSPORT_RATIO, gamma=GAMMA, backend=backend)
 
         def direct():
-            return module.forward(x, prototypes, *options, solver, max_iter, tol, "auto")
+            return module.forward(x, prototypes, options)
 
         def via_op_fwd_bwd():
             x_leaf.grad = prototypes_leaf.grad = None
@@ -550,8 +547,8 @@ def dispatch_overhead(backends: list[str], device: torch.device, calls: int = 20
             torch.autograd.backward(outputs, (grad_pooled, grad_attr))
 
         def direct_fwd_bwd():
-            u = module.forward(x, prototypes, *options, solver, max_iter, tol, "auto")[3]
-            return module.backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, *options, "auto")
+            u = module.forward(x, prototypes, options)[3]
+            return module.backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options)
 
         # Interleaved batches of calls; the minimum is the cost without interference.
         labelled = {"gsp_pool": via_op, "backend.forward": direct, "gsp_pool f+b": via_op_fwd_bwd,
@@ -638,7 +635,7 @@ def run_bench(
         "load_average": os.getloadavg()[0],
         "timer": timer_name(device),
         "triton_split_samples": triton_split_samples(),
-        "triton_tuned_config": tuning.describe(device),
+        "triton_tuned_config": triton_tuned_config(device),
         "params": {"transport_ratio": TRANSPORT_RATIO, "gamma": GAMMA, "paper_iterations": PAPER_ITERATIONS,
                    "compiled_newton_iterations": newton_iterations, "repeats": repeats, "warmup": warmup},
         "peaks": {"fp32_tflops": peaks.fp32_tflops, "tensor_core_tflops": peaks.tensor_core_tflops,
@@ -658,13 +655,13 @@ _SPLIT_TEXT = {True: "; triton: samples split across programs",
 
 
 def triton_split_samples() -> bool | None:
-    """Whether the Triton kernels split a sample across programs (``_triton.SPLIT_SAMPLES``,
+    """Whether the Triton kernels split a sample across programs (``launch.SPLIT_SAMPLES``,
     ``GSP_TRITON_SPLIT``); None without Triton."""
     try:
-        from . import _triton
+        from .backends.triton import launch
     except ImportError:
         return None
-    return _triton.SPLIT_SAMPLES
+    return launch.SPLIT_SAMPLES
 
 
 def timer_name(device: torch.device) -> str:

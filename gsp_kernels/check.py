@@ -10,13 +10,18 @@ judged against SPEC.md's tolerances.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import tuning
-from .backends import available_backends, get_backend
+from .backends import (
+    available_backends,
+    expand_specs,
+    forcing_strategy,
+    get_backend,
+    split_spec,
+)
+from .contract import check_options
 from .ops import gsp_pool
 
 # SPEC.md, "Oracles for tests": relative-error tolerances by input dtype and product precision,
@@ -109,29 +114,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out64 - ref64).norm() / ref64.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
 
 
-def split_spec(spec: str) -> tuple[str, str | None]:
-    """'triton:gemm' -> ('triton', 'gemm'); 'cuda' -> ('cuda', None). Only triton takes a strategy."""
-    backend, _, strategy = spec.partition(":")
-    if strategy and (backend != "triton" or strategy not in tuning.STRATEGIES):
-        raise ValueError(f"backend spec {spec!r}: only triton takes a strategy, one of {tuning.STRATEGIES}")
-    return backend, strategy or None
-
-
-def expand_specs(backends: list[str]) -> list[str]:
-    """Backends as checked: plain 'triton' becomes one spec per strategy."""
-    return [spec for name in backends
-            for spec in ([f"triton:{s}" for s in tuning.STRATEGIES] if name == "triton" else [name])]
-
-
-def forcing_strategy(strategy: str | None):
-    """A context forcing the Triton backend's strategy (``_triton.use_strategy``); nothing for None."""
-    if strategy is None:
-        return contextlib.nullcontext()
-    from . import _triton
-
-    return _triton.use_strategy(strategy)
-
-
 def run_with_grads(x, prototypes, grads, case: Case, spec: str, precision: str) -> dict[str, torch.Tensor]:
     """Forward with weights, then backward of Σ pooled·gy + attr·ga + weights·gw, by the backend
     (and Triton strategy) that ``spec`` names."""
@@ -169,7 +151,7 @@ def why_not(spec: str, x: torch.Tensor, prototypes: torch.Tensor, precision: str
         module = get_backend(split_spec(spec)[0])
     except ValueError as exc:
         return str(exc)
-    return module.availability(x.device) or module.unsupported(x, prototypes, "newton", "lipschitz", "euclidean", precision)
+    return module.availability(x.device) or module.unsupported(x, prototypes, check_options(precision=precision))
 
 
 def precisions_for(spec: str, dtype_name: str) -> tuple[str, ...]:

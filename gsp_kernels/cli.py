@@ -9,9 +9,15 @@ import sys
 
 import torch
 
-from . import __version__, tuning
-from ._build import build_info
-from .backends import BACKENDS, backend_status
+from . import __version__
+from .backends import (
+    BACKENDS,
+    backend_status,
+    parse_spec,
+    split_spec,
+    triton_tuned_config,
+)
+from .backends.native import build_info
 
 
 def _csv(text: str) -> list[str]:
@@ -41,19 +47,15 @@ def _known(items: list[str], allowed, what: str) -> list[str]:
 
 
 def _backend_specs(text: str) -> list[str]:
-    """'cuda,cuda@tf32x3,triton:gemm' -> the specs, each a known backend (parse_backend_spec checks
+    """'cuda,cuda@tf32x3,triton:gemm' -> the specs, each a known backend (parse_spec checks
     the precision and strategy)."""
-    from .benchmark import parse_backend_spec
-
     specs = _csv(text)
-    _known([parse_backend_spec(spec)[0] for spec in specs], BACKENDS, "backend(s)")
+    _known([parse_spec(spec)[0] for spec in specs], BACKENDS, "backend(s)")
     return specs
 
 
 def _backend_names(text: str) -> list[str]:
     """'reference,triton:gemm' -> the names, each a known backend (triton may name a strategy)."""
-    from .check import split_spec
-
     names = _csv(text)
     _known([split_spec(name)[0] for name in names], BACKENDS, "backend(s)")
     return names
@@ -202,7 +204,7 @@ def cmd_info(args) -> int:
         "build_info": build_info(),
         "device": str(device),
         "backends": {name: {"available": s.available, "reason": s.reason} for name, s in backend_status(device).items()},
-        "triton_tuned_config": tuning.describe(device),
+        "triton_tuned_config": triton_tuned_config(device),
     }
     if args.json:
         _write_json(args.json, info)

@@ -1,4 +1,5 @@
-"""`gsp_pool`: the public op, its validation, and its registration with the PyTorch dispatcher.
+"""`gsp_pool`: the public op (docs/math.md), its validation, and its registration with the PyTorch
+dispatcher.
 
 The dispatcher sees two custom ops, ``gsp_kernels::gsp_pool`` and
 ``gsp_kernels::gsp_pool_backward``, each with a fake (meta) implementation, tied together by
@@ -13,35 +14,39 @@ same backend functions: the custom-op wrapper costs ~50 µs of CPU per forward+b
 for tensor subclasses (fake tensors) the registered ops are used, so tracing sees one op per
 direction. Neither path has a double backward: the eager one refuses ``create_graph=True``, the
 registered one fails when its backward op is differentiated.
+
+The options travel as one ``contract.GSPOptions``; the registered ops take them as scalars, as
+their schema needs.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from . import _reference
-from ._reference_backend import autocast_off, compute_dtype
 from .backends import get_backend, resolve_backend
+from .contract import (
+    GSPOptions,
+    autocast_off,
+    check_options,
+    check_tensor,
+    compute_dtype,
+    options_for_call,
+)
 
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
 
-
-def _backend_forward(backend: str, x: Tensor, prototypes: Tensor, *options):
+def _backend_forward(backend: str, x: Tensor, prototypes: Tensor, options: GSPOptions):
     """The backend's forward, with the caller's autocast off (``autocast_off``: the op has its own
     precision policy)."""
     with autocast_off(x.device.type):
-        return get_backend(backend).forward(x, prototypes, *options)
+        return get_backend(backend).forward(x, prototypes, options)
 
 
-def _backend_backward(backend: str, *args):
+def _backend_backward(backend: str, grads: tuple, x: Tensor, prototypes: Tensor, u: Tensor, options: GSPOptions):
     """The backend's backward, with autocast off as in ``_backend_forward`` (a backward called
     inside an autocast region runs under it)."""
-    with autocast_off(args[3].device.type):  # x's device
-        return get_backend(backend).backward(*args)
+    with autocast_off(x.device.type):
+        return get_backend(backend).backward(*grads, x, prototypes, u, options)
 
 
 @torch.library.custom_op("gsp_kernels::gsp_pool", mutates_args=())
@@ -59,7 +64,8 @@ def _gsp_pool_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [B, N, D], prototypes [M, D] -> pooled [B, D], attr [B, M], weights [B, N], u [B]."""
-    return _backend_forward(backend, x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision)
+    options = GSPOptions(transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision)
+    return _backend_forward(backend, x, prototypes, options)
 
 
 @_gsp_pool_op.register_fake
@@ -88,10 +94,9 @@ def _gsp_pool_backward_op(
     precision: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Analytic backward (SPEC.md) -> grad_x (x's layout and dtype), grad_prototypes."""
-    return _backend_backward(
-        backend, grad_pooled, grad_attr, grad_weights, x, prototypes, u, transport_ratio, gamma, normalize, cost, precision
-    )
+    """Analytic backward (docs/math.md, Backward) -> grad_x (x's layout and dtype), grad_prototypes."""
+    options = GSPOptions(transport_ratio, gamma, normalize, cost, precision=precision)
+    return _backend_backward(backend, (grad_pooled, grad_attr, grad_weights), x, prototypes, u, options)
 
 
 @_gsp_pool_backward_op.register_fake
@@ -105,7 +110,7 @@ def _setup_context(ctx, inputs, output):
     x, prototypes, transport_ratio, gamma, normalize, cost, _solver, _max_iter, _tol, precision, backend = inputs
     u = output[3]
     ctx.save_for_backward(x, prototypes, u)
-    ctx.params = (transport_ratio, gamma, normalize, cost, precision, backend)
+    ctx.backward_params = (transport_ratio, gamma, normalize, cost, precision, backend)
 
 
 def _output_grads(x, prototypes, grad_pooled, grad_attr, grad_weights):
@@ -123,7 +128,7 @@ def _output_grads(x, prototypes, grad_pooled, grad_attr, grad_weights):
 def _backward(ctx, grad_pooled, grad_attr, grad_weights, _grad_u):
     x, prototypes, u = ctx.saved_tensors
     grads = _output_grads(x, prototypes, grad_pooled, grad_attr, grad_weights)
-    grad_x, grad_z = _gsp_pool_backward_op(*grads, x, prototypes, u, *ctx.params)
+    grad_x, grad_z = _gsp_pool_backward_op(*grads, x, prototypes, u, *ctx.backward_params)
     return grad_x, grad_z, None, None, None, None, None, None, None, None, None
 
 
@@ -135,12 +140,10 @@ class _EagerGspPool(torch.autograd.Function):
     without the custom-op wrapper (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision, backend):
-        pooled, attr, weights, u = _backend_forward(
-            backend, x, prototypes, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision
-        )
+    def forward(ctx, x, prototypes, options, backend):
+        pooled, attr, weights, u = _backend_forward(backend, x, prototypes, options)
         ctx.save_for_backward(x, prototypes, u)
-        ctx.params = (transport_ratio, gamma, normalize, cost, precision, backend)
+        ctx.options, ctx.backend = options, backend
         ctx.mark_non_differentiable(u)
         ctx.set_materialize_grads(False)
         return pooled, attr, weights, u
@@ -153,16 +156,15 @@ class _EagerGspPool(torch.autograd.Function):
             raise RuntimeError("gsp_pool has no double backward: its analytic backward is not differentiable "
                                "(backward or autograd.grad was called with create_graph=True)")
         x, prototypes, u = ctx.saved_tensors
-        *options, backend = ctx.params  # (mu, gamma, normalize, cost, precision), backend name
         grads = _output_grads(x, prototypes, grad_pooled, grad_attr, grad_weights)
-        grad_x, grad_z = _backend_backward(backend, *grads, x, prototypes, u, *options)
-        return grad_x, grad_z, None, None, None, None, None, None, None, None, None
+        grad_x, grad_z = _backend_backward(ctx.backend, grads, x, prototypes, u, ctx.options)
+        return grad_x, grad_z, None, None
 
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # nn.Parameter: learnable prototypes
 
 
-def _run_op(x: Tensor, prototypes: Tensor, *params):
+def _run_op(x: Tensor, prototypes: Tensor, options: GSPOptions, backend: str):
     """The registered op while tracing, under functorch transforms (vmap) or for tensor subclasses
     (fake tensors), else the eager path."""
     if (
@@ -171,44 +173,8 @@ def _run_op(x: Tensor, prototypes: Tensor, *params):
         or type(prototypes) not in _PLAIN_TENSOR_TYPES
         or torch._C._are_functorch_transforms_active()
     ):
-        return _gsp_pool_op(x, prototypes, *params)
-    return _EagerGspPool.apply(x, prototypes, *params)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def _check_tensor(name: str, t) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
-
-
-def _check_real(name: str, value, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    # Comparisons, not math.isfinite: under torch.compile a float argument may be symbolic.
-    if not -math.inf < value < math.inf or (positive and value <= 0):
-        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
-    return value
-
-
-def _check_representable(mu: float, gamma: float, n: int, dtype: torch.dtype) -> None:
-    """gamma finite and N·mu a normal number in the compute dtype (else the weights are NaN or
-    do not sum to 1)."""
-    limits = torch.finfo(dtype)
-    if gamma > limits.max:
-        raise ValueError(f"gamma={gamma:g} overflows {dtype}, the compute dtype of these inputs (float64 inputs compute in float64)")
-    if mu * n < limits.tiny:
-        raise ValueError(
-            f"transport_ratio={mu:g} is too small: N·mu = {mu * n:g} is below {dtype}'s smallest normal number {limits.tiny:g}"
-        )
+        return _gsp_pool_op(x, prototypes, *options, backend)
+    return _EagerGspPool.apply(x, prototypes, options, backend)
 
 
 def _as_features(x: Tensor) -> Tensor:
@@ -235,7 +201,7 @@ def gsp_pool(
     backend: str = "auto",
     return_weights: bool = False,
 ):
-    """Generalized Sum Pooling (SPEC.md): pool the features of each sample with OT weights.
+    """Generalized Sum Pooling (docs/math.md): pool the features of each sample with OT weights.
 
     Args:
         x: features ``[B, N, D]``, or a channels-first map ``[B, D, H, W]`` (N = H*W, read
@@ -268,8 +234,8 @@ def gsp_pool(
     sample's features gives NaN in that sample's outputs, and in prototypes, NaN everywhere;
     the solve is bounded by ``max_iter``, so it never hangs.
     """
-    _check_tensor("x", x)
-    _check_tensor("prototypes", prototypes)
+    check_tensor("x", x)
+    check_tensor("prototypes", prototypes)
     features = _as_features(x)
     if prototypes.dim() != 2:
         raise ValueError(f"prototypes must be [M, D], got shape {tuple(prototypes.shape)}")
@@ -280,28 +246,12 @@ def gsp_pool(
         )
     if x.device != prototypes.device:
         raise ValueError(f"x is on {x.device} but prototypes is on {prototypes.device}")
-    mu = _check_real("transport_ratio", transport_ratio, positive=True)
-    if mu > 1.0:
-        raise ValueError(f"transport_ratio must be in (0, 1], got {mu}")
-    gamma = _check_real("gamma", gamma, positive=True)
-    _check_choice("normalize", normalize, _reference.NORMALIZE_MODES)
-    _check_choice("cost", cost, _reference.COST_MODES)
-    _check_choice("solver", solver, _reference.SOLVERS)
-    if max_iter is None:
-        max_iter = _reference.default_max_iter(solver)
-    elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    dtype = compute_dtype(x, prototypes)
-    _check_representable(mu, gamma, features.shape[1], dtype)
-    if tol is None:
-        tol = _reference.default_tol(dtype)
-    else:
-        tol = _check_real("tol", tol, positive=True)
-    _check_choice("precision", precision, PRECISIONS)
+    options = check_options(transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision)
+    options = options_for_call(options, features.shape[1], compute_dtype(x, prototypes))
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    name = resolve_backend(backend, features, prototypes, solver, normalize, cost, precision)
-    pooled, attr, weights, _u = _run_op(features, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision, name)
+    name = resolve_backend(backend, features, prototypes, options)
+    pooled, attr, weights, _u = _run_op(features, prototypes, options, name)
     if not return_weights:
         return pooled, attr
     if x.dim() == 4:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 # The contract's snap threshold (SPEC/_reference.py): a constant of the function, not its code.
-from gsp_kernels._reference import cost_snap
+from gsp_kernels.contract import cost_snap
 
 # exp(−γ c) is formed directly (the paper's way) while log s_i stays inside ±this bound,
 # so t·s_i never over- or underflows in float64; otherwise the same iteration runs in u = log t.

@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from gsp_kernels.backbones import PatchTokens, resolve_arch
 from gsp_kernels.backends import available_backends
 from gsp_kernels.nn import GSPNet, replace_global_pool
-from gsp_kernels.pretrained import cached_weights_path, load_backbone_weights
+from gsp_kernels.nn.backbones import PatchTokens, resolve_arch
+from gsp_kernels.nn.pretrained import cached_weights_path, load_backbone_weights
 from gsp_kernels.training.models import build_model
 
 
@@ -435,7 +435,7 @@ def test_compile_channels_last_and_autocast_through_the_wrappers():
 def test_pretrained_torchvision_vit_partial_checkpoint_and_wrapped_gspnet(tmp_path):
     """A torchvision ViT state dict (its heads unexpected), one with a tensor dropped (reported
     missing, left as initialized), and a saved GSPNet (its trunk loads, its GSP head is unexpected)."""
-    from gsp_kernels.backbones import TorchvisionViTBackbone
+    from gsp_kernels.nn.backbones import TorchvisionViTBackbone
 
     source = _torchvision_vit()
     state = source.state_dict()

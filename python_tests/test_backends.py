@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from gsp_kernels import backends
+from gsp_kernels.contract import GSPOptions
 
 
 def stand_in(unsupported_reason=None, unavailable_reason=None):
     """A backend module that runs anywhere, or declines with the given reasons."""
     return SimpleNamespace(
         availability=lambda device: unavailable_reason,
-        unsupported=lambda x, prototypes, solver, normalize, cost, precision: unsupported_reason,
+        unsupported=lambda x, prototypes, options: unsupported_reason,
     )
 
 
@@ -33,7 +34,7 @@ def gpu_features(dtype):
 
 def resolve(x, name="auto", solver="newton"):
     prototypes = SimpleNamespace(device=x.device, dtype=torch.float32)
-    return backends.resolve_backend(name, x, prototypes, solver, "lipschitz", "euclidean")
+    return backends.resolve_backend(name, x, prototypes, GSPOptions(0.3, 5.0, solver=solver))
 
 
 @pytest.mark.parametrize(

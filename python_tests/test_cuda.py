@@ -10,9 +10,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import rel_err
-from gsp_kernels import _reference, backend_status, gsp_pool
+
+from gsp_kernels import backend_status, contract, gsp_pool
+from gsp_kernels.backends import reference as _reference
+from gsp_kernels.contract import GSPOptions
 
 pytestmark = pytest.mark.gpu
 
@@ -119,8 +121,8 @@ def test_tf32x3_clustered_and_strided():
     _check(x, z, grads, gamma=30.0, precision="tf32x3", x_input=x_t)
 
 
-@pytest.mark.parametrize("normalize", _reference.NORMALIZE_MODES)
-@pytest.mark.parametrize("cost", _reference.COST_MODES)
+@pytest.mark.parametrize("normalize", contract.NORMALIZE_MODES)
+@pytest.mark.parametrize("cost", contract.COST_MODES)
 @pytest.mark.parametrize("scale", [0.1, 3.0])  # norms below and above 1 (lipschitz passes / projects)
 def test_normalize_and_cost_options(normalize, cost, scale):
     x, z, grads = _inputs((3, 50, 96, 24), torch.float32, seed=1, scale=scale)
@@ -128,7 +130,7 @@ def test_normalize_and_cost_options(normalize, cost, scale):
 
 
 @pytest.mark.parametrize("gamma", [0.1, 5.0, 30.0, 100.0])
-@pytest.mark.parametrize("cost", _reference.COST_MODES)
+@pytest.mark.parametrize("cost", contract.COST_MODES)
 def test_clustered_features_and_exact_match(gamma, cost):
     x, z, grads = _inputs((3, 196, 128, 32), torch.float32, seed=2, clustered=True)
     pooled, attr, weights, grad_x, grad_z = _check(x, z, grads, gamma=gamma, cost=cost)
@@ -282,7 +284,7 @@ def test_unsupported_shapes_and_options_are_rejected():
 
 
 def test_native_errors_surface_as_python_exceptions():
-    from gsp_kernels import _build
+    from gsp_kernels.backends import native as _build
 
     native = _build._C
     x = torch.randn(2, 2000, 8, device="cuda")  # beyond the kernel's N limit
@@ -300,9 +302,9 @@ def test_native_errors_surface_as_python_exceptions():
 
 def test_default_newton_matches_reference_u():
     x, z, _ = _inputs((4, 196, 128, 32), torch.float32, seed=14)
-    from gsp_kernels import _cuda
+    from gsp_kernels.backends import cuda as _cuda
 
-    _, _, _, u = _cuda.forward(x, z, 0.3, 5.0, "lipschitz", "euclidean", "newton", 64, 1e-6, "auto")
+    _, _, _, u = _cuda.forward(x, z, GSPOptions(0.3, 5.0, "lipschitz", "euclidean", "newton", 64, 1e-6, "auto"))
     _, _, _, u64 = _reference.gsp_forward(x.double(), z.double(), 0.3, 5.0)
     assert u.dtype == torch.float32
     assert torch.allclose(u.double(), u64, rtol=1e-4, atol=1e-4)

@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from gsp_kernels import _build, _reference
+from gsp_kernels import contract
+from gsp_kernels.backends import native as _build
+from gsp_kernels.backends import reference as _reference
 
 _C = _build._C
 pytestmark = pytest.mark.skipif(_C is None, reason=f"gsp_kernels._C is not built: {_build.NATIVE_IMPORT_ERROR}")
@@ -38,8 +40,8 @@ def _ell_cases():
 @pytest.mark.parametrize("mu", [0.01, 0.1, 0.3, 0.5, 0.9, 0.999])
 @pytest.mark.parametrize("name,ell", _ell_cases(), ids=lambda v: v if isinstance(v, str) else "")
 def test_newton_host_matches_reference(name, ell, mu):
-    tol = _reference.default_tol(torch.float32)
-    max_iter = _reference.default_max_iter("newton")
+    tol = contract.default_tol(torch.float32)
+    max_iter = contract.default_max_iter("newton")
     u_host, iterations = _C.newton_solve_host(ell.tolist(), mu, tol, max_iter)
     u_ref = _reference.solve_newton(ell.unsqueeze(0), mu, tol, max_iter).item()
     assert math.isfinite(u_host)
@@ -101,7 +103,7 @@ def test_cost_host_matches_reference_snap():
     zh = torch.cat([xh[:3], torch.randn(5, 33, generator=gen) * 0.2])  # three exact matches
     sq_ref = _reference.squared_costs(xh.unsqueeze(0), zh)[0]  # [64, 8]
     xx, zz, dots = (xh * xh).sum(-1), (zh * zh).sum(-1), xh @ zh.t()
-    for cost in _reference.COST_MODES:
+    for cost in contract.COST_MODES:
         ref = _reference.costs_from_squared(sq_ref, cost)
         host = torch.tensor(
             [[_C.cost_host(xx[i].item(), zz[k].item(), dots[i, k].item(), cost) for k in range(8)] for i in range(64)]

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from oracles import random_inputs
 from test_triton import OUTPUT_NAMES, SMALL_TILES, outputs_and_grads
 
-from gsp_kernels import _triton, available_backends
+from gsp_kernels import available_backends
+from gsp_kernels.backends import triton as _triton
+from gsp_kernels.backends.triton import launch as triton_launch
 
 FLOAT32_TOL = 1e-5  # SPEC.md: float32 with IEEE products
 # A kernel may lose this many times the float32 reference's error: both round the same
@@ -84,13 +86,13 @@ def test_triton_matches_reference(shape, params, precision, seed, near_fraction,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if "triton" not in available_backends(device):
         pytest.skip("triton is not available here")
-    previous = _triton.BLOCK_OVERRIDE
-    _triton.BLOCK_OVERRIDE = SMALL_TILES if small_tiles else None  # several tiles along N, M and D
+    previous = triton_launch.BLOCK_OVERRIDE
+    triton_launch.BLOCK_OVERRIDE = SMALL_TILES if small_tiles else None  # several tiles along N, M and D
     try:
         with _triton.use_strategy(strategy):
             check_backend("triton", device, shape, params, precision, seed, near_fraction)
     finally:
-        _triton.BLOCK_OVERRIDE = previous
+        triton_launch.BLOCK_OVERRIDE = previous
 
 
 @pytest.mark.gpu

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import rel_err
 
-from gsp_kernels.backbones import PatchTokens
 from gsp_kernels.backends import available_backends
 from gsp_kernels.nn import GSP, GSPOutput, kcenter_indices
+from gsp_kernels.nn.backbones import PatchTokens
 
 
 def straightforward_plan(x, prototypes, mu, gamma, iterations=3000):

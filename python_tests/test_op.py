@@ -10,6 +10,7 @@ from oracles import paper_gsp, random_inputs
 
 import gsp_kernels
 from gsp_kernels import backend_status, gsp_pool
+from gsp_kernels.contract import GSPOptions
 from gsp_kernels.ops import _gsp_pool_backward_op, _gsp_pool_op
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
@@ -106,7 +107,8 @@ def test_eager_path_matches_registered_op(dtype, used):
     params = OP_PARAMS
 
     def eager(x, z):
-        return gsp_kernels.ops._run_op(x, z, *params)
+        *options, backend = params
+        return gsp_kernels.ops._run_op(x, z, GSPOptions(*options), backend)
 
     def registered(x, z):
         return _gsp_pool_op(x, z, *params)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import rel_err
+
 from gsp_kernels import gsp_pool
 from gsp_kernels._paper import (
     LipschitzNormalize,

@@ -14,7 +14,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from gsp_kernels import _triton
+from gsp_kernels.backends import triton as _triton
+from gsp_kernels.backends.triton import launch as triton_launch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "split_guard.py"
 # Two tiles per sample (BLOCK_N = 64), and the one-feature corner.
@@ -34,18 +35,18 @@ def guard():
 def test_passes_on_the_kernels(guard, capsys):
     guard.main(ARGS)
     assert "SPLIT_GUARD_OK" in capsys.readouterr().out
-    assert _triton.SPLIT_SAMPLES, "the guard must leave the split on"
+    assert triton_launch.SPLIT_SAMPLES, "the guard must leave the split on"
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the unwritten scratch
 def test_fails_when_a_split_program_drops_a_feature(guard, monkeypatch, capsys):
-    sample_tiles = _triton._sample_tiles
+    sample_tiles = triton_launch.sample_tiles
 
     def short_tiles(n, block_n):  # one feature fewer per program, only when split
         tiles, per_tile = sample_tiles(n, block_n)
-        return (tiles, per_tile - 1) if _triton.SPLIT_SAMPLES and tiles > 1 else (tiles, per_tile)
+        return (tiles, per_tile - 1) if triton_launch.SPLIT_SAMPLES and tiles > 1 else (tiles, per_tile)
 
-    monkeypatch.setattr(_triton, "_sample_tiles", short_tiles)
+    monkeypatch.setattr(triton_launch, "sample_tiles", short_tiles)
     with pytest.raises(SystemExit) as exit_info:
         guard.main(ARGS)
     assert exit_info.value.code == 1
@@ -73,7 +74,7 @@ def test_fails_when_repeats_move(guard, monkeypatch, capsys):
 
 @pytest.mark.parametrize("value, expected", [("0", False), ("1", True)])
 def test_environment_turns_the_split_off(value, expected):
-    code = "from gsp_kernels import _triton; print(_triton.SPLIT_SAMPLES)"
+    code = "from gsp_kernels.backends.triton import launch; print(launch.SPLIT_SAMPLES)"
     env = {**os.environ, "GSP_TRITON_SPLIT": value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(expected)

@@ -13,7 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from gsp_kernels import _triton
+from gsp_kernels.backends import triton as _triton
+from gsp_kernels.backends.triton import fused as triton_fused
+from gsp_kernels.backends.triton import launch as triton_launch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "sweep_triton.py"
 
@@ -31,12 +33,12 @@ def sweep():
 
 
 def test_smoke_sweep(sweep, tmp_path):
-    device = torch.device("cuda" if torch.cuda.is_available() and not _triton._INTERPRETED else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not triton_launch.INTERPRETED else "cpu")
     if _triton.availability(device) is not None:
         pytest.skip(_triton.availability(device))
     out = tmp_path / "sweep.json"
     returned = sweep.main(["--smoke", "--json", str(out)])
-    assert _triton.BLOCK_OVERRIDE is None and _triton.GEMM_OVERRIDE is None, "the sweep must reset the overrides"
+    assert triton_launch.BLOCK_OVERRIDE is None and triton_fused.GEMM_OVERRIDE is None, "the sweep must reset the overrides"
 
     report = json.loads(out.read_text())
     assert report["rows"] == json.loads(json.dumps(returned["rows"]))  # the file is the final report
@@ -48,7 +50,7 @@ def test_smoke_sweep(sweep, tmp_path):
     problem = sweep.Problem(2, 9, 20, 7, 5.0, 0.3, "lipschitz", "euclidean", "newton")
     # The GEMM's second smoke config splits the 18 features in two and D=20 in two tiles.
     gemm = sweep.smoke_configs(problem, "coef_x")[1]
-    assert _triton._split_k_config(18, 7, 20, gemm["programs_wanted"], gemm["BLOCK_K"], gemm["BLOCK_M"],
+    assert triton_fused._split_k_config(18, 7, 20, gemm["programs_wanted"], gemm["BLOCK_K"], gemm["BLOCK_M"],
                                    gemm["BLOCK_D"])[4] == 2 and gemm["BLOCK_D"] == 16
     for kernel in sweep.KERNELS:
         expected = sweep.smoke_configs(problem, kernel)
@@ -81,9 +83,9 @@ def test_smoke_sweep(sweep, tmp_path):
 def test_write_config(sweep, tmp_path, monkeypatch):
     """--write-config: per dtype the fastest deterministic and accurate strategy and tiles, in a
     file that the backend then follows; the sweep itself measures against the built-in rules."""
-    from gsp_kernels import tuning
+    from gsp_kernels.backends.triton import tuning
 
-    device = torch.device("cuda" if torch.cuda.is_available() and not _triton._INTERPRETED else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not triton_launch.INTERPRETED else "cpu")
     if _triton.availability(device) is not None:
         pytest.skip(_triton.availability(device))
     monkeypatch.setenv(tuning.ENV_VAR, str(tmp_path / "ignored-while-sweeping.json"))  # would fail if loaded

@@ -11,7 +11,14 @@ import pytest
 import torch
 from oracles import random_inputs
 
-from gsp_kernels import _reference, _triton, _triton_gemm, gsp_pool
+from gsp_kernels import gsp_pool
+from gsp_kernels.backends import reference as _reference
+from gsp_kernels.backends import triton as _triton
+from gsp_kernels.backends.triton import fused as triton_fused
+from gsp_kernels.backends.triton import gemm as _triton_gemm
+from gsp_kernels.backends.triton import kernels as triton_kernels
+from gsp_kernels.backends.triton import launch as triton_launch
+from gsp_kernels.contract import NORMALIZE_CODES, GSPOptions
 from gsp_kernels.ops import _gsp_pool_op
 
 # ‖out − ref‖ / ‖ref‖ per input dtype (SPEC.md "Oracles for tests").
@@ -34,7 +41,7 @@ def tiles(monkeypatch):
     """Force a block-size table for one test: tiles(SMALL_TILES)."""
 
     def apply(override):
-        monkeypatch.setattr(_triton, "BLOCK_OVERRIDE", override)
+        monkeypatch.setattr(triton_launch, "BLOCK_OVERRIDE", override)
 
     return apply
 
@@ -193,9 +200,9 @@ def test_one_program_per_sample_matches_split(case, tiles, monkeypatch, strategy
         tiles(SMALL_TILES)
     x, prototypes = inputs(*shape, seed=len(case))
     split = outputs_and_grads(x, prototypes, "triton", **options)
-    monkeypatch.setattr(_triton, "SPLIT_SAMPLES", False)
+    monkeypatch.setattr(triton_launch, "SPLIT_SAMPLES", False)
     whole = outputs_and_grads(x, prototypes, "triton", **options)
-    assert _triton._sample_tiles(shape[1], 16 if small_tiles else 64) == (1, shape[1])
+    assert triton_launch.sample_tiles(shape[1], 16 if small_tiles else 64) == (1, shape[1])
     for name, a, b in zip(OUTPUT_NAMES, whole, split):
         if small_tiles:
             assert_close(a, b, 1e-6, name)
@@ -254,8 +261,8 @@ def test_huge_gamma_is_finite(normalize, strategy):
 def test_unsupported_and_availability():
     x, prototypes = inputs(1, 4, 3, 5)
     assert _triton.availability(torch.device("cpu")) is None  # conftest sets TRITON_INTERPRET=1
-    assert _triton.unsupported(x, prototypes, "newton", "lipschitz", "euclidean", "auto") is None
-    assert "float64" in _triton.unsupported(x.double(), prototypes, "newton", "lipschitz", "euclidean", "auto")
+    assert _triton.unsupported(x, prototypes, GSPOptions(0.3, 5.0)) is None
+    assert "float64" in _triton.unsupported(x.double(), prototypes, GSPOptions(0.3, 5.0))
     with pytest.raises(ValueError, match="float64"):
         gsp_pool(x.double(), prototypes.double(), backend="triton")
 
@@ -263,9 +270,9 @@ def test_unsupported_and_availability():
 def test_block_sizes_are_bucketed():
     """Constexpr tiles come from a cached table keyed by power-of-two buckets: no recompiles for
     nearby shapes, and every tl.dot dimension is at least 16."""
-    assert _triton._launch_config(196, 128, 512, False) == _triton._launch_config(200, 100, 300, False)
+    assert triton_fused._launch_config(196, 128, 512, False) == triton_fused._launch_config(200, 100, 300, False)
     for n, m, d in [(1, 1, 1), (49, 32, 2048), (196, 128, 512), (1024, 256, 1024)]:
-        config = _triton._launch_config(n, m, d, True)
+        config = triton_fused._launch_config(n, m, d, True)
         assert min(config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_D"]) >= 16
 
 
@@ -350,7 +357,7 @@ def test_strategy_environment_is_read_at_import(value):
     import sys
 
     env = {**os.environ, "GSP_TRITON_STRATEGY": value, "TRITON_INTERPRET": "1"}
-    script = "from gsp_kernels import _triton; print(_triton.STRATEGY)"
+    script = "from gsp_kernels.backends import triton; print(triton.STRATEGY)"
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False,
     )
@@ -485,8 +492,8 @@ def test_gpu_cuda_graph_replays_eager_bits(dtype, strategy):
     options = (0.3, 5.0, "lipschitz", "euclidean")
 
     def step():
-        pooled, attr, weights, u = _triton.forward(x, prototypes, *options, "newton", 64, 1e-6, "auto")
-        return (pooled, attr, weights, *_triton.backward(*grads, x, prototypes, u, *options, "auto"))
+        pooled, attr, weights, u = _triton.forward(x, prototypes, GSPOptions(*options, "newton", 64, 1e-6, "auto"))
+        return (pooled, attr, weights, *_triton.backward(*grads, x, prototypes, u, GSPOptions(*options, precision="auto")))
 
     eager = step()
     side = torch.cuda.Stream()
@@ -536,11 +543,11 @@ def test_prototype_gradient_epilogue(normalize, dtype):
     prototypes = storage.to(device=device, dtype=dtype).t()  # [M, D], strides (1, M)
     grad_z = torch.empty(m, d, dtype=dtype, device=device)
     unused = torch.zeros(1, 1, 1, dtype=dtype, device=device)  # grad_x operands: no grad_x programs
-    _triton._gsp_backward_finish_kernel[(m,)](
+    triton_kernels._gsp_backward_finish_kernel[(m,)](
         partials, splits, col_sum, batch, partials, partials, prototypes, *prototypes.stride(), grad_z,
         unused, *unused.stride(), unused, unused, *unused.stride(),
         0, 1, m, d, 1,
-        BLOCK_ZD=512, BLOCK_B=256, NORMALIZE=_triton._NORMALIZE_CODES[normalize],
+        BLOCK_ZD=512, BLOCK_B=256, NORMALIZE=NORMALIZE_CODES[normalize],
         BLOCK_R=16, BLOCK_K=16, BLOCK_D=16, SPLIT_BF16=False, NATIVE_HALF_DOT=False, PRECISION="ieee",
     )
     z_hat, z_div = _reference.normalize_rows(prototypes.double(), normalize)
@@ -632,7 +639,7 @@ def _compile_kernels_for_sm90() -> list[str]:
     D=512) to an sm_90 cubin, without a GPU: catches errors that the interpreter cannot see
     (bfloat16 tensor-core dots, loop-carried types, layouts), and reports each build's
     registers and stack (spills). Returns one line per variant."""
-    assert not _triton._INTERPRETED
+    assert not triton_launch.INTERPRETED
     compile_one = _compile_one
     lines = []
     n, m, d = 196, 128, 512
@@ -644,9 +651,9 @@ def _compile_kernels_for_sm90() -> list[str]:
         mixed = dtype != prototype_dtype
         f32_pointers = {"z_ptr"} if mixed else set()
         for precision in ("auto", "tf32") if dtype == torch.float32 else ("auto",):
-            cast_f32, dot_precision, f32_precision, _ = _triton._resolve_precision(x, prototypes, precision)
-            half = _triton._half_products(x, prototypes)
-            config = dict(_triton._launch_config(n, m, d, half))
+            cast_f32, dot_precision, f32_precision, _ = triton_launch.resolve_precision(x, prototypes, precision)
+            half = triton_launch.half_products(x, prototypes)
+            config = dict(triton_fused._launch_config(n, m, d, half))
             launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
             # BLOCK_ALL_N (ℓ of a whole sample in registers): the typical N (196 -> 256), then 1024.
             for newton, gap, all_n in ((True, False, 256), (False, False, 256), (True, True, 256), (True, False, 1024)):
@@ -656,15 +663,15 @@ def _compile_kernels_for_sm90() -> list[str]:
                     POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
                     SPLIT_HALF=dtype != torch.float32, NATIVE_HALF_DOT=True, PARTS=0, stride_lm=1,
                 )
-                kernel = _triton._gsp_forward_kernel
+                kernel = triton_kernels._gsp_forward_kernel
                 lines.append(compile_one(kernel, dtype, FORWARD_F32_POINTERS | f32_pointers, constexprs, **launch))
-            config = dict(_triton._launch_config(n, m, d, half, backward=True))
+            config = dict(triton_fused._launch_config(n, m, d, half, backward=True))
             launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
             constexprs = dict(
                 config, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=cast_f32, PRECISION=dot_precision,
                 stride_xd=1, stride_zd=1, PARTS=0, V_PAIR=False, stride_cm=1,
             )
-            lines.append(compile_one(_triton._gsp_backward_kernel, dtype, BACKWARD_F32_POINTERS | f32_pointers, constexprs, **launch))
+            lines.append(compile_one(triton_kernels._gsp_backward_kernel, dtype, BACKWARD_F32_POINTERS | f32_pointers, constexprs, **launch))
             if mixed:
                 continue
             if precision == "auto":  # the gemm strategy's builds do not depend on it
@@ -675,15 +682,15 @@ def _compile_kernels_for_sm90() -> list[str]:
                 BLOCK_ZD=512, BLOCK_B=256, NORMALIZE=1, stride_xd=1, stride_zd=1, stride_gd=1,
             )
             lines.append(compile_one(
-                _triton._gsp_backward_finish_kernel, dtype, {"partial_ptr", "col_sum_ptr", "coef_ptr", "row_coefs_ptr"},
+                triton_kernels._gsp_backward_finish_kernel, dtype, {"partial_ptr", "col_sum_ptr", "coef_ptr", "row_coefs_ptr"},
                 constexprs, 4, launch["num_stages"],
             ))
-            block_k, block_m, block_d, _, _ = _triton._split_k_config(256 * n, m, d, 264)
+            block_k, block_m, block_d, _, _ = triton_fused._split_k_config(256 * n, m, d, 264)
             constexprs = dict(
                 BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_BF16=dtype == torch.bfloat16,
                 NATIVE_HALF_DOT=True, PRECISION=f32_precision, stride_xd=1,
             )
-            lines.append(compile_one(_triton._gsp_coef_x_kernel, dtype, {"coef_ptr", "partial_ptr"}, constexprs, 4, 3))
+            lines.append(compile_one(triton_kernels._gsp_coef_x_kernel, dtype, {"coef_ptr", "partial_ptr"}, constexprs, 4, 3))
     return lines
 
 
@@ -704,7 +711,7 @@ def _compile_gemm_strategy(dtype, precision) -> list[str]:
     n, m, d = 196, 128, 512
     half = dtype != torch.float32
     x = torch.empty(1, n, d, dtype=dtype)
-    _, _, f32_precision, _ = _triton._resolve_precision(x, torch.empty(m, d, dtype=dtype), precision)
+    _, _, f32_precision, _ = triton_launch.resolve_precision(x, torch.empty(m, d, dtype=dtype), precision)
     lines = []
     # rows: x [B, N, D] and the products [B·N, M]; channels-first: x [B, D, N], products [B, M, N].
     for x_strides, product_stride in (({"stride_xd": 1}, "m"), ({"stride_xn": 1}, "n")):
@@ -715,7 +722,7 @@ def _compile_gemm_strategy(dtype, precision) -> list[str]:
             CAST_F32=False, PRECISION="ieee", POOL_PRECISION="ieee" if f32_precision == "ieee" else "tf32x3",
             SPLIT_HALF=half, NATIVE_HALF_DOT=True, PARTS=1, stride_zd=1, **{f"stride_l{product_stride}": 1},
         )
-        lines.append(compile_one(_triton._gsp_forward_kernel, dtype, FORWARD_F32_POINTERS, constexprs, **launch))
+        lines.append(compile_one(triton_kernels._gsp_forward_kernel, dtype, FORWARD_F32_POINTERS, constexprs, **launch))
         config = dict(_triton_gemm._launch_config(n, m, d, half, backward=True, rows_layout=product_stride == "m"))
         launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
         constexprs = dict(
@@ -723,20 +730,20 @@ def _compile_gemm_strategy(dtype, precision) -> list[str]:
             PARTS=1, V_PAIR=dtype == torch.bfloat16, stride_zd=1,
             **{f"stride_c{product_stride}": 1, f"stride_v{product_stride}": 1},
         )
-        lines.append(compile_one(_triton._gsp_backward_kernel, dtype, BACKWARD_F32_POINTERS, constexprs, **launch))
+        lines.append(compile_one(triton_kernels._gsp_backward_kernel, dtype, BACKWARD_F32_POINTERS, constexprs, **launch))
     for with_gy in (False, True):
         constexprs = {
             "BLOCK_R": _triton_gemm._ROWS_BLOCK, "BLOCK_D": _triton_gemm._COLS_BLOCK, "WITH_GY": with_gy,
             "stride_xd": 1, "stride_zd": 1,
         }
         f32_pointers = {"x_sq_ptr", "x_gy_ptr", "z_sq_ptr"}
-        lines.append(compile_one(_triton_gemm._gsp_gemm_norms_kernel, dtype, f32_pointers, constexprs, 4, 3))
+        lines.append(compile_one(triton_kernels._gsp_gemm_norms_kernel, dtype, f32_pointers, constexprs, 4, 3))
     constexprs = {
         "BLOCK_ZD": 512, "BLOCK_B": 256, "NORMALIZE": 1, "BLOCK_R": _triton_gemm._ROWS_BLOCK,
         "BLOCK_D": _triton_gemm._COLS_BLOCK, "stride_xd": 1, "stride_zd": 1, "stride_gd": 1, "stride_vd": 1,
     }
     f32_pointers = {"partial_ptr", "col_sum_ptr", "row_coefs_ptr", "coef_z_ptr"}
-    lines.append(compile_one(_triton_gemm._gsp_gemm_backward_finish_kernel, dtype, f32_pointers, constexprs, 4, 3))
+    lines.append(compile_one(triton_kernels._gsp_gemm_backward_finish_kernel, dtype, f32_pointers, constexprs, 4, 3))
     return lines
 
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from test_triton import OUTPUT_NAMES, assert_close, channels_first_map, inputs
 
-from gsp_kernels import _triton, _triton_gemm
+from gsp_kernels.backends import triton as _triton
+from gsp_kernels.backends.triton import gemm as _triton_gemm
+from gsp_kernels.contract import GSPOptions
 
 
 @pytest.mark.parametrize("channels_first", [False, True])
@@ -132,8 +134,8 @@ def test_gemm_strategy_ignores_the_callers_autocast(x_dtype, prototype_dtype, ch
     options = (0.3, 5.0, "lipschitz", "euclidean")
 
     def step():
-        pooled, attr, weights, u = _triton.forward(x, prototypes, *options, "newton", 64, 1e-6, "auto")
-        return (pooled, attr, weights, *_triton.backward(*grads, x, prototypes, u, *options, "auto"))
+        pooled, attr, weights, u = _triton.forward(x, prototypes, GSPOptions(*options, "newton", 64, 1e-6, "auto"))
+        return (pooled, attr, weights, *_triton.backward(*grads, x, prototypes, u, GSPOptions(*options, precision="auto")))
 
     columns, _ = _triton_gemm._prototype_columns(x, prototypes)
     with _triton.use_strategy("gemm"):
@@ -210,8 +212,8 @@ def test_gpu_gemm_strategy_ignores_the_callers_autocast(x_dtype, prototype_dtype
     options = (0.3, 5.0, "lipschitz", "euclidean")
 
     def step():
-        pooled, attr, weights, u = _triton.forward(x, prototypes, *options, "newton", 64, 1e-6, "auto")
-        return (pooled, attr, weights, *_triton.backward(*grads, x, prototypes, u, *options, "auto"))
+        pooled, attr, weights, u = _triton.forward(x, prototypes, GSPOptions(*options, "newton", 64, 1e-6, "auto"))
+        return (pooled, attr, weights, *_triton.backward(*grads, x, prototypes, u, GSPOptions(*options, precision="auto")))
 
     with _triton.use_strategy("gemm"):
         plain = step()
@@ -235,6 +237,6 @@ def test_gpu_deterministic_algorithms(monkeypatch):
         with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG"):
             torch.mm(x[0], prototypes.t())
         assert _triton.strategy_for(x, prototypes) == "fused"
-        _triton.forward(x, prototypes, 0.3, 5.0, "lipschitz", "euclidean", "newton", 64, 1e-6, "auto")
+        _triton.forward(x, prototypes, GSPOptions(0.3, 5.0, "lipschitz", "euclidean", "newton", 64, 1e-6, "auto"))
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -1,4 +1,4 @@
-"""Per-device tuned configurations (gsp_kernels.tuning): file format, validation, merge, lookup
+"""Per-device tuned configurations (gsp_kernels.backends.triton.tuning): file format, validation, merge, lookup
 rules, the environment override, and `gsp-kernels info`."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gsp_kernels import tuning
+from gsp_kernels.backends.triton import tuning
 
 PRODUCED = {"date": "2026-12-01", "commit": "abc1234", "gpu": "NVIDIA H200", "driver": "570.1", "torch": "2.11.0",
             "triton": "3.6.0", "cuda": "13.0", "command": "bench/sweep_triton.py"}
@@ -151,12 +151,15 @@ def test_info_names_the_file_in_force(tmp_path, clean_cache, capsys):
 
 def test_tuned_entry_reaches_the_triton_kernels(tmp_path, clean_cache):
     """A forced file's strategy and tiles are what the backend launches (and stays exact)."""
-    _triton = pytest.importorskip("gsp_kernels._triton")
+    _triton = pytest.importorskip("gsp_kernels.backends.triton")
     if _triton.availability(torch.device("cpu")) is not None:
         pytest.skip(_triton.availability(torch.device("cpu")))
     from conftest import rel_err
 
-    from gsp_kernels import _reference, gsp_pool
+    from gsp_kernels import gsp_pool
+    from gsp_kernels.backends import reference as _reference
+    from gsp_kernels.backends.triton import fused as triton_fused
+    from gsp_kernels.backends.triton import kernels as triton_kernels
 
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(2, 20, 24, generator=generator)  # buckets: batch 2, n 32, d 32
@@ -169,7 +172,7 @@ def test_tuned_entry_reaches_the_triton_kernels(tmp_path, clean_cache):
     def run_and_record(monkeypatch):
         launches.clear()
         for name in ("_gsp_forward_kernel", "_gsp_backward_kernel", "_gsp_coef_x_kernel"):
-            kernel = getattr(_triton, name)
+            kernel = getattr(triton_kernels, name)
             original = kernel.run
 
             def run(*args, _name=name, _original=original, **kwargs):
@@ -182,7 +185,7 @@ def test_tuned_entry_reaches_the_triton_kernels(tmp_path, clean_cache):
         torch.autograd.backward((pooled, attr), grads)
         return pooled, attr, xg.grad, zg.grad
 
-    default = _triton._tile_config(32, 16, 32, False, False)
+    default = triton_fused._tile_config(32, 16, 32, False, False)
     run_and_record(clean_cache)
     assert launches["_gsp_forward_kernel"]["BLOCK_N"] == default["BLOCK_N"] == 32
 
@@ -210,7 +213,7 @@ def test_tuned_entry_reaches_the_triton_kernels(tmp_path, clean_cache):
     run_and_record(clean_cache)
     assert _triton.strategy_for(x, z) == "gemm"
     assert set(launches) == {"_gsp_forward_kernel", "_gsp_backward_kernel"}  # products from torch, no split-K GEMM
-    from gsp_kernels import _triton_gemm
+    from gsp_kernels.backends.triton import gemm as _triton_gemm
 
     for name, backward in (("_gsp_forward_kernel", False), ("_gsp_backward_kernel", True)):
         own = _triton_gemm._launch_config(20, 9, 24, False, backward=backward)

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from ..backends import available_backends
-from ..nn import GSP, GSPOutput
-from .models import EmbeddingModel, GlobalAveragePoolHead
+from ..nn import GSP, EmbeddingModel, GlobalAveragePoolHead, GSPOutput
 
 
 def _resnet50_trunk() -> tuple[nn.Module, int]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..backbones import resolve_arch
 from ..backends import BACKENDS
 from ..nn import POOLING_METHODS
+from ..nn.backbones import resolve_arch
 from .benchmarks import DATASETS
 from .data import papers_resize
 from .models import CACHED_WEIGHTS, POOLINGS, PROTOTYPE_INITS

@@ -1,20 +1,21 @@
-"""Embedding models: a backbone trunk with a GAP baseline head or a GSP head.
+"""The embedding models training builds: ``nn.EmbeddingModel``, a backbone trunk with a GAP
+baseline head or a GSP head, by ``--arch`` name.
 
 Every model's forward returns ``GSPOutput``; the GAP head gives ``attributes=None``. The trunk
 is the embedded ``SmallCNN``, or the backbone of a torchvision or timm model
-(``gsp_kernels.backbones``), randomly initialized or loaded from local weights
-(``gsp_kernels.pretrained``: nothing downloads).
+(``gsp_kernels.nn.backbones``), randomly initialized or loaded from local weights
+(``gsp_kernels.nn.pretrained``: nothing downloads).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..backbones import PatchTokens, backbone_from_model, create_classifier
-from ..nn import GSP, GSPOutput, local_features, uniform_weights
-from ..pretrained import LoadReport, cached_weights_path, load_backbone_weights
+from ..nn import GSP, EmbeddingModel, GlobalAveragePoolHead
+from ..nn.backbones import backbone_from_model, create_classifier
+from ..nn.pretrained import LoadReport, cached_weights_path, load_backbone_weights
 
 POOLINGS = ("gap", "gsp")
 PROTOTYPE_INITS = ("kcenter", "random", "memory", "proxies")
@@ -33,46 +34,6 @@ class SmallCNN(nn.Sequential):
 
         super().__init__(*stage(3, width, 1), *stage(width, width, 1), *stage(width, 2 * width, 2), *stage(2 * width, 2 * width, 2))
         self.num_features = 2 * width
-
-
-class GlobalAveragePoolHead(nn.Module):
-    """The GAP baseline: average the local features, then a Linear to the embedding.
-
-    It averages the very features GSP pools (GSP with transport_ratio 1 computes the same), so
-    for backbones whose head runs per position (``gsp_kernels.backbones.TimmBackbone``: a ViT's
-    ``fc_norm``, ConvNeXt's head norm) it is the mean of those, not the head of the mean.
-
-    A map ``[B, C, H, W]``, tokens ``[B, N, C]`` or ``PatchTokens`` -> ``GSPOutput(embedding
-    [B, E], None, weights)`` where the weights, when asked for, are uniform (``[B, H, W]``,
-    ``[B, h, w]`` or ``[B, N]``, as ``GSP`` gives them).
-    """
-
-    def __init__(self, in_channels: int, embedding_dim: int):
-        super().__init__()
-        self.projection = nn.Linear(in_channels, embedding_dim)
-
-    def forward(self, features: Tensor | PatchTokens, return_weights: bool = False, grid: tuple[int, int] | None = None) -> GSPOutput:
-        """Local features -> ``GSPOutput`` with the averaged features' embedding (uniform weights)."""
-        tokens, grid = local_features(features, grid)  # [B, N, C]
-        embedding = self.projection(tokens.mean(dim=1))  # [B, E]
-        return GSPOutput(embedding, None, uniform_weights(tokens, grid) if return_weights else None)
-
-
-class EmbeddingModel(nn.Module):
-    """``trunk`` (images -> local features) followed by ``head`` (a GAP head or ``GSP``).
-
-    ``pretrained_report``: the ``LoadReport`` of the backbone weights ``build_model`` loaded, or None.
-    """
-
-    def __init__(self, trunk: nn.Module, head: nn.Module):
-        super().__init__()
-        self.trunk = trunk
-        self.head = head
-        self.pretrained_report: LoadReport | None = None
-
-    def forward(self, images: Tensor, return_weights: bool = False) -> GSPOutput:
-        """Images -> ``GSPOutput`` of the pooling head on the trunk's features."""
-        return self.head(self.trunk(images), return_weights=return_weights)
 
 
 def build_trunk(arch: str, *, width: int = 32, pretrained: str | Path | bool | None = None, **backbone_kwargs) -> tuple[nn.Module, LoadReport | None]:

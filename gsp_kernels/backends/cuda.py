@@ -1,4 +1,5 @@
-"""The `cuda` backend: the kernels of ``csrc/gsp_cuda.cu`` behind the contract of ``backends.py``.
+"""The `cuda` backend: the kernels of ``csrc/gsp_cuda.cu`` (the native module, ``native``) behind the
+backend contract of ``gsp_kernels.backends``. Math and symbols: docs/math.md.
 
 ``_C`` does not link against torch: tensors are passed as device addresses, shapes and element
 strides, with the current CUDA stream as an integer. Scratch and outputs are allocated here by
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _build, _reference
+from ..contract import COST_CODES, NORMALIZE_CODES, GSPOptions
+from . import native
+from .reference import normalize_rows_backward
 
+# The kernels' codes beside the contract's (csrc/gsp_cuda.h): input dtypes, and the arithmetic
+# of their GEMMs per precision.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_NORMALIZE_CODES = {"lipschitz": 0, "l2": 1, "none": 2}
-_COST_CODES = {"euclidean": 0, "sqeuclidean": 1}
 _PRODUCT_CODES = {"auto": 0, "ieee": 0, "tf32": 1, "tf32x3": 2}
 # Kernel size limits (also enforced in C++; mirrored here so the check needs no device).
 MAX_FEATURES = 1024
@@ -31,9 +34,9 @@ _MIN_CAPABILITY = (9, 0)
 def _native_reason() -> str | None:
     """Why `_C` cannot launch kernels, or None. Evaluated once at import: torch.compile cannot
     trace calls into the pybind module."""
-    if _build._C is None:
-        return f"gsp_kernels._C is not built ({_build.NATIVE_IMPORT_ERROR})"
-    if not _build._C.build_info().get("with_cuda", False):
+    if native._C is None:
+        return f"gsp_kernels._C is not built ({native.NATIVE_IMPORT_ERROR})"
+    if not native._C.build_info().get("with_cuda", False):
         return "gsp_kernels._C was built without CUDA (nvcc not found, or GSP_NO_CUDA=1)"
     return None
 
@@ -68,14 +71,14 @@ def availability(device: torch.device) -> str | None:
     return _device_reason(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def unsupported(x, prototypes, solver, normalize, cost, precision) -> str | None:
+def unsupported(x: torch.Tensor, prototypes: torch.Tensor, options: GSPOptions) -> str | None:
     """None if the kernels compute this call, else why not."""
-    if precision not in _PRODUCT_CODES:
-        return f"precision={precision!r} is not one of {tuple(_PRODUCT_CODES)}"
+    if options.precision not in _PRODUCT_CODES:
+        return f"precision={options.precision!r} is not one of {tuple(_PRODUCT_CODES)}"
     if x.dtype not in _DTYPE_CODES or prototypes.dtype not in _DTYPE_CODES:
         return f"dtypes {x.dtype}/{prototypes.dtype}: the cuda backend takes float32, bfloat16 or float16"
-    if solver != "newton":
-        return f"solver={solver!r}: the cuda backend implements the newton solver only"
+    if options.solver != "newton":
+        return f"solver={options.solver!r}: the cuda backend implements the newton solver only"
     if x.dim() != 3 or prototypes.dim() != 2:
         return "x must be [B, N, D] and prototypes [M, D]"
     batch, n, dim = x.shape
@@ -103,53 +106,54 @@ def _prepared_prototypes(prototypes: torch.Tensor, normalize: str, stream: int):
     z_hat = torch.empty((m, dim), dtype=torch.float32, device=prototypes.device)
     z_sq_norm = torch.empty((m,), dtype=torch.float32, device=prototypes.device)
     z_divisor = torch.empty((m,), dtype=torch.float32, device=prototypes.device)
-    _build._C.prepare_prototypes(
+    native._C.prepare_prototypes(
         prototypes.data_ptr(), _DTYPE_CODES[prototypes.dtype], m, dim, *prototypes.stride(),
-        _NORMALIZE_CODES[normalize], z_hat.data_ptr(), z_sq_norm.data_ptr(), z_divisor.data_ptr(), stream,
+        NORMALIZE_CODES[normalize], z_hat.data_ptr(), z_sq_norm.data_ptr(), z_divisor.data_ptr(), stream,
         prototypes.device.index,
     )
     return z_hat, z_sq_norm, z_divisor
 
 
-def _check_inputs(x: torch.Tensor, prototypes: torch.Tensor) -> None:
+def _check_inputs(x: torch.Tensor, prototypes: torch.Tensor, options: GSPOptions) -> None:
     """Raise ValueError where the kernels cannot take this call (the op runs eagerly)."""
-    reason = unsupported(x, prototypes, "newton", "lipschitz", "euclidean", "auto")
+    reason = unsupported(x, prototypes, options)
     if reason is None:
         reason = availability(x.device)
     if reason is not None:
         raise ValueError(f"cuda backend: {reason}")
 
 
-def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision="auto"):
+def forward(x: torch.Tensor, prototypes: torch.Tensor, options: GSPOptions):
     """Forward kernels -> pooled [B, D], attr [B, M], weights [B, N] (x's dtype), u [B] float32."""
-    _check_inputs(x, prototypes)
-    if solver != "newton":
-        raise ValueError(f"cuda backend: solver={solver!r} is not implemented")
+    _check_inputs(x, prototypes, options)
     batch, n, dim = x.shape
     m = prototypes.shape[0]
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        z_hat, z_sq_norm, _ = _prepared_prototypes(prototypes, normalize, stream)
+        z_hat, z_sq_norm, _ = _prepared_prototypes(prototypes, options.normalize, stream)
         scratch = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # per-sample costs
         pooled = torch.empty((batch, dim), dtype=x.dtype, device=x.device)
         attr = torch.empty((batch, m), dtype=x.dtype, device=x.device)
         weights = torch.empty((batch, n), dtype=x.dtype, device=x.device)
         u = torch.empty((batch,), dtype=torch.float32, device=x.device)
-        _build._C.forward(
-            _view(x), z_hat.data_ptr(), z_sq_norm.data_ptr(), m, _NORMALIZE_CODES[normalize], _COST_CODES[cost],
-            float(mu), float(gamma), _PRODUCT_CODES[precision], int(max_iter), float(tol), scratch.data_ptr(),
+        native._C.forward(
+            _view(x), z_hat.data_ptr(), z_sq_norm.data_ptr(), m, NORMALIZE_CODES[options.normalize],
+            COST_CODES[options.cost], float(options.transport_ratio), float(options.gamma),
+            _PRODUCT_CODES[options.precision], int(options.max_iter), float(options.tol), scratch.data_ptr(),
             pooled.data_ptr(), attr.data_ptr(), weights.data_ptr(), u.data_ptr(), stream, x.device.index,
         )
     return pooled, attr, weights, u
 
 
-def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision="auto"):
+def backward(grad_pooled, grad_attr, grad_weights, x: torch.Tensor, prototypes: torch.Tensor, u: torch.Tensor,
+             options: GSPOptions):
     """Fused feature-gradient kernel, then the prototype gradient through one cuBLAS GEMM.
 
     The kernel writes coef = W / d_x [B, N, M] and Σ_i W_ki [B, M]; then
     gẑ_k = ẑ_k Σ_b Σ_i W_ki − Σ_b Σ_i coef_ki x_i and the prototype normalization backward.
     """
-    _check_inputs(x, prototypes)
+    _check_inputs(x, prototypes, options)
+    normalize = options.normalize
     batch, n, dim = x.shape
     m = prototypes.shape[0]
     with torch.cuda.device(x.device):
@@ -162,14 +166,15 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
         coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)
         coef_colsum = torch.empty((batch, m), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x)
-        _build._C.backward(
+        native._C.backward(
             _view(x), _view(grad_x), gy.data_ptr(), ga.data_ptr(), gw.data_ptr(), u32.data_ptr(),
-            z_hat.data_ptr(), z_sq_norm.data_ptr(), m, _NORMALIZE_CODES[normalize], _COST_CODES[cost],
-            float(mu), float(gamma), _PRODUCT_CODES[precision], coef.data_ptr(), coef_colsum.data_ptr(), stream,
+            z_hat.data_ptr(), z_sq_norm.data_ptr(), m, NORMALIZE_CODES[normalize], COST_CODES[options.cost],
+            float(options.transport_ratio), float(options.gamma), _PRODUCT_CODES[options.precision], coef.data_ptr(),
+            coef_colsum.data_ptr(), stream,
             x.device.index,
         )
         features = x.reshape(batch * n, dim).to(torch.float32)  # [B*N, D]
         coef_x = coef.reshape(batch * n, m).t() @ features  # [M, D] = Σ_b Σ_i (W/d_x)_ki x_i
         grad_z_hat = z_hat * coef_colsum.sum(0).unsqueeze(-1) - coef_x  # [M, D]
-        grad_z = _reference.normalize_rows_backward(grad_z_hat, z_hat, z_divisor.unsqueeze(-1), normalize)
+        grad_z = normalize_rows_backward(grad_z_hat, z_hat, z_divisor.unsqueeze(-1), normalize)
     return grad_x, grad_z.to(prototypes.dtype).contiguous()

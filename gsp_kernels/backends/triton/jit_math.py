@@ -1,8 +1,8 @@
-"""The @triton.jit math that both strategies of the `triton` backend share (``_triton``: the fused
-kernels and their docstring; ``_triton_gemm``: vendor GEMMs for the products): normalization
+"""The @triton.jit math that both strategies of the `triton` backend share (``fused``: the fused
+kernels' docstring; ``gemm``: vendor GEMMs for the products): normalization
 divisors, snapped costs, the solve of u, the pooling weights, the hi + lo split of float32
 operands for half-precision dots, the arrival ticket of split samples, and the epilogues of
-grad_x and of the prototype gradient. Symbols: SPEC.md.
+grad_x and of the prototype gradient. Symbols: docs/math.md.
 """
 
 from __future__ import annotations
@@ -10,14 +10,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...contract import L2_EPS, NORMALIZE_CODES
+
+# The contract's constants and normalization codes as compile-time constants of the kernels.
+L2_EPS_CONST = tl.constexpr(L2_EPS)
+LIPSCHITZ = tl.constexpr(NORMALIZE_CODES["lipschitz"])
+L2 = tl.constexpr(NORMALIZE_CODES["l2"])
+NO_NORMALIZE = tl.constexpr(NORMALIZE_CODES["none"])
+
 
 @triton.jit
 def _row_divisor(sum_sq, NORMALIZE: tl.constexpr):
     """d = max(1, |v|) (lipschitz), max(|v|, eps) (l2) or 1 (none), from |v|²."""
-    if NORMALIZE == 0:
+    if NORMALIZE == LIPSCHITZ:
         return tl.maximum(tl.sqrt(sum_sq), 1.0)
-    elif NORMALIZE == 1:
-        return tl.maximum(tl.sqrt(sum_sq), 1e-12)
+    elif NORMALIZE == L2:
+        return tl.maximum(tl.sqrt(sum_sq), L2_EPS_CONST)
     else:
         return tl.full(sum_sq.shape, 1.0, tl.float32)
 
@@ -274,10 +282,10 @@ def _prototype_grad_program(
         cols = d0 + tl.arange(0, BLOCK_D)
         z_hat, grad_z_hat = _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, divisor, w_total)
         radial += z_hat * grad_z_hat
-    if NORMALIZE == 0:
+    if NORMALIZE == LIPSCHITZ:
         radial_sum = tl.where(divisor > 1.0, tl.sum(radial, 0), 0.0)
-    elif NORMALIZE == 1:
-        radial_sum = tl.where(divisor > 1e-12, tl.sum(radial, 0), 0.0)
+    elif NORMALIZE == L2:
+        radial_sum = tl.where(divisor > L2_EPS_CONST, tl.sum(radial, 0), 0.0)
     else:
         radial_sum = 0.0
     for d0 in range(0, D, BLOCK_D):

@@ -1,9 +1,10 @@
-"""The native module `gsp_kernels._C`, if built, and its build report."""
+"""The native module ``gsp_kernels._C`` (csrc/, built by setup.py through CMake), if it was built,
+and its build report: the `cuda` backend's kernels live there."""
 
 from __future__ import annotations
 
 try:
-    from . import _C  # type: ignore[attr-defined]
+    from .. import _C  # type: ignore[attr-defined]
 
     NATIVE_IMPORT_ERROR: str | None = None
 except ImportError as exc:  # skipped build (GSP_SKIP_NATIVE=1) or a broken one

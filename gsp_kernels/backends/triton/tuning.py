@@ -2,9 +2,9 @@
 version, the pattern of vLLM's fused-MoE configurations.
 
 ``bench/sweep_triton.py --write-config`` measures on a GPU and writes
-``gsp_kernels/tuned_configs/<GPU name>__triton-<major.minor>.json``; the backend loads the file
-that matches the current GPU and Triton version on first use (once per device) and falls back
-to its built-in rules (``_triton._tile_config``, the fused strategy) for every call that no
+``gsp_kernels/backends/triton/tuned_configs/<GPU name>__triton-<major.minor>.json``; the backend
+loads the file that matches the current GPU and Triton version on first use (once per device) and
+falls back to its built-in rules (``fused._tile_config``, the fused strategy) for every call that no
 entry covers. ``GSP_TRITON_TUNED_CONFIG=PATH`` forces one file for every device (also the
 interpreter's CPU), ``GSP_TRITON_TUNED_CONFIG=none`` disables the lookup; both are read on first
 use.
@@ -22,7 +22,7 @@ A file (schema 1)::
 
 An entry covers calls with its dtypes and precision (ignored for half inputs with prototypes of the
 same dtype, whose products are exact whatever it says) whose N, M and D round up to its ``n``,
-``m``, ``d`` (powers of two, the buckets of ``_tile_config``); among those, the entry whose batch
+``m``, ``d`` (powers of two, the buckets of ``fused._tile_config``); among those, the entry whose batch
 bucket is nearest (in powers of two) wins. ``forward``/``backward`` are the fused kernels'
 tiles, ``coef_x`` the backward's split-K GEMM; null keeps the built-in choice.
 """
@@ -39,21 +39,25 @@ from pathlib import Path
 
 import torch
 
+from ...contract import DTYPE_NAMES, HALF_DTYPES
+from ..specs import TRITON_STRATEGIES as STRATEGIES
+from .launch import next_pow2
+
 SCHEMA = 1
 TUNED_CONFIG_DIR = Path(__file__).resolve().parent / "tuned_configs"
 ENV_VAR = "GSP_TRITON_TUNED_CONFIG"
-STRATEGIES = ("fused", "gemm")  # the Triton backend's designs (``_triton.STRATEGIES``)
 TILE_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_D", "num_warps", "num_stages")
 GEMM_KEYS = ("BLOCK_K", "BLOCK_M", "BLOCK_D", "num_warps", "num_stages", "programs_wanted")
 KERNEL_KEYS = {"forward": TILE_KEYS, "backward": TILE_KEYS, "coef_x": GEMM_KEYS}
 BUCKET_KEYS = ("batch", "n", "m", "d")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_HALF_NAMES = ("bfloat16", "float16")
+# The dtypes a tuned entry may name (the backend computes float64 by the reference).
+TUNED_DTYPE_NAMES = {dtype: DTYPE_NAMES[dtype] for dtype in (torch.float32, *HALF_DTYPES)}
+_HALF_NAMES = tuple(DTYPE_NAMES[dtype] for dtype in HALF_DTYPES)
 
 
 def bucket(size: int) -> int:
     """The power of two at or above ``size`` (>= 1): the shape buckets of entries."""
-    return 1 << max(0, (int(size) - 1).bit_length())
+    return next_pow2(int(size))
 
 
 def config_filename(device_name: str, triton_version: str) -> str:
@@ -109,8 +113,8 @@ def _check_entry(entry, where: str) -> dict:
         if key not in entry:
             raise ValueError(f"{where}: entry {entry} lacks {key!r}")
     for key in ("dtype", "prototype_dtype"):
-        if entry[key] not in DTYPE_NAMES.values():
-            raise ValueError(f"{where}: {key} must be one of {tuple(DTYPE_NAMES.values())}, got {entry[key]!r}")
+        if entry[key] not in TUNED_DTYPE_NAMES.values():
+            raise ValueError(f"{where}: {key} must be one of {tuple(TUNED_DTYPE_NAMES.values())}, got {entry[key]!r}")
     if entry["strategy"] not in STRATEGIES:
         raise ValueError(f"{where}: strategy must be one of {STRATEGIES}, got {entry['strategy']!r}")
     for key in BUCKET_KEYS:
@@ -195,9 +199,9 @@ def lookup(device: torch.device, dtype: torch.dtype, prototype_dtype: torch.dtyp
     """The tuned entry for one call of the Triton backend, or None (built-in rules). Cached: the
     per-call cost is one dictionary hit."""
     config = active(device)
-    if config is None or dtype not in DTYPE_NAMES or prototype_dtype not in DTYPE_NAMES:
+    if config is None or dtype not in TUNED_DTYPE_NAMES or prototype_dtype not in TUNED_DTYPE_NAMES:
         return None
-    return config.lookup(DTYPE_NAMES[dtype], DTYPE_NAMES[prototype_dtype], precision, batch, n, m, d)
+    return config.lookup(TUNED_DTYPE_NAMES[dtype], TUNED_DTYPE_NAMES[prototype_dtype], precision, batch, n, m, d)
 
 
 def describe(device: torch.device | str) -> str:

@@ -1,11 +1,10 @@
 """The `triton` backend's gemm strategy: the three big products on the vendor GEMM (cuBLAS, through
-torch.mm / torch.bmm), the rest in Triton. Math and symbols: SPEC.md; the fused strategy, and
-the per-sample kernels that both strategies launch: ``_triton``; their shared math:
-``_triton_math``.
+torch.mm / torch.bmm), the rest in Triton. Math and symbols: docs/math.md; the fused strategy:
+``fused``; the per-sample kernels that both strategies launch: ``kernels`` (launched by
+``launch``); their shared math: ``jit_math``.
 
 Why a second design: the fused kernels compute the cost products themselves, so their speed
-rests on Triton's tiles and register allocation for each GPU and Triton version (``_triton``'s
-notes: 3.6 builds the half kernels in 165-174 registers where 3.9 takes 95-106). Here the
+rests on Triton's tiles and register allocation for each GPU and Triton version (``launch.register_cap``: 3.6 builds the half kernels in 165-174 registers where 3.9 takes 95-106). Here the
 intermediate is small: the products are [B·N, M] float32 (25 MB at B=256, N=196, M=128, next
 to 51 MB of bfloat16 features), so writing them to memory and reading them back costs about
 what a second read of x does, and the products themselves run at the vendor library's speed on
@@ -33,11 +32,11 @@ Triton around it).
   batch of the per-sample Vᵀx. No host sync; deterministic: cuBLAS GEMMs on one stream and
   torch's sums are, and the Triton kernels are the fused strategy's. Under
   ``torch.use_deterministic_algorithms(True)`` torch refuses cuBLAS on CUDA unless
-  CUBLAS_WORKSPACE_CONFIG is set (``runs_on``): ``_triton.strategy_for`` then takes the fused
+  CUBLAS_WORKSPACE_CONFIG is set (``runs_on``): the backend's ``strategy_for`` then takes the fused
   strategy instead of a tuned entry's gemm. The GEMMs run with the caller's autocast off (the op
   is called under it, and autocast would cast torch.mm to half precision).
 
-Precision of the products, as the fused strategy's (``_triton``'s docstring):
+Precision of the products, as the fused strategy's (``fused``'s docstring):
 - float32: cuBLAS float32 with TF32 off for "ieee", "tf32x3" and "auto" (full float32
   products, at least as accurate as 3xTF32; cuBLAS has no 3xTF32), TF32 on for "tf32" (the
   global torch setting, changed around a GEMM only where it differs: ``_float32_gemms``).
@@ -61,94 +60,19 @@ import functools
 import os
 
 import torch
-import triton
-import triton.language as tl
 
-from . import _triton
-from ._reference_backend import autocast_off
-from ._triton_math import _grad_x_epilogue, _prototype_grad_program
-
-# ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _row_sums(ptr, offsets, ok, stride_d, gy_ptr, gy_offsets, D,
-              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr):
-    """Σ_d v², and Σ_d v·gy (WITH_GY), of the rows at `offsets` [BLOCK_R], in float32."""
-    sq = tl.zeros((BLOCK_R,), tl.float32)
-    dot = tl.zeros((BLOCK_R,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        tile_ok = ok[:, None] & (cols < D)[None, :]
-        v = tl.load(ptr + offsets[:, None] + cols[None, :] * stride_d, mask=tile_ok, other=0.0).to(tl.float32)
-        sq += tl.sum(v * v, 1)
-        if WITH_GY:
-            gy = tl.load(gy_ptr + gy_offsets[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            dot += tl.sum(v * gy, 1)
-    return sq, dot
-
-
-@triton.jit
-def _gsp_gemm_norms_kernel(
-    x_ptr, stride_xb, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_ptr,  # gy [B, D]
-    x_sq_ptr, x_gy_ptr, z_sq_ptr,  # out: |x|², x·gy [B·N], |z|² [M] float32
-    total_rows, N, M, D, x_programs,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr,
-):
-    """Programs below x_programs: BLOCK_R features each (feature r = b·N + i, read through x's
-    strides); the rest: BLOCK_R prototypes each."""
-    program = tl.program_id(0)
-    if program < x_programs:
-        feature = program * BLOCK_R + tl.arange(0, BLOCK_R)
-        ok = feature < total_rows
-        sample = (feature // N).to(tl.int64)
-        offsets = sample * stride_xb + (feature % N) * stride_xn
-        x_sq, x_gy = _row_sums(x_ptr, offsets, ok, stride_xd, grad_pooled_ptr, sample * D, D, BLOCK_R, BLOCK_D, WITH_GY)
-        tl.store(x_sq_ptr + feature, x_sq, mask=ok)
-        if WITH_GY:
-            tl.store(x_gy_ptr + feature, x_gy, mask=ok)
-    else:
-        protos = (program - x_programs) * BLOCK_R + tl.arange(0, BLOCK_R)
-        ok = protos < M
-        offsets = protos.to(tl.int64) * stride_zm
-        z_sq, _ = _row_sums(z_ptr, offsets, ok, stride_zd, z_ptr, offsets, D, BLOCK_R, BLOCK_D, False)
-        tl.store(z_sq_ptr + protos, z_sq, mask=ok)
-
-
-@triton.jit
-def _gsp_gemm_backward_finish_kernel(
-    partial_ptr, splits, col_sum_ptr, batch, row_coefs_ptr,  # [S, M, D], [B, M], (β, w) [B, 2, N] float32
-    z_ptr, stride_zm, stride_zd, grad_z_ptr,  # prototypes [M, D]; grad_z [M, D] contiguous
-    coef_z_ptr, stride_vb, stride_vn, stride_vd,  # V z [B, N, D] float32, strided
-    x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
-    total_rows, N, M, D, col_tiles,
-    BLOCK_ZD: tl.constexpr, BLOCK_B: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Programs 0..M−1: the prototype gradient's epilogue, one prototype each; the rest:
-    grad_x = β x − V z + w gy on [BLOCK_R, BLOCK_D] tiles of all B·N features."""
-    program = tl.program_id(0)
-    if program < M:
-        _prototype_grad_program(
-            program.to(tl.int64), partial_ptr, splits, col_sum_ptr, batch, z_ptr, stride_zm, stride_zd, grad_z_ptr,
-            M, D, BLOCK_ZD, BLOCK_B, NORMALIZE,
-        )
-    else:
-        tile = program - M
-        cols = (tile % col_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
-        feature = (tile // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-        feature_ok = feature < total_rows
-        col_ok = cols < D
-        sample = (feature // N).to(tl.int64)
-        coef_z = tl.load(
-            coef_z_ptr + (sample * stride_vb + (feature % N) * stride_vn)[:, None] + cols[None, :] * stride_vd,
-            mask=feature_ok[:, None] & col_ok[None, :], other=0.0,
-        )
-        _grad_x_epilogue(
-            coef_z, feature, feature_ok, cols, col_ok, row_coefs_ptr,
-            x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd, N, D,
-        )
-
+from ...contract import HALF_DTYPES, NORMALIZE_CODES, GSPOptions, autocast_off
+from .kernels import _gsp_gemm_backward_finish_kernel, _gsp_gemm_norms_kernel
+from .launch import (
+    cdiv,
+    next_pow2,
+    per_sample_backward,
+    per_sample_forward,
+    prototype_block_b,
+    prototype_block_d,
+    resolve_precision,
+    with_overrides,
+)
 
 # ----------------------------------------------------------------------------- host glue
 
@@ -277,12 +201,12 @@ def _norms(x: torch.Tensor, prototypes: torch.Tensor, grad_pooled: torch.Tensor 
     x_sq = torch.empty((batch * n,), dtype=torch.float32, device=x.device)
     x_gy = None if grad_pooled is None else torch.empty_like(x_sq)
     z_sq = torch.empty((m,), dtype=torch.float32, device=x.device)
-    x_programs = _triton._cdiv(batch * n, _ROWS_BLOCK)
-    _gsp_gemm_norms_kernel[(x_programs + _triton._cdiv(m, _ROWS_BLOCK),)](
+    x_programs = cdiv(batch * n, _ROWS_BLOCK)
+    _gsp_gemm_norms_kernel[(x_programs + cdiv(m, _ROWS_BLOCK),)](
         x, *x.stride(), prototypes, *prototypes.stride(), x if grad_pooled is None else grad_pooled,
         x_sq, x_sq if x_gy is None else x_gy, z_sq,
         batch * n, n, m, d, x_programs,
-        BLOCK_R=_ROWS_BLOCK, BLOCK_D=min(_triton._next_pow2(d), _COLS_BLOCK), WITH_GY=grad_pooled is not None,
+        BLOCK_R=_ROWS_BLOCK, BLOCK_D=min(next_pow2(d), _COLS_BLOCK), WITH_GY=grad_pooled is not None,
         num_warps=4,
     )
     return x_sq, x_gy, z_sq
@@ -314,31 +238,28 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool, rows_layout
 
 def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False, rows_layout: bool = True) -> dict:
     """The table entry for this shape's bucket and products' layout (``rows_layout``: [B·N, M],
-    else a channels-first map's [B, M, N]), then ``_triton.BLOCK_OVERRIDE`` if any, with the
-    fused kernels' register cap for half-precision inputs (``_triton._register_cap``)."""
-    config = _tile_config(_triton._next_pow2(n), _triton._next_pow2(m), _triton._next_pow2(d), half, backward, rows_layout)
-    return _triton._register_cap({**config, **(_triton.BLOCK_OVERRIDE or {})}, half)
+    else a channels-first map's [B, M, N]), then the test override and the fused kernels' register
+    cap for half-precision inputs (``launch.with_overrides``)."""
+    config = _tile_config(next_pow2(n), next_pow2(m), next_pow2(d), half, backward, rows_layout)
+    return with_overrides(config, half)
 
 
-def forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision):
+def forward(x, prototypes, options: GSPOptions):
     """pooled [B, D], attr [B, M], weights [B, N] in x's dtype, u [B] float32 (x's device current)."""
-    _, _, f32_precision, _ = _triton._resolve_precision(x, prototypes, precision)
-    config = _launch_config(x.shape[1], prototypes.shape[0], x.shape[2], x.dtype in _triton._HALF_DTYPES)
+    _, _, f32_precision, _ = resolve_precision(x, prototypes, options.precision)
+    config = _launch_config(x.shape[1], prototypes.shape[0], x.shape[2], x.dtype in HALF_DTYPES)
     x_sq, _, z_sq = _norms(x, prototypes)
     columns, parts = _prototype_columns(x, prototypes)
     products, strides = _products(x, columns, f32_precision)  # then the logits, in place
-    return _triton._per_sample_forward(
-        x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision, config, products, strides,
-        x_sq, z_sq, parts,
-    )
+    return per_sample_forward(x, prototypes, options, config, products, strides, x_sq, z_sq, parts)
 
 
-def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision):
+def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GSPOptions):
     """grad_x (x's strides and dtype) and grad_prototypes; the output gradients contiguous."""
     batch, n, d = x.shape
     m = prototypes.shape[0]
-    _, _, f32_precision, _ = _triton._resolve_precision(x, prototypes, precision)
-    config = _launch_config(n, m, d, x.dtype in _triton._HALF_DTYPES, backward=True, rows_layout=_folds(x))
+    _, _, f32_precision, _ = resolve_precision(x, prototypes, options.precision)
+    config = _launch_config(n, m, d, x.dtype in HALF_DTYPES, backward=True, rows_layout=_folds(x))
     x_sq, x_gy, z_sq = _norms(x, prototypes, grad_pooled)
     columns, parts = _prototype_columns(x, prototypes)
     products, strides = _products(x, columns, f32_precision)  # then V (float32) over its first block
@@ -349,8 +270,8 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
     pair_strides = (0, 0, 0) if pair is None else (
         (n * pair.stride(0), pair.stride(0), 1) if folds else (pair.stride(0), 1, pair.stride(1))
     )
-    row_coefs, col_sum = _triton._per_sample_backward(
-        grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost, precision, config,
+    row_coefs, col_sum = per_sample_backward(
+        grad_pooled, grad_attr, grad_weights, x, prototypes, u, options, config,
         products, strides, x_sq, x_gy, z_sq, parts, pair, pair_strides,
     )
     v = products[:, :m] if folds else products[:, :m, :]  # [B·N, M] or [B, M, N] float32
@@ -369,14 +290,14 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, 
         coef_z_strides = (coef_z.stride(0), coef_z.stride(2), coef_z.stride(1))
     grad_z = torch.empty((m, d), dtype=prototypes.dtype, device=x.device)
     grad_x = torch.empty_like(x)
-    col_tiles = _triton._cdiv(d, _COLS_BLOCK)
-    _gsp_gemm_backward_finish_kernel[(m + col_tiles * _triton._cdiv(batch * n, _ROWS_BLOCK),)](
+    col_tiles = cdiv(d, _COLS_BLOCK)
+    _gsp_gemm_backward_finish_kernel[(m + col_tiles * cdiv(batch * n, _ROWS_BLOCK),)](
         partials, partials.shape[0] // m, col_sum, batch, row_coefs,
         prototypes, *prototypes.stride(), grad_z,
         coef_z, *coef_z_strides,
         x, *x.stride(), grad_pooled, grad_x, *grad_x.stride(),
         batch * n, n, m, d, col_tiles,
-        BLOCK_ZD=_triton._prototype_block_d(d), BLOCK_B=_triton._prototype_block_b(batch),
-        NORMALIZE=_triton._NORMALIZE_CODES[normalize], BLOCK_R=_ROWS_BLOCK, BLOCK_D=_COLS_BLOCK, num_warps=4,
+        BLOCK_ZD=prototype_block_d(d), BLOCK_B=prototype_block_b(batch),
+        NORMALIZE=NORMALIZE_CODES[options.normalize], BLOCK_R=_ROWS_BLOCK, BLOCK_D=_COLS_BLOCK, num_warps=4,
     )
     return grad_x, grad_z

@@ -1,8 +1,11 @@
-"""Pure-PyTorch GSP: the oracle every kernel backend is tested against (SPEC.md).
+"""The `reference` backend: pure-PyTorch GSP, the oracle every kernel backend is tested against
+(docs/math.md), behind the backend contract of ``gsp_kernels.backends``.
 
-Any device, float32 or float64. Batched over samples; the scalar solve is a bracketed
-Newton iteration vectorized over the batch. Functions here take and return tensors in the
-compute dtype (float32 or float64); dtype policy and validation live in ``ops.py``.
+Any device, float32 or float64. Batched over samples; the scalar solve is a bracketed Newton
+iteration vectorized over the batch. The math functions (``gsp_forward``, ``gsp_backward`` and
+their parts) take and return tensors in the compute dtype (float32 or float64); the backend
+functions (``forward``, ``backward``) apply the op's dtype policy (``contract.compute_dtype``)
+around them.
 
 Shapes: x ``[B, N, D]`` (any strides), prototypes ``[M, D]``.
 """
@@ -14,30 +17,14 @@ import math
 import torch
 from torch import Tensor
 
-# Squared costs at or below snap * (|x̂|² + |ẑ|²) are set to exactly 0. The GEMM-shaped
-# expansion |x̂|² + |ẑ|² − 2 x̂·ẑ cancels catastrophically for a feature equal to a
-# prototype (float32 leaves ~5e-7 relative noise, whose square root would be a spurious
-# distance of ~7e-4); snapping makes an exact match cost exactly 0 in every backend. The
-# radius follows the compute dtype: float32 (every kernel backend) cannot resolve a
-# distance below ~3e-3·|x̂| through the expansion anyway; float64 resolves ~5e-7·|x̂|.
-COST_SNAP = 4e-6
-COST_SNAP_FLOAT64 = 1e-13
-# l2 normalization divides by max(|x|, L2_EPS).
-L2_EPS = 1e-12
-
-NORMALIZE_MODES = ("lipschitz", "l2", "none")
-COST_MODES = ("euclidean", "sqeuclidean")
-SOLVERS = ("newton", "fixed_point")
-
-
-def default_tol(dtype: torch.dtype) -> float:
-    """Newton tolerance on |Σσ − μN| / (μN) and on the relative step, per compute dtype."""
-    return 1e-13 if dtype == torch.float64 else 1e-6
-
-
-def default_max_iter(solver: str) -> int:
-    """Iteration cap: the paper's 100 for fixed_point, a safety cap for Newton."""
-    return 100 if solver == "fixed_point" else 64
+from ..contract import (
+    L2_EPS,
+    GSPOptions,
+    compute_dtype,
+    cost_snap,
+    default_max_iter,
+    default_tol,
+)
 
 
 def normalize_rows(v: Tensor, mode: str) -> tuple[Tensor, Tensor]:
@@ -66,11 +53,6 @@ def normalize_rows_backward(grad_vh: Tensor, vh: Tensor, divisor: Tensor, mode: 
     radial = (vh * grad_vh).sum(-1, keepdim=True)  # [..., 1]: v̂·g
     radial = torch.where(projects, radial, torch.zeros_like(radial))
     return torch.addcmul(grad_vh, vh, radial, value=-1.0).div_(divisor)
-
-
-def cost_snap(dtype: torch.dtype) -> float:
-    """Relative snap radius (squared) for costs computed in `dtype`."""
-    return COST_SNAP_FLOAT64 if dtype == torch.float64 else COST_SNAP
 
 
 def squared_costs(xh: Tensor, zh: Tensor) -> Tensor:
@@ -204,7 +186,7 @@ def gsp_backward(
     normalize: str = "lipschitz",
     cost: str = "euclidean",
 ) -> tuple[Tensor, Tensor]:
-    """Analytic backward of SPEC.md (implicit in u). Returns grad_x [B, N, D], grad_prototypes [M, D].
+    """Analytic backward (docs/math.md, Backward: implicit in u). Returns grad_x [B, N, D], grad_prototypes [M, D].
 
     grad_pooled [B, D], grad_attr [B, M] and grad_weights [B, N] are tensors (zeros where
     absent). A weights gradient enters like the pooled one: both act on L through w_i, so
@@ -240,3 +222,40 @@ def gsp_backward(
     grad_x.baddbmm_(weights.unsqueeze(-1), grad_pooled.unsqueeze(1))  # + w_i gy: [B, N, D]
     grad_z = normalize_rows_backward(grad_zh, zh, z_div, normalize)
     return grad_x, grad_z
+
+
+# ----------------------------------------------------------------------------- the backend contract
+
+
+def availability(device: torch.device) -> str | None:
+    """The reference runs wherever PyTorch does."""
+    return None
+
+
+def unsupported(x: Tensor, prototypes: Tensor, options: GSPOptions) -> str | None:
+    """Every option is supported (precision is ignored: the reference is always exact)."""
+    return None
+
+
+def forward(x: Tensor, prototypes: Tensor, options: GSPOptions):
+    """Reference forward in the compute dtype; outputs cast back to x's dtype (u stays)."""
+    dtype = compute_dtype(x, prototypes)
+    pooled, attr, weights, u = gsp_forward(
+        x.to(dtype), prototypes.to(dtype), options.transport_ratio, options.gamma, options.normalize, options.cost,
+        options.solver, options.max_iter, options.tol,
+    )
+    return pooled.to(x.dtype), attr.to(x.dtype), weights.to(x.dtype), u
+
+
+def backward(grad_pooled, grad_attr, grad_weights, x: Tensor, prototypes: Tensor, u: Tensor, options: GSPOptions):
+    """Reference backward; grad_x laid out like x, each gradient in its input's dtype."""
+    dtype = u.dtype
+    grad_x, grad_z = gsp_backward(
+        grad_pooled.to(dtype), grad_attr.to(dtype), grad_weights.to(dtype), x.to(dtype), prototypes.to(dtype), u,
+        options.transport_ratio, options.gamma, options.normalize, options.cost,
+    )
+    if grad_x.dtype == x.dtype and grad_x.stride() == x.stride():
+        return grad_x, grad_z.to(prototypes.dtype)  # already x's layout: no copy
+    grad_x_out = torch.empty_like(x)
+    grad_x_out.copy_(grad_x)
+    return grad_x_out, grad_z.to(prototypes.dtype)

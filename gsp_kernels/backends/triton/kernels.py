@@ -1,13 +1,17 @@
-"""The fused strategy's Triton kernels (and the per-sample kernels the gemm strategy launches on
-its products): the design, launch layout and precision rules are in ``_triton``'s docstring,
-the @triton.jit math they share in ``_triton_math``, their launches in ``_triton``'s host glue."""
+"""Every @triton.jit kernel of the `triton` backend: the per-sample forward and backward kernels
+that both strategies launch (``launch``), the fused strategy's split-K GEMM and finishing kernel
+(``fused``, whose docstring holds the design, launch layout and precision rules), and the gemm
+strategy's norms and finishing kernels (``gemm``). The @triton.jit math they share is in
+``jit_math``."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._triton_math import (
+from .jit_math import (
+    LIPSCHITZ,
+    NO_NORMALIZE,
     _coef_product,
     _grad_x_epilogue,
     _last_to_arrive,
@@ -23,7 +27,6 @@ from ._triton_math import (
     _tile_products,
     _tile_weights,
 )
-
 
 
 @triton.jit(do_not_specialize=["max_iter"])
@@ -278,9 +281,9 @@ def _gsp_backward_kernel(
 
             # r_i = x̂·gx̂; grad_x = x (S − r·[projects]) / d_x² − V z + w gy = β x − V z + w gy.
             radial = x_sq * inv_dx * inv_dx * coef_sum - coef_dot
-            if NORMALIZE == 0:
+            if NORMALIZE == LIPSCHITZ:
                 radial = tl.where(inv_dx < 1.0, radial, 0.0)
-            elif NORMALIZE == 2:
+            elif NORMALIZE == NO_NORMALIZE:
                 radial = radial * 0.0
             tl.store(beta_row + rows, (coef_sum - radial) * inv_dx * inv_dx, mask=row_ok)
             tl.store(w_row + rows, w, mask=row_ok)
@@ -387,4 +390,86 @@ def _gsp_backward_finish_kernel(
             tile % col_tiles, tile // col_tiles, coef_ptr, row_coefs_ptr, z_ptr, stride_zm, stride_zd,
             x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
             total_rows, N, M, D, BLOCK_R, BLOCK_K, BLOCK_D, SPLIT_BF16, NATIVE_HALF_DOT, PRECISION,
+        )
+
+
+# ----------------------------------------------------------------------------- the gemm strategy's own kernels
+
+
+@triton.jit
+def _row_sums(ptr, offsets, ok, stride_d, gy_ptr, gy_offsets, D,
+              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr):
+    """Σ_d v², and Σ_d v·gy (WITH_GY), of the rows at `offsets` [BLOCK_R], in float32."""
+    sq = tl.zeros((BLOCK_R,), tl.float32)
+    dot = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tile_ok = ok[:, None] & (cols < D)[None, :]
+        v = tl.load(ptr + offsets[:, None] + cols[None, :] * stride_d, mask=tile_ok, other=0.0).to(tl.float32)
+        sq += tl.sum(v * v, 1)
+        if WITH_GY:
+            gy = tl.load(gy_ptr + gy_offsets[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            dot += tl.sum(v * gy, 1)
+    return sq, dot
+
+
+@triton.jit
+def _gsp_gemm_norms_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_ptr,  # gy [B, D]
+    x_sq_ptr, x_gy_ptr, z_sq_ptr,  # out: |x|², x·gy [B·N], |z|² [M] float32
+    total_rows, N, M, D, x_programs,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr,
+):
+    """Programs below x_programs: BLOCK_R features each (feature r = b·N + i, read through x's
+    strides); the rest: BLOCK_R prototypes each."""
+    program = tl.program_id(0)
+    if program < x_programs:
+        feature = program * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = feature < total_rows
+        sample = (feature // N).to(tl.int64)
+        offsets = sample * stride_xb + (feature % N) * stride_xn
+        x_sq, x_gy = _row_sums(x_ptr, offsets, ok, stride_xd, grad_pooled_ptr, sample * D, D, BLOCK_R, BLOCK_D, WITH_GY)
+        tl.store(x_sq_ptr + feature, x_sq, mask=ok)
+        if WITH_GY:
+            tl.store(x_gy_ptr + feature, x_gy, mask=ok)
+    else:
+        protos = (program - x_programs) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = protos < M
+        offsets = protos.to(tl.int64) * stride_zm
+        z_sq, _ = _row_sums(z_ptr, offsets, ok, stride_zd, z_ptr, offsets, D, BLOCK_R, BLOCK_D, False)
+        tl.store(z_sq_ptr + protos, z_sq, mask=ok)
+
+
+@triton.jit
+def _gsp_gemm_backward_finish_kernel(
+    partial_ptr, splits, col_sum_ptr, batch, row_coefs_ptr,  # [S, M, D], [B, M], (β, w) [B, 2, N] float32
+    z_ptr, stride_zm, stride_zd, grad_z_ptr,  # prototypes [M, D]; grad_z [M, D] contiguous
+    coef_z_ptr, stride_vb, stride_vn, stride_vd,  # V z [B, N, D] float32, strided
+    x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
+    total_rows, N, M, D, col_tiles,
+    BLOCK_ZD: tl.constexpr, BLOCK_B: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Programs 0..M−1: the prototype gradient's epilogue, one prototype each; the rest:
+    grad_x = β x − V z + w gy on [BLOCK_R, BLOCK_D] tiles of all B·N features."""
+    program = tl.program_id(0)
+    if program < M:
+        _prototype_grad_program(
+            program.to(tl.int64), partial_ptr, splits, col_sum_ptr, batch, z_ptr, stride_zm, stride_zd, grad_z_ptr,
+            M, D, BLOCK_ZD, BLOCK_B, NORMALIZE,
+        )
+    else:
+        tile = program - M
+        cols = (tile % col_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+        feature = (tile // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        feature_ok = feature < total_rows
+        col_ok = cols < D
+        sample = (feature // N).to(tl.int64)
+        coef_z = tl.load(
+            coef_z_ptr + (sample * stride_vb + (feature % N) * stride_vn)[:, None] + cols[None, :] * stride_vd,
+            mask=feature_ok[:, None] & col_ok[None, :], other=0.0,
+        )
+        _grad_x_epilogue(
+            coef_z, feature, feature_ok, cols, col_ok, row_coefs_ptr,
+            x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd, N, D,
         )

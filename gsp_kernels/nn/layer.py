@@ -9,7 +9,7 @@ convolution to maps, as in the paper's code), and pools the projected features w
 Options from the authors' code, all off by default (``pooling_method``, ``augment_max_pool``,
 ``memory_size``), and the prototype initializations (a batch's local features, a warm-up
 memory of pooled embeddings, class proxies) are described in ``GSP``.
-``replace_global_pool`` swaps the pooling of a timm or torchvision model for the layer.
+``nn.model.replace_global_pool`` swaps the pooling of a timm or torchvision model for the layer.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _reference
-from .backbones import PatchTokens, backbone_from_model
-from .ops import _check_choice, gsp_pool
+from ..backends.reference import normalize_rows
+from ..backends.specs import BACKENDS
+from ..contract import check_choice, check_options, check_real
+from ..ops import gsp_pool
+from .backbones import PatchTokens
+from .prototypes import gathered_across_ranks, kcenter_indices
 
 DEFAULT_NUM_PROTOTYPES = 64
 POOLING_METHODS = ("sum", "gem", "max")
@@ -45,40 +47,6 @@ class GSPOutput(NamedTuple):
     embedding: Tensor
     attributes: Tensor | None
     weights: Tensor | None
-
-
-def kcenter_indices(points: Tensor, k: int, start_index: int = 0, *, covered: Tensor | None = None) -> Tensor:
-    """Greedy k-center: repeatedly add the point with the largest Euclidean distance to its
-    nearest chosen point. It starts from ``points[start_index]``, or, given ``covered``
-    ``[Q, D]`` (centres already placed, as the authors' memory initialization seeds it), from
-    the distances to those, and then picks all k from ``points``.
-
-    points: ``[P, D]``; returns ``[k]`` int64 indices into ``points`` (distinct while distinct
-    points remain).
-    """
-    if points.dim() != 2:
-        raise ValueError(f"points must be [P, D], got shape {tuple(points.shape)}")
-    num_points = points.shape[0]
-    if not 1 <= k <= num_points:
-        raise ValueError(f"k must be in [1, {num_points}] (the number of points), got {k}")
-    if not 0 <= start_index < num_points:
-        raise ValueError(f"start_index must be in [0, {num_points}), got {start_index}")
-    points = points.detach().float()
-    chosen = torch.empty(k, dtype=torch.long, device=points.device)
-    if covered is None:
-        chosen[0] = start_index
-        min_dist = torch.linalg.vector_norm(points - points[start_index], dim=1)  # [P]
-        first = 1
-    else:
-        if covered.dim() != 2 or covered.shape[0] == 0 or covered.shape[1] != points.shape[1]:
-            raise ValueError(f"covered must be [Q, {points.shape[1]}] with Q >= 1, got shape {tuple(covered.shape)}")
-        min_dist = torch.cdist(points, covered.detach().float().to(points.device)).amin(dim=1)  # [P]
-        first = 0
-    for step in range(first, k):
-        next_index = torch.argmax(min_dist)
-        chosen[step] = next_index
-        min_dist = torch.minimum(min_dist, torch.linalg.vector_norm(points - points[next_index], dim=1))
-    return chosen
 
 
 def local_features(features: Tensor | PatchTokens, grid: tuple[int, int] | None = None) -> tuple[Tensor, tuple[int, int] | None]:
@@ -116,23 +84,6 @@ def uniform_weights(tokens: Tensor, grid: tuple[int, int] | None) -> Tensor:
     batch, count = tokens.shape[:2]
     shape = (batch, *grid) if grid is not None else (batch, count)
     return tokens.new_full(shape, 1.0 / count)
-
-
-def _gathered_across_ranks(rows: Tensor) -> Tensor:
-    """``rows`` ``[b, E]`` of every rank, in rank order (``rows`` itself without a process
-    group); ranks may hold different numbers of rows."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    world_size = dist.get_world_size()
-    count = torch.tensor([rows.shape[0]], device=rows.device)
-    counts = [torch.empty_like(count) for _ in range(world_size)]
-    dist.all_gather(counts, count)
-    counts = [int(rank_count) for rank_count in counts]
-    padded = rows.new_zeros(max(counts), rows.shape[1])  # all_gather needs one shape on every rank
-    padded[: rows.shape[0]] = rows
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:rank_count] for part, rank_count in zip(parts, counts, strict=True)])
 
 
 class GSP(nn.Module):
@@ -218,18 +169,11 @@ class GSP(nn.Module):
         for name, value in (("memory_size", memory_size), ("warm_up_steps", warm_up_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if not 0.0 < transport_ratio <= 1.0:
-            raise ValueError(f"transport_ratio must be in (0, 1], got {transport_ratio}")
-        if not gamma > 0.0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
-        _check_choice("normalize", normalize, _reference.NORMALIZE_MODES)
-        _check_choice("cost", cost, _reference.COST_MODES)
-        _check_choice("solver", solver, _reference.SOLVERS)
-        if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
-            raise ValueError(f"max_iter must be None or a positive int, got {max_iter!r}")
-        _check_choice("pooling_method", pooling_method, POOLING_METHODS)
-        if not gem_power > 0.0:
-            raise ValueError(f"gem_power must be > 0, got {gem_power}")
+        # gsp_pool's own checks (contract.check_options): one message for one mistake, here or there.
+        options = check_options(transport_ratio, gamma, normalize, cost, solver, max_iter)
+        check_choice("backend", backend, ("auto", *BACKENDS))
+        check_choice("pooling_method", pooling_method, POOLING_METHODS)
+        gem_power = check_real("gem_power", gem_power, positive=True)
         if not isinstance(augment_max_pool, bool):
             raise TypeError(f"augment_max_pool must be a bool, got {augment_max_pool!r}")
         if 0 < memory_size < 2 * num_prototypes:
@@ -237,8 +181,8 @@ class GSP(nn.Module):
                 f"memory_size must be 0 or at least 2 * num_prototypes ({2 * num_prototypes}): k-center seeded with the "
                 f"first {num_prototypes} stored embeddings picks {num_prototypes} of the others; got {memory_size}"
             )
-        self.transport_ratio = float(transport_ratio)
-        self.gamma = float(gamma)
+        self.transport_ratio = options.transport_ratio
+        self.gamma = options.gamma
         self.normalize = normalize
         self.cost = cost
         self.backend = backend
@@ -381,8 +325,8 @@ class GSP(nn.Module):
         self.training_steps += 1
         if int(self.training_steps) <= self.warm_up_steps:
             return
-        embeddings = _gathered_across_ranks(embeddings.to(self.memory.dtype))
-        embeddings = _reference.normalize_rows(embeddings, self.normalize)[0][: self.memory_size]  # [b, E]
+        embeddings = gathered_across_ranks(embeddings.to(self.memory.dtype))
+        embeddings = normalize_rows(embeddings, self.normalize)[0][: self.memory_size]  # [b, E]
         count = embeddings.shape[0]
         start = min(int(self.memory_filled), self.memory_size - count)  # an overflowing batch fills the tail
         self.memory[start : start + count] = embeddings
@@ -434,7 +378,7 @@ class GSP(nn.Module):
             raise ValueError(f"{self.num_prototypes} prototypes need at least as many candidate vectors, got {vectors.shape[0]}")
         if not torch.isfinite(vectors).all():  # one sync, once: NaN prototypes would poison every output
             raise ValueError("the candidate vectors have non-finite values; the prototypes are left unchanged")
-        normalized, _ = _reference.normalize_rows(vectors, self.normalize)
+        normalized, _ = normalize_rows(vectors, self.normalize)
         indices = kcenter_indices(normalized, self.num_prototypes, start_index)
         self.prototypes.copy_(vectors[indices].to(self.prototypes))
         self._end_warm_up()
@@ -458,39 +402,3 @@ class GSP(nn.Module):
 def _forget_ready_cache(module: GSP, _incompatible_keys) -> None:
     """After ``load_state_dict``, read the loaded ``prototypes_ready`` flag again."""
     module._ready_cache = False
-
-
-class GSPNet(nn.Module):
-    """A backbone (images -> local features, see ``gsp_kernels.backbones``) whose global pooling
-    and classifier are replaced by a ``GSP`` layer; forward returns ``GSPOutput``."""
-
-    def __init__(self, trunk: nn.Module, gsp: GSP):
-        super().__init__()
-        self.trunk = trunk
-        self.gsp = gsp
-
-    def features(self, images: Tensor) -> Tensor | PatchTokens:
-        """Images -> the backbone's local features (a map, or ``PatchTokens``)."""
-        return self.trunk(images)
-
-    def forward(self, images: Tensor, return_weights: bool = False) -> GSPOutput:
-        """Images -> ``GSPOutput`` of the GSP head on the backbone's features."""
-        return self.gsp(self.features(images), return_weights=return_weights)
-
-
-def replace_global_pool(model: nn.Module, embedding_dim: int, *, in_channels: int | None = None, **gsp_kwargs) -> GSPNet:
-    """Swap the global pooling (and classifier) of an image model for a ``GSP`` layer.
-
-    Supported (``gsp_kernels.backbones.backbone_from_model``): timm models, CNNs (ResNet,
-    ConvNeXt, EfficientNet, ...) and vision transformers (ViT, DeiT, DINO/DINOv2, register
-    tokens: the prefix tokens are not pooled, the grid comes from the patch embedding at the
-    images' size), torchvision's ``VisionTransformer``, and torchvision CNNs with an ``avgpool``
-    child (ResNet). The returned ``GSPNet`` shares the backbone's parameters with ``model``;
-    ``in_channels`` defaults to the backbone's ``num_features``; ``gsp_kwargs`` go to ``GSP``.
-    """
-    backbone = backbone_from_model(model)
-    gsp = GSP(backbone.num_features if in_channels is None else in_channels, embedding_dim, **gsp_kwargs)
-    reference = next(model.parameters(), None)
-    if reference is not None:
-        gsp = gsp.to(device=reference.device, dtype=reference.dtype)
-    return GSPNet(backbone, gsp)

@@ -1,29 +1,41 @@
-"""Backend registry: which implementations exist, which run here, and why the others do not.
+"""The backends of ``gsp_pool``: which implementations exist, which run here, and why the others do
+not; and the backend specs of the check and the benchmarks ("triton:fused").
 
-A backend is a module with four functions (the contract every kernel backend implements):
+A backend is a module of this package with four functions (the contract every backend
+implements; ``options`` is a checked ``contract.GSPOptions``):
 
 - ``availability(device: torch.device) -> str | None``: None if it can run on that device,
   else the reason it cannot (missing package, not built with CUDA, no GPU...).
-- ``unsupported(x, prototypes, solver, normalize, cost, precision) -> str | None``: None if it computes
-  this case, else why not (``auto`` then falls back to the reference).
-- ``forward(x, prototypes, mu, gamma, normalize, cost, solver, max_iter, tol, precision)
-  -> (pooled [B, D], attr [B, M], weights [B, N], u [B])``: pooled, attr and weights in
-  x's dtype; u in the compute dtype (float32, or float64 when an input is float64).
-- ``backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, mu, gamma, normalize, cost,
-  precision)
+- ``unsupported(x, prototypes, options) -> str | None``: None if it computes this case, else why
+  not (``auto`` then falls back to the reference).
+- ``forward(x, prototypes, options) -> (pooled [B, D], attr [B, M], weights [B, N], u [B])``:
+  pooled, attr and weights in x's dtype; u in the compute dtype (float32, or float64 when an
+  input is float64).
+- ``backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options)
   -> (grad_x, grad_prototypes)``: each gradient in its own input's dtype; grad_x with x's
-  strides (``torch.empty_like(x)``).
+  strides (``torch.empty_like(x)``). It reads the options that define the function
+  (transport_ratio, gamma, normalize, cost, precision).
+
+Backends: ``reference`` (pure PyTorch, the oracle), ``triton`` (two strategies, ``triton/``) and
+``cuda`` (the native module of csrc/, ``native``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+from ..contract import GSPOptions
+from .specs import BACKENDS, TRITON_STRATEGIES, expand_specs, parse_spec, split_spec
+
+__all__ = [
+    "BACKENDS", "TRITON_STRATEGIES", "BackendStatus", "available_backends", "backend_status", "expand_specs",
+    "forcing_strategy", "get_backend", "parse_spec", "resolve_backend", "split_spec", "triton_tuned_config",
+]
 # `auto` tries these in order on a GPU (on the CPU it takes the reference), by the H200
 # measurements in bench/NOTES.md: float32 features go to cuda first (fwd+bwd 1.65 ms vs
 # triton 1.93 ms at B=256, N=196, D=512, M=128); half features, as under autocast, to triton
@@ -32,9 +44,9 @@ _GPU_PREFERENCE = ("cuda", "triton")
 _GPU_PREFERENCE_HALF = ("triton", "cuda")
 
 _MODULES = {
-    "reference": "gsp_kernels._reference_backend",
-    "triton": "gsp_kernels._triton",
-    "cuda": "gsp_kernels._cuda",
+    "reference": "gsp_kernels.backends.reference",
+    "triton": "gsp_kernels.backends.triton",
+    "cuda": "gsp_kernels.backends.cuda",
 }
 _loaded: dict[str, ModuleType | str] = {}
 
@@ -86,15 +98,7 @@ def get_backend(name: str) -> ModuleType:
     return module
 
 
-def resolve_backend(
-    name: str,
-    x: torch.Tensor,
-    prototypes: torch.Tensor,
-    solver: str,
-    normalize: str,
-    cost: str,
-    precision: str = "auto",
-) -> str:
+def resolve_backend(name: str, x: torch.Tensor, prototypes: torch.Tensor, options: GSPOptions) -> str:
     """Concrete backend for this call. `auto` picks the fastest that applies, else the reference.
 
     A backend named explicitly must apply, or a ValueError says why it does not.
@@ -110,7 +114,7 @@ def resolve_backend(
             module = _module(candidate)
             if isinstance(module, str) or module.availability(x.device) is not None:
                 continue
-            if module.unsupported(x, prototypes, solver, normalize, cost, precision) is None:
+            if module.unsupported(x, prototypes, options) is None:
                 return candidate
         return "reference"
     if name not in BACKENDS:
@@ -118,10 +122,26 @@ def resolve_backend(
     module = get_backend(name)
     reason = module.availability(x.device)
     if reason is None:
-        reason = module.unsupported(x, prototypes, solver, normalize, cost, precision)
+        reason = module.unsupported(x, prototypes, options)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run this call: {reason}")
     return name
+
+
+def forcing_strategy(strategy: str | None):
+    """A context forcing the Triton backend's strategy (its ``use_strategy``); nothing for None."""
+    if strategy is None:
+        return contextlib.nullcontext()
+    return get_backend("triton").use_strategy(strategy)
+
+
+def triton_tuned_config(device: torch.device | str) -> str:
+    """Which tuned Triton configuration is in force on ``device`` (the Triton backend's
+    ``tuning.describe``), or why there is none to speak of (Triton not importable)."""
+    module = _module("triton")
+    if isinstance(module, str):
+        return f"none: the triton backend is not available ({module})"
+    return module.tuning.describe(device)
 
 
 # Import every backend now, not on first use: an import while torch.compile traces a call

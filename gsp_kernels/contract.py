@@ -1,0 +1,156 @@
+"""The math contract in code (docs/math.md): its constants, its modes and their kernel codes, the
+dtype policy, the defaults, the options object and the checks of those options.
+
+``gsp_pool`` (``ops``), every backend and the ``GSP`` layer take these from here, so that one
+option is accepted or refused with one message wherever it is given. The CUDA kernels'
+``csrc/gsp_math.h`` spells the constants and codes again in C++; python_tests/test_contract.py
+checks that it matches this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Squared costs at or below snap·(|x̂|² + |ẑ|²) are exactly 0 (docs/math.md, Forward): the
+# GEMM-shaped expansion |x̂|² + |ẑ|² − 2 x̂·ẑ cancels catastrophically for a feature equal to a
+# prototype (float32 leaves ~5e-7 relative noise, whose square root would be a spurious distance
+# of ~7e-4), so an exact match costs exactly 0 in every backend. The radius follows the compute
+# dtype: float32 (every kernel backend) cannot resolve a distance below ~3e-3·|x̂| through the
+# expansion anyway; float64 resolves ~5e-7·|x̂|.
+COST_SNAP = 4e-6
+COST_SNAP_FLOAT64 = 1e-13
+# l2 normalization divides by max(|x|, L2_EPS).
+L2_EPS = 1e-12
+
+NORMALIZE_MODES = ("lipschitz", "l2", "none")
+COST_MODES = ("euclidean", "sqeuclidean")
+SOLVERS = ("newton", "fixed_point")
+PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
+# The kernels' codes for the modes: Triton constexprs, and the enums of csrc/gsp_math.h.
+NORMALIZE_CODES = {"lipschitz": 0, "l2": 1, "none": 2}
+COST_CODES = {"euclidean": 0, "sqeuclidean": 1}
+
+# The dtypes the op takes, by their names (the CLI's, the benchmarks' and the tuned files').
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half types are upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def autocast_off(device_type: str):
+    """torch.autocast disabled inside, where it is on. The op computes in ``compute_dtype`` by its
+    own policy, but its body runs under the caller's autocast (a custom op without an autocast
+    kernel falls through it, and so does an autograd.Function), which would cast every matmul
+    inside to half precision."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Newton tolerance on |Σσ − μN| / (μN) and on the relative step, per compute dtype."""
+    return 1e-13 if dtype == torch.float64 else 1e-6
+
+
+def default_max_iter(solver: str) -> int:
+    """Iteration cap: the paper's 100 for fixed_point, a safety cap for Newton."""
+    return 100 if solver == "fixed_point" else 64
+
+
+def cost_snap(dtype: torch.dtype) -> float:
+    """Relative snap radius (squared) for costs computed in `dtype`."""
+    return COST_SNAP_FLOAT64 if dtype == torch.float64 else COST_SNAP
+
+
+class GSPOptions(NamedTuple):
+    """The options of one GSP call (docs/math.md), checked by ``check_options``: what the backends
+    take. The dispatcher's op schema takes them as scalars in this order (``ops``); its backward op
+    carries the fields that define the function (the solve's fields are then at their defaults:
+    the backward depends on the root u, not on how it was found)."""
+
+    transport_ratio: float  # μ in (0, 1]
+    gamma: float  # γ > 0
+    normalize: str = "lipschitz"
+    cost: str = "euclidean"
+    solver: str = "newton"
+    max_iter: int | None = None  # None: default_max_iter(solver)
+    tol: float | None = None  # None: default_tol of the call's compute dtype
+    precision: str = "auto"
+
+
+def check_choice(name: str, value, choices) -> None:
+    """ValueError unless ``value`` is one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_tensor(name: str, t) -> None:
+    """TypeError unless ``t`` is a floating tensor of a dtype the op takes; ValueError if empty."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in DTYPE_NAMES:
+        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def check_real(name: str, value, *, positive: bool) -> float:
+    """``value`` as a float: a real number (not a bool), finite, and > 0 if ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    # Comparisons, not math.isfinite: under torch.compile a float argument may be symbolic.
+    if not -math.inf < value < math.inf or (positive and value <= 0):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
+    return value
+
+
+def check_options(
+    transport_ratio=0.3, gamma=5.0, normalize="lipschitz", cost="euclidean", solver="newton", max_iter=None, tol=None,
+    precision="auto",
+) -> GSPOptions:
+    """The checked ``GSPOptions`` (max_iter defaulted by solver; tol left None for the call's
+    dtype); TypeError or ValueError naming the first option that is not accepted."""
+    mu = check_real("transport_ratio", transport_ratio, positive=True)
+    if mu > 1.0:
+        raise ValueError(f"transport_ratio must be in (0, 1], got {mu}")
+    gamma = check_real("gamma", gamma, positive=True)
+    check_choice("normalize", normalize, NORMALIZE_MODES)
+    check_choice("cost", cost, COST_MODES)
+    check_choice("solver", solver, SOLVERS)
+    if max_iter is None:
+        max_iter = default_max_iter(solver)
+    elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if tol is not None:
+        tol = check_real("tol", tol, positive=True)
+    check_choice("precision", precision, PRECISIONS)
+    return GSPOptions(mu, gamma, normalize, cost, solver, max_iter, tol, precision)
+
+
+def options_for_call(options: GSPOptions, n: int, dtype: torch.dtype) -> GSPOptions:
+    """``options`` for a call of N features computed in ``dtype``: the tolerance defaulted for the
+    dtype, after a ValueError where the dtype cannot represent the solve: gamma beyond its range,
+    or N·μ below its smallest normal number (the weights would be NaN or not sum to 1)."""
+    limits = torch.finfo(dtype)
+    if options.gamma > limits.max:
+        raise ValueError(
+            f"gamma={options.gamma:g} overflows {dtype}, the compute dtype of these inputs (float64 inputs compute in float64)"
+        )
+    if options.transport_ratio * n < limits.tiny:
+        raise ValueError(
+            f"transport_ratio={options.transport_ratio:g} is too small: N·mu = {options.transport_ratio * n:g} is below "
+            f"{dtype}'s smallest normal number {limits.tiny:g}"
+        )
+    if options.tol is not None:
+        return options
+    return GSPOptions(*options[:6], default_tol(dtype), options.precision)

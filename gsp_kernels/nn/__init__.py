@@ -1,0 +1,31 @@
+"""The GSP layer and the models around it (``gsp_kernels.nn``).
+
+- ``GSP`` (``layer``): Generalized Sum Pooling as an ``nn.Module`` that replaces global average
+  pooling; ``GSPOutput``, what it returns.
+- ``EmbeddingModel``, ``GSPNet``, ``GlobalAveragePoolHead``, ``replace_global_pool`` (``model``):
+  a backbone trunk with a pooling head; the GAP baseline head; a timm or torchvision model with
+  its global pooling replaced by GSP.
+- ``PatchTokens`` and the backbone wrappers (``backbones``), ``load_backbone_weights``
+  (``pretrained``: local timm/torchvision checkpoints, nothing downloads).
+- ``kcenter_indices`` (``prototypes``): the greedy k-center selection of prototype initializations.
+"""
+
+from .backbones import PatchTokens
+from .layer import (
+    DEFAULT_NUM_PROTOTYPES,
+    GEM_CLAMP,
+    GSP,
+    POOLING_METHODS,
+    GSPOutput,
+    local_features,
+    uniform_weights,
+)
+from .model import EmbeddingModel, GlobalAveragePoolHead, GSPNet, replace_global_pool
+from .pretrained import LoadReport, load_backbone_weights
+from .prototypes import kcenter_indices
+
+__all__ = [
+    "DEFAULT_NUM_PROTOTYPES", "GEM_CLAMP", "GSP", "GSPNet", "GSPOutput", "EmbeddingModel", "GlobalAveragePoolHead",
+    "LoadReport", "PatchTokens", "POOLING_METHODS", "kcenter_indices", "load_backbone_weights", "local_features",
+    "replace_global_pool", "uniform_weights",
+]

@@ -1,0 +1,96 @@
+"""Models of images -> embeddings: a backbone trunk and a pooling head (``GSP``, or the GAP
+baseline ``GlobalAveragePoolHead``), and ``replace_global_pool``, which builds one from a timm or
+torchvision model.
+
+``EmbeddingModel`` is that model; ``GSPNet`` is the same model with a ``GSP`` head, held under the
+name ``gsp`` (what ``replace_global_pool`` returns; its state dict is ``trunk.*`` and ``gsp.*``,
+where an ``EmbeddingModel``, as training builds and saves it, has ``trunk.*`` and ``head.*``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .backbones import PatchTokens, backbone_from_model
+from .layer import GSP, GSPOutput, local_features, uniform_weights
+
+
+class GlobalAveragePoolHead(nn.Module):
+    """The GAP baseline: average the local features, then a Linear to the embedding.
+
+    It averages the very features GSP pools (GSP with transport_ratio 1 computes the same), so
+    for backbones whose head runs per position (``backbones.TimmBackbone``: a ViT's ``fc_norm``,
+    ConvNeXt's head norm) it is the mean of those, not the head of the mean.
+
+    A map ``[B, C, H, W]``, tokens ``[B, N, C]`` or ``PatchTokens`` -> ``GSPOutput(embedding
+    [B, E], None, weights)`` where the weights, when asked for, are uniform (``[B, H, W]``,
+    ``[B, h, w]`` or ``[B, N]``, as ``GSP`` gives them).
+    """
+
+    def __init__(self, in_channels: int, embedding_dim: int):
+        super().__init__()
+        self.projection = nn.Linear(in_channels, embedding_dim)
+
+    def forward(self, features: Tensor | PatchTokens, return_weights: bool = False, grid: tuple[int, int] | None = None) -> GSPOutput:
+        """Local features -> ``GSPOutput`` with the averaged features' embedding (uniform weights)."""
+        tokens, grid = local_features(features, grid)  # [B, N, C]
+        embedding = self.projection(tokens.mean(dim=1))  # [B, E]
+        return GSPOutput(embedding, None, uniform_weights(tokens, grid) if return_weights else None)
+
+
+class EmbeddingModel(nn.Module):
+    """``trunk`` (images -> local features: a map or ``PatchTokens``) followed by a pooling head
+    (``GSP`` or ``GlobalAveragePoolHead``); forward returns the head's ``GSPOutput``.
+
+    ``pretrained_report``: the ``pretrained.LoadReport`` of the backbone weights loaded into the
+    trunk when it was built, or None.
+    """
+
+    head_name = "head"  # the head's name among the children (and in the state dict)
+
+    def __init__(self, trunk: nn.Module, head: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.add_module(self.head_name, head)
+        self.pretrained_report = None
+
+    @property
+    def pooling_head(self) -> nn.Module:
+        """The pooling head, whatever its name."""
+        return getattr(self, self.head_name)
+
+    def features(self, images: Tensor) -> Tensor | PatchTokens:
+        """Images -> the backbone's local features (a map, or ``PatchTokens``)."""
+        return self.trunk(images)
+
+    def forward(self, images: Tensor, return_weights: bool = False) -> GSPOutput:
+        """Images -> ``GSPOutput`` of the pooling head on the trunk's features."""
+        return self.pooling_head(self.features(images), return_weights=return_weights)
+
+
+class GSPNet(EmbeddingModel):
+    """An ``EmbeddingModel`` whose head is a ``GSP`` layer, held as ``gsp``: a backbone (see
+    ``backbones``) whose global pooling and classifier are replaced by GSP."""
+
+    head_name = "gsp"
+
+    def __init__(self, trunk: nn.Module, gsp: GSP):
+        super().__init__(trunk, gsp)
+
+
+def replace_global_pool(model: nn.Module, embedding_dim: int, *, in_channels: int | None = None, **gsp_kwargs) -> GSPNet:
+    """Swap the global pooling (and classifier) of an image model for a ``GSP`` layer.
+
+    Supported (``backbones.backbone_from_model``): timm models, CNNs (ResNet, ConvNeXt,
+    EfficientNet, ...) and vision transformers (ViT, DeiT, DINO/DINOv2, register tokens: the
+    prefix tokens are not pooled, the grid comes from the patch embedding at the images' size),
+    torchvision's ``VisionTransformer``, and torchvision CNNs with an ``avgpool`` child (ResNet).
+    The returned ``GSPNet`` shares the backbone's parameters with ``model``; ``in_channels``
+    defaults to the backbone's ``num_features``; ``gsp_kwargs`` go to ``GSP``.
+    """
+    backbone = backbone_from_model(model)
+    gsp = GSP(backbone.num_features if in_channels is None else in_channels, embedding_dim, **gsp_kwargs)
+    reference = next(model.parameters(), None)
+    if reference is not None:
+        gsp = gsp.to(device=reference.device, dtype=reference.dtype)
+    return GSPNet(backbone, gsp)
