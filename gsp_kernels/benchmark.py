@@ -45,6 +45,7 @@ from .backends import (
 from .backends import reference as _reference
 from .contract import check_options, options_for_call
 from .ops import gsp_pool
+from .table import format_table
 
 TRANSPORT_RATIO = 0.3
 GAMMA = 5.0
@@ -680,13 +681,6 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def render_table(headers: list[str], lines: list[list[str]]) -> str:
-    """Left-aligned plain-text table."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *lines)]
-    render = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([render(headers), render(["-" * w for w in widths]), *map(render, lines)])
-
-
 def format_report(report: dict) -> str:
     """The readable tables: timings per row, overhead, training step."""
     headers = ["impl", "shape", "dtype", "fwd ms", "bwd ms", "f+b ms", "f+b min ms", "host f+b ms", "graph fwd ms",
@@ -714,10 +708,10 @@ def format_report(report: dict) -> str:
         *([f"triton tuned configuration: {report.get('triton_tuned_config', 'not recorded')}; "
            "triton:fused / triton:gemm rows force that strategy, plain triton rows let the backend choose"]
           if has_triton else []),
-        render_table(headers, lines),
+        format_table(headers, lines),
         "",
         "per-call overhead on a 1x1x1x1 input (gsp_pool vs the backend's functions called directly):",
-        render_table(
+        format_table(
             ["backend", "gsp_pool µs", "backend.forward µs", "overhead µs", "gsp_pool f+b µs", "backend f+b µs",
              "overhead f+b µs"],
             [[o["backend"], *(_fmt(o.get(key), ".1f") for key in (
@@ -731,7 +725,7 @@ def format_report(report: dict) -> str:
         parts += ["", f"training step: unavailable: {step['unavailable']}"]
     elif step:
         keys = list(dict.fromkeys(k for row in step for k in row))
-        parts += ["", "training step:", render_table(keys, [[_fmt_cell(row.get(k)) for k in keys] for row in step])]
+        parts += ["", "training step:", format_table(keys, [[_fmt_cell(row.get(k)) for k in keys] for row in step])]
     return "\n".join(parts)
 
 

@@ -23,6 +23,7 @@ from .backends import (
 )
 from .contract import check_options
 from .ops import gsp_pool
+from .table import format_table
 
 # SPEC.md, "Oracles for tests": relative-error tolerances by input dtype and product precision,
 # at gamma <= GAMMA_SCALE_FROM. Float32 cost errors reach the plan multiplied by gamma, so
@@ -207,7 +208,7 @@ def run_check(
     return rows
 
 
-def format_table(rows: list[CheckRow]) -> str:
+def check_table(rows: list[CheckRow]) -> str:
     """Plain-text table: one line per row, relative errors per quantity and the verdict."""
     header = ["backend", "dtype", "precision", "case", *QUANTITIES, "tol", "result"]
     lines = []
@@ -215,9 +216,7 @@ def format_table(rows: list[CheckRow]) -> str:
         errors = [f"{row.errors[q]:.1e}" if q in row.errors else "-" for q in QUANTITIES]
         verdict = row.status + (f" ({row.reason})" if row.reason else "")
         lines.append([row.backend, row.dtype, row.precision, row.case, *errors, f"{row.tolerance:.0e}", verdict])
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
-    render = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([render(header), render(["-" * w for w in widths]), *map(render, lines)])
+    return format_table(header, lines)
 
 
 def rows_as_dicts(rows: list[CheckRow]) -> list[dict]:

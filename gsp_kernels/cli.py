@@ -118,14 +118,14 @@ def _write_json(path: str, payload) -> None:
 
 def cmd_check(args) -> int:
     """Compare every available backend with the float64 reference; 1 if any comparison fails."""
-    from .check import format_table, rows_as_dicts, run_check
+    from .check import check_table, rows_as_dicts, run_check
 
     rows = run_check(backends=args.backends or None, dtypes=args.dtypes or None, device=_device(args), seed=args.seed)
     failed = [row for row in rows if row.status == "FAIL"]
     if args.json:
         _write_json(args.json, {"passed": not failed, "rows": rows_as_dicts(rows)})
     if args.json != "-":
-        print(format_table(rows))
+        print(check_table(rows))
         skipped = sum(row.status == "skipped" for row in rows)
         print(f"\n{len(rows) - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped")
     return 1 if failed else 0

@@ -14,9 +14,9 @@ import time
 import torch
 from torch import Tensor
 
+from ..table import format_table
 from .config import TrainConfig
 from .data import TILE_SIZE, CollageDataset
-from .report import format_table
 from .train import train
 
 # The demo's GSP settings. The digit tile is a quarter of the map and its strokes less, so

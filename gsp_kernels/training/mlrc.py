@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..table import format_table
 from .benchmarks import BenchmarkData, class_folds, subset
 from .config import TrainConfig, eval_resize
 from .data import test_transform
 from .metrics import format_metrics_table, retrieval_metrics
-from .report import format_table, run_title, split_note, splits_line
+from .report import run_title, split_note, splits_line
 from .train import (
     CHECKPOINT_NAME,
     compute_embeddings,

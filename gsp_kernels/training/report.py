@@ -5,25 +5,17 @@ epochs, the split sizes, the test metrics), and the JSON record of results.json.
 - ``split_note(differences)``: a warning line when the splits are not the papers'.
 - ``summary_table(result)``: everything ``gsp-kernels train`` prints at the end.
 - ``results_record(result)``: the JSON-ready part of a ``train`` result.
-- ``format_table(header, rows)``, ``splits_line(splits)``: the plain-text pieces.
+- ``splits_line(splits)``: the plain-text pieces (tables by ``gsp_kernels.table.format_table``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from ..table import format_table
 from .config import TrainConfig
 
 SUMMARY_EPOCHS = 10  # epochs the summary table shows (the last ones; results.json has all)
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """A plain-text table with aligned columns."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(header, widths))]
-    lines.append("  ".join("-" * width for width in widths))
-    lines += ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
 
 
 def splits_line(splits: dict) -> str:
