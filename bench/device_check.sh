@@ -118,7 +118,7 @@ if [ "${GSP_SKIP_NCU:-0}" != "1" ] && command -v ncu >/dev/null; then
 fi
 
 if [ "${GSP_SKIP_TRAINING_STEP:-0}" != "1" ]; then
-  run_step training-step "$bench_log" 150 $py -m gsp_kernels.training.bench_step --json "$out/train_step.json"
+  run_step training-step "$bench_log" 150 $py -m gsp_kernels.bench.training_step --json "$out/train_step.json"
 fi
 
 sweep_budget=${GSP_SWEEP_BUDGET_S:-90}

@@ -20,7 +20,8 @@ import argparse
 import torch
 
 from gsp_kernels import available_backends, gsp_pool
-from gsp_kernels.check import forcing_strategy
+from gsp_kernels.backends import forcing_strategy
+from gsp_kernels.testing import shape_argument
 
 # (backend, dtype, precision, Triton strategy): the defaults of both backends, CUDA's tensor-core
 # candidate for float32 (`auto` is its exact SIMT path), and both Triton strategies.
@@ -44,9 +45,9 @@ def forward_backward(x, prototypes, backend, precision):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="256x196x512x128", help="BxNxDxM")
+    parser.add_argument("--shape", type=shape_argument, default="256x196x512x128", help="BxNxDxM")
     args = parser.parse_args(argv)
-    batch, n, d, m = (int(v) for v in args.shape.split("x"))
+    batch, n, d, m = args.shape
     backends = available_backends("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     x32 = torch.randn(batch, n, d, device="cuda", generator=gen)  # [B, N, D]

@@ -22,9 +22,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gsp_kernels import available_backends, gsp_pool
+from gsp_kernels.bench.timing import graph_replay_ms
+from gsp_kernels.testing import Shape, parse_shapes
 
 
-def make_inputs(shape, dtype, channels_first=False):
+def make_inputs(shape: Shape, dtype, channels_first=False):
+    """Features [B, N, D] (or, channels first, a [B, D, H, W] view of them) and prototypes [M, D]."""
     batch, n, d, m = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(batch, n, d, device="cuda", generator=gen).to(dtype)
@@ -67,7 +70,7 @@ def profile_backend(shape, dtype, backend, iters, label=None):
     kernels = sorted((e for e in events if getattr(e, "self_device_time_total", 0) > 0),
                      key=lambda e: e.self_device_time_total, reverse=True)
     host_ops = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: e.self_cpu_time_total, reverse=True)
-    print(f"\n== {label or backend} {str(dtype)[6:]} {'x'.join(map(str, shape))}: {wall_us:.0f} µs per fwd+bwd (events), "
+    print(f"\n== {label or backend} {str(dtype)[6:]} {shape}: {wall_us:.0f} µs per fwd+bwd (events), "
           f"{issue_us:.0f} µs to issue it (CPU, no sync){launcher}")
     print("  GPU kernels:")
     for e in kernels[:10]:
@@ -134,7 +137,6 @@ def knob_comparison(title, knob, settings, shapes, dtypes):
     of a module knob of ``gsp_kernels.backends.triton.launch`` (the first is the default), side by side."""
     from gsp_kernels.backends import triton as triton_backend
     from gsp_kernels.backends.triton import launch
-    from gsp_kernels.benchmark import graph_replay_ms
 
     print(f"\n== triton: {title} (GPU µs, graph replay) ==")
     default = getattr(launch, knob)
@@ -152,7 +154,7 @@ def knob_comparison(title, knob, settings, shapes, dtypes):
             finally:
                 setattr(launch, knob, default)
             (f_first, fb_first), (f_other, fb_other) = times
-            print(f"  {'x'.join(map(str, shape))} {str(dtype)[6:]}: fwd {f_first:.0f} vs {f_other:.0f} "
+            print(f"  {shape} {str(dtype)[6:]}: fwd {f_first:.0f} vs {f_other:.0f} "
                   f"({f_other / f_first:.2f}x), fwd+bwd {fb_first:.0f} vs {fb_other:.0f} ({fb_other / fb_first:.2f}x)")
 
 
@@ -163,12 +165,11 @@ def main():
                         help="BxNxDxM, comma-separated: Triton split vs one program per sample (default adds B=64)")
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
-    shapes, split_shapes = ([tuple(int(v) for v in text.split("x")) for text in arg.split(",")]
-                            for arg in (args.shapes, args.split_shapes))
+    shapes, split_shapes = parse_shapes(args.shapes), parse_shapes(args.split_shapes)
     backends = [b for b in available_backends("cuda") if b != "reference"]
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, backends {backends}")
     if "triton" in backends:
-        triton_stability((8, 196, 512, 128))
+        triton_stability(Shape(8, 196, 512, 128))
     for shape in shapes:
         for backend in backends:
             for dtype in (torch.float32, torch.bfloat16):

@@ -17,7 +17,7 @@ races) and prints SANITIZER_CASE_OK with the backends it ran.
 import torch
 
 from gsp_kernels import backend_status, gsp_pool
-from gsp_kernels.check import forcing_strategy
+from gsp_kernels.backends import forcing_strategy
 
 
 def run_case(x, prototypes, backend, **options):

@@ -16,6 +16,7 @@ of its run with ``GSP_TRITON_SPLIT=0``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -23,12 +24,13 @@ import torch
 from gsp_kernels import gsp_pool
 from gsp_kernels.backends import triton as _triton
 from gsp_kernels.backends.triton import launch as triton_launch
+from gsp_kernels.testing import Shape, parse_shapes, rel_err
 
 NAMES = ("pooled", "attr", "weights", "grad_x", "grad_prototypes")
 # B, N, D, M: the target shape; a small batch with a prime N (tiles of 50, 50, 50 and 47
 # features; it builds the same kernel variants as profile_backends.py's B=64, N=196, which Triton's
 # cache then shares); the largest N with the most prototypes (16 programs per sample).
-SHAPES = ((256, 196, 512, 128), (64, 197, 512, 128), (16, 1024, 128, 256))
+SHAPES = (Shape(256, 196, 512, 128), Shape(64, 197, 512, 128), Shape(16, 1024, 128, 256))
 
 
 def forward_backward(x, prototypes, cotangents):
@@ -52,11 +54,7 @@ def reference(x, prototypes, cotangents):
     return [t.detach() for t in (*outputs, *grads)]
 
 
-def relative_error(out, ref):
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def check_shape(shape, dtype, repeats, device):
+def check_shape(shape: Shape, dtype, repeats, device):
     """Failure messages for one shape and dtype (empty when the split is sound)."""
     batch, n, d, m = shape
     gen = torch.Generator(device=device).manual_seed(sum(shape))
@@ -82,10 +80,11 @@ def check_shape(shape, dtype, repeats, device):
     want = reference(x, prototypes, cotangents)
     floor = 1e-6 if dtype == torch.float32 else 1e-3
     for name, split_out, whole_out, ref in zip(NAMES, first, whole, want):
-        err_split, err_whole = relative_error(split_out, ref), relative_error(whole_out, ref)
-        if not (err_split <= 2 * err_whole + floor):  # also false for NaN
+        # Absolute errors where the reference is exactly zero (e.g. at a feature equal to a prototype).
+        err_split, err_whole = (rel_err(out, ref, zero_ref="absolute") for out in (split_out, whole_out))
+        if math.isinf(err_split) or not err_split <= 2 * err_whole + floor:  # inf: a non-finite output
             failures.append(f"{name}: error {err_split:.2e} split vs {err_whole:.2e} one program per sample")
-    label = f"{'x'.join(map(str, shape))} {str(dtype)[6:]}"
+    label = f"{shape} {str(dtype)[6:]}"
     print(f"  {label}: {'ok' if not failures else '; '.join(failures)}")
     return [f"{label}: {f}" for f in failures]
 
@@ -93,11 +92,11 @@ def check_shape(shape, dtype, repeats, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="runs per case that must give the same bits")
-    parser.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
+    parser.add_argument("--shapes", default=",".join(map(str, SHAPES)),
                         help="BxNxDxM, comma-separated (default: the target shape, B=64 with N=197, N=1024)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu runs the Triton interpreter (small shapes)")
     args = parser.parse_args(argv)
-    shapes = [tuple(int(v) for v in text.split("x")) for text in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("split_guard: no CUDA device")
     where = torch.cuda.get_device_name() if args.device == "cuda" else args.device

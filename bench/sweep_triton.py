@@ -48,6 +48,10 @@ Usage:
 A config is written BLOCK_N,BLOCK_M,BLOCK_D,num_warps,num_stages (forward, backward) or
 BLOCK_K,BLOCK_M,BLOCK_D,num_warps,num_stages,programs_wanted (coef_x; programs_wanted is a
 count of programs, 264 = 2 per SM on an H200); --configs of one kind select their kernels.
+
+Beside this script: sweep_configs.py (the problem, dtype pairs, candidate tables and config
+rules), sweep_workers.py (the precompile processes), sweep_report.py (summaries, the printed
+table, the JSON and the tuned-configuration file).
 """
 
 from __future__ import annotations
@@ -55,10 +59,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,10 +81,14 @@ for _path in (REPO_ROOT, REPO_ROOT / "bench"):  # the package without an install
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from sweep_report import (  # noqa: E402
-    GEMM_KEYS, KEYS, config_header, config_key, config_keys, fmt, print_report, summarize, write_json,
-    write_tuned_config,
+from sweep_configs import (  # noqa: E402
+    DEFAULT_DTYPES, DTYPES, KERNELS, Problem, candidate_configs, default_config, parse_config, smoke_configs,
+    sweep_device,
 )
+from sweep_report import (  # noqa: E402
+    config_header, config_key, config_keys, fmt, print_report, summarize, write_json, write_tuned_config,
+)
+from sweep_workers import collect_precompile, start_precompile  # noqa: E402
 
 from gsp_kernels.backends import reference as _reference  # noqa: E402
 from gsp_kernels.backends import triton as _triton  # noqa: E402
@@ -93,120 +99,16 @@ from gsp_kernels.contract import (  # noqa: E402
     COST_MODES, NORMALIZE_MODES, PRECISIONS, SOLVERS, GSPOptions, check_options, default_max_iter, default_tol,
     options_for_call,
 )
+from gsp_kernels.testing import TOLERANCES, Shape, random_inputs, rel_err, shape_argument  # noqa: E402
 
-KERNELS = ("strategy", "forward", "backward", "coef_x")
-# (features, prototypes) dtypes by name; "bfloat16+float32" is the GSP layer under bf16 autocast
-# (the projected map in bfloat16, the prototypes float32 parameters), the common training call.
-DTYPES = {
-    "float32": (torch.float32, torch.float32),
-    "bfloat16": (torch.bfloat16, torch.bfloat16),
-    "bfloat16+float32": (torch.bfloat16, torch.float32),
-}
-DEFAULT_DTYPES = "float32,bfloat16,bfloat16+float32"
-# SPEC.md's tolerances on ‖out − ref‖ / ‖ref‖ per features' dtype.
-TOL = {"float32": 1e-5, "bfloat16": 2e-2, "bfloat16+float32": 2e-2}
+# docs/math.md's tolerances (Accuracy) on ‖out − ref‖ / ‖ref‖ per features' dtype (at the auto precision).
+TOL = {name: TOLERANCES[(name.split("+")[0], "auto")] for name in DTYPES}
 FORWARD_OUTPUTS = ("pooled", "attr", "weights", "u")
 BACKWARD_OUTPUTS = ("grad_x", "grad_prototypes")
 TARGET_SHAPE = "256x196x512x128"
 SMOKE_SHAPE = "2x9x20x7"
-# Conservative shared-memory bound for the dot operand buffers (the H200 has 227 KB per block).
-SMEM_LIMIT_BYTES = 200 * 1024
 # Batch of the precompile workers' calls: same specializations as the target (B·N divisible by 16).
 WORKER_BATCH = 16
-
-# Candidates in priority order (a budget-limited run gets the first ones of every group):
-# (BLOCK_N, BLOCK_M, BLOCK_D as a factor of the default's BLOCK_D, num_warps, num_stages).
-# The default (triton_fused._tile_config), always measured first, is 64 x 128 x 32 (float32) or
-# 64 x 64 x 64 (half), 8 warps, 3 stages for the forward, 64 x 64 x 32 (float32) or 64 x 32 x 64
-# (half), 8 warps, 3 stages for the backward (whose tiles also set its grad_x GEMM's: BLOCK_N
-# features by BLOCK_D columns, BLOCK_M prototypes per step). num_stages pipelines the loops
-# that feed tl.dot. First come one-stage configs: the measured gain of pipelining. BLOCK_N also
-# sets how many programs share a sample (⌈N / BLOCK_N⌉: 4 of 49 features at N = 196 with 64,
-# 7 of 28 with 32, less padding for the float32 tensor-core work). Register counts below are
-# Triton 3.9's builds; Triton 3.6 builds the half kernels larger, and every half-precision
-# config launches with the library's register cap (two programs per SM, ``_launch_config``:
-# 128 at 8 warps), so a wide 8-warp half tile is timed as the library would run it, spills
-# included.
-FORWARD_CANDIDATES = [
-    (64, 128, 1, 8, 1),  # session-2 default
-    (64, 64, 1, 8, 1),
-    (64, 64, 1, 8, 3),  # half default: 122 registers, two programs per SM
-    (64, 128, 1, 8, 3),  # float32 default
-    (64, 64, 1, 8, 2),
-    (64, 128, 1, 8, 2),
-    (64, 64, 1, 8, 4),
-    (64, 64, 2, 8, 3),
-    (32, 64, 1, 4, 3),  # 168 registers at 4 warps (half): three programs per SM
-    (64, 64, 1, 4, 3),
-    (32, 128, 1, 4, 3),
-    (128, 64, 1, 8, 3),
-    (64, 128, 2, 8, 2),
-    (32, 64, 2, 4, 2),
-    (64, 128, 0.5, 8, 4),
-    (16, 128, 1, 4, 3),
-    (128, 128, 0.5, 8, 3),
-    (32, 64, 1, 8, 3),
-    (64, 32, 1, 4, 3),
-    (32, 32, 2, 2, 2),
-]
-BACKWARD_CANDIDATES = [
-    (64, 64, 1, 8, 1),  # one stage: the measured gain of pipelining
-    (64, 32, 1, 8, 1),
-    (64, 64, 1, 8, 3),  # float32 default; half: 167 registers, one program per SM
-    (64, 32, 1, 8, 3),  # half default: 126 registers, two programs per SM
-    (64, 32, 1, 8, 2),
-    (64, 32, 1, 8, 4),
-    (64, 32, 1, 4, 3),  # 150 registers (half): three 4-warp programs per SM
-    (32, 32, 1, 4, 3),  # 94 registers (half): five per SM
-    (64, 32, 0.5, 8, 3),
-    (64, 64, 1, 8, 2),
-    (64, 128, 1, 8, 2),  # one prototype tile: the costs once per feature tile
-    (32, 64, 1, 4, 3),
-    (128, 32, 1, 8, 3),
-    (64, 16, 1, 4, 3),
-    (32, 32, 2, 4, 3),
-    (64, 32, 2, 8, 3),
-    (128, 64, 1, 8, 2),
-    (16, 32, 1, 2, 3),
-    (64, 64, 0.5, 4, 4),
-    (32, 64, 2, 8, 2),
-]
-# The prototype-gradient GEMM over all B·N features: (BLOCK_K, BLOCK_M, BLOCK_D, num_warps,
-# num_stages, programs_wanted per SM). The default (first) is 64 x 64 x 64, 4 warps, 3 stages,
-# 2 programs per SM (triton_fused._gemm_config), 16 tiles x 17 splits at the target shape on an H200.
-GEMM_CANDIDATES = [
-    (64, 64, 64, 4, 3, 2),  # default
-    (64, 128, 64, 8, 3, 2),  # one prototype tile at M=128: each x tile read once
-    (64, 64, 64, 4, 3, 1),  # half the splits: fewer partials to write and sum
-    (64, 64, 64, 4, 3, 4),
-    (64, 64, 64, 8, 4, 2),
-    (128, 64, 64, 8, 2, 2),
-    (32, 64, 64, 4, 4, 2),
-    (64, 64, 128, 8, 3, 2),
-    (64, 128, 128, 8, 2, 2),
-    (32, 128, 64, 4, 3, 1),
-    (64, 32, 64, 4, 3, 4),
-    (128, 128, 64, 8, 2, 1),
-]
-# float32 with exact products (CUDA-core FMA, not the default path): the first this many.
-IEEE_CANDIDATES = 8
-
-
-@dataclass(frozen=True)
-class Problem:
-    batch: int
-    n: int
-    d: int
-    m: int
-    gamma: float
-    mu: float
-    normalize: str
-    cost: str
-    solver: str
-
-    @property
-    def label(self) -> str:
-        return f"B{self.batch} N{self.n} D{self.d} M{self.m}"
 
 
 @dataclass
@@ -225,142 +127,7 @@ class Group:
         return f"{self.kernel} {self.dtype} {self.precision}"
 
 
-# ----------------------------------------------------------------------------- configs
-
-
-def parse_config(text: str) -> dict:
-    parts = [int(p) for p in text.split(",")]
-    for keys in (KEYS, GEMM_KEYS):
-        if len(parts) == len(keys):
-            return dict(zip(keys, parts))
-    raise argparse.ArgumentTypeError(f"a config is {','.join(KEYS)} or {','.join(GEMM_KEYS)}, got {text!r}")
-
-
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
-    if len(parts) != 4 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"shape is BxNxDxM with positive sizes, got {text!r}")
-    return tuple(parts)
-
-
-def _pow2(v: int) -> bool:
-    return v >= 1 and v & (v - 1) == 0
-
-
-def config_problem(config: dict, kernel: str, dtype: str) -> str | None:
-    """Why a config cannot be launched by these kernels (None if it can)."""
-    if kernel == "strategy":
-        return None  # its configs are _triton.STRATEGIES' names (use_strategy checks them)
-    for key in config_keys(kernel)[:3]:
-        if not _pow2(config[key]) or config[key] < 16:  # tl.arange: powers of two; tl.dot: >= 16
-            return f"{key}={config[key]} must be a power of two >= 16"
-    if not _pow2(config["num_warps"]) or config["num_warps"] > 16:
-        return f"num_warps={config['num_warps']} must be a power of two <= 16"
-    if config["num_stages"] < 1:
-        return "num_stages must be >= 1"
-    elem = DTYPES[dtype][0].itemsize
-    if kernel == "coef_x":
-        if config["programs_wanted"] < 1:
-            return "programs_wanted must be >= 1"
-        bk, bm, bd = config["BLOCK_K"], config["BLOCK_M"], config["BLOCK_D"]
-        per_stage = bm * bk * 4 + bk * bd * elem  # Vᵀ (float32, or bfloat16 hi + lo) and x tiles
-    else:
-        bn, bm, bd = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_D"]
-        per_stage = (bn * bd + bd * bm) * elem  # x and zᵀ tiles of the cost dot
-    if kernel == "backward":
-        per_stage = max(per_stage, (bn * bm + bm * bd) * 4)  # V and z tiles of pass 2 (float32)
-    if per_stage * config["num_stages"] > SMEM_LIMIT_BYTES:
-        return f"~{per_stage * config['num_stages'] // 1024} KB of pipelined operands > {SMEM_LIMIT_BYTES // 1024} KB"
-    return None
-
-
-def sweep_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and not triton_launch.INTERPRETED else "cpu")
-
-
-def default_config(problem: Problem, kernel: str, dtype: str, device: torch.device | None = None) -> dict:
-    """The config the kernels use today at this shape (no override) on `device` (default: the
-    sweep's; the GEMM's programs_wanted depends on it)."""
-    assert not triton_launch.BLOCK_OVERRIDE and not triton_fused.GEMM_OVERRIDE, "overrides must be None outside a measurement"
-    # The inputs' shape, dtypes and device only: broadcast views of one element each.
-    x_dtype, z_dtype = DTYPES[dtype]
-    x = torch.empty((1, 1, 1), dtype=x_dtype, device=device or sweep_device()).expand(problem.batch, problem.n, problem.d)
-    z = torch.empty((1, 1), dtype=z_dtype, device=x.device).expand(problem.m, problem.d)
-    if kernel == "strategy":
-        return {"strategy": _triton.strategy_for(x, z)}
-    if kernel == "coef_x":
-        config = triton_fused._gemm_config(problem.batch * problem.n, problem.m, problem.d, x.device)
-    else:
-        config = triton_fused._launch_config(problem.n, problem.m, problem.d, triton_launch.half_products(x, z), backward=kernel == "backward")
-    return {k: int(config[k]) for k in config_keys(kernel)}
-
-
-def candidate_configs(problem: Problem, kernel: str, dtype: str, precision: str, max_configs: int | None,
-                      given: list[dict] | None) -> tuple[dict, list[dict]]:
-    """(default, [default, candidates...]) clipped to the shape, deduplicated, valid."""
-    default = default_config(problem, kernel, dtype)
-    if given:
-        raw = [dict(c) for c in given if set(c) == set(config_keys(kernel))]
-    elif kernel == "strategy":
-        raw = [{"strategy": name} for name in _triton.STRATEGIES]
-    elif kernel == "coef_x":
-        # programs_wanted per SM: the default's 2 per SM (triton_fused._programs_wanted) scaled.
-        table = GEMM_CANDIDATES[:IEEE_CANDIDATES] if precision == "ieee" else GEMM_CANDIDATES
-        raw = [
-            {"BLOCK_K": bk, "BLOCK_M": bm, "BLOCK_D": bd, "num_warps": w, "num_stages": s,
-             "programs_wanted": default["programs_wanted"] * per_sm // 2}
-            for bk, bm, bd, w, s, per_sm in table
-        ]
-    else:
-        table = FORWARD_CANDIDATES if kernel == "forward" else BACKWARD_CANDIDATES
-        if precision == "ieee":
-            table = table[:IEEE_CANDIDATES]
-        raw = [
-            {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_D": int(default["BLOCK_D"] * df), "num_warps": w, "num_stages": s}
-            for bn, bm, df, w, s in table
-        ]
-    # No tile larger than the padded dimension (those only add masked work).
-    caps = {"BLOCK_N": problem.n, "BLOCK_M": problem.m, "BLOCK_D": problem.d, "BLOCK_K": problem.batch * problem.n}
-    caps = {key: dim for key, dim in caps.items() if key in config_keys(kernel)}
-    configs, seen = [default], {config_key(default)}
-    for config in raw:
-        for key, dim in caps.items():
-            config[key] = max(16, min(config[key], triton_launch.next_pow2(dim)))
-        key = config_key(config)
-        if key in seen:
-            continue
-        why = config_problem(config, kernel, dtype)
-        if why:
-            print(f"  skip {kernel} {dtype} {key}: {why}")
-            continue
-        seen.add(key)
-        configs.append(config)
-    if max_configs is not None:
-        configs = configs[:max(1, max_configs)]
-    return default, configs
-
-
 # ----------------------------------------------------------------------------- inputs and reference
-
-
-def random_inputs(problem: Problem, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 features [B, N, D] and prototypes [M, D] on the CPU: norms spread over [0.3, 3]
-    (both sides of the lipschitz threshold 1), 30% of the features near a prototype (noise
-    0.05), like python_tests/oracles.random_inputs."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rows(count):
-        direction = torch.randn(count, problem.d, generator=gen)
-        direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True).clamp_min(1e-6)
-        return direction * (0.3 + 2.7 * torch.rand(count, 1, generator=gen))
-
-    prototypes = rows(problem.m)
-    x = rows(batch * problem.n)
-    near = torch.rand(batch * problem.n, generator=gen) < 0.3
-    picks = torch.randint(0, problem.m, (batch * problem.n,), generator=gen)
-    jitter = 0.05 * torch.randn(batch * problem.n, problem.d, generator=gen)
-    x = torch.where(near[:, None], prototypes[picks] + jitter, x)
-    return x.reshape(batch, problem.n, problem.d), prototypes
 
 
 def call_options(problem: Problem, precision: str) -> GSPOptions:
@@ -374,7 +141,7 @@ def call_options(problem: Problem, precision: str) -> GSPOptions:
 def make_tensors(problem: Problem, batch: int, dtype: str, device: torch.device, seed: int) -> dict:
     """Features and prototypes in `dtype`'s pair on `device`, and cotangents of the three outputs
     in the features' dtype (the outputs')."""
-    x, z = random_inputs(problem, batch, seed)
+    x, z = random_inputs(batch, problem.n, problem.m, problem.d, seed, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     x_dtype, z_dtype = DTYPES[dtype]
     cot = [torch.randn(shape, generator=gen) for shape in ((batch, problem.d), (batch, problem.m), (batch, problem.n))]
@@ -397,16 +164,6 @@ def reference_outputs(problem: Problem, tensors: dict) -> dict:
         problem.mu, problem.gamma, problem.normalize, problem.cost,
     )
     return {"pooled": pooled, "attr": attr, "weights": weights, "u": u, "grad_x": grad_x, "grad_prototypes": grad_z}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (inf for non-finite outputs)."""
-    out64 = out.detach().double()
-    if not bool(torch.isfinite(out64).all()):
-        return math.inf
-    denom = ref.norm().item()
-    num = (out64 - ref).norm().item()
-    return num / denom if denom > 0 else num
 
 
 def kernel_call(group: Group, problem: Problem, config: dict | None = None):
@@ -483,7 +240,7 @@ def measure(group: Group, config: dict, problem: Problem, refs: dict, device: to
         first = call()
         synchronize(device)
         row["first_call_s"] = round(time.perf_counter() - start, 4)
-        row["rel_err"] = {name: rel_err(out, refs[name]) for name, out in zip(names, first)}
+        row["rel_err"] = {name: rel_err(out, refs[name], zero_ref="absolute") for name, out in zip(names, first)}
         row["max_rel_err"] = max(row["rel_err"].values())
         row["accurate"] = row["max_rel_err"] <= TOL[group.dtype]
         deterministic, wall = True, []
@@ -552,64 +309,12 @@ def worker_main(job_file: str) -> int:
     return 0
 
 
-def start_precompile(order: list[tuple[Group, dict]], problem: Problem, workers: int, scratch: Path) -> list:
-    """Start `workers` processes compiling the configs (round-robin in sweep order) into
-    Triton's on-disk cache; collect_precompile() waits for them."""
-    jobs = [
-        {"index": i, "kernel": g.kernel, "dtype": g.dtype, "precision": g.precision, "config": c}
-        for i, (g, c) in enumerate(order)
-    ]
-    procs = []
-    for w in range(workers):
-        mine = jobs[w::workers]
-        if not mine:
-            continue
-        job_file = scratch / f"jobs{w}.json"
-        job_file.write_text(json.dumps({"problem": problem.__dict__, "jobs": mine}))
-        out = open(scratch / f"worker{w}.out", "w")  # noqa: SIM115  (closed in collect_precompile)
-        err = open(scratch / f"worker{w}.err", "w")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--_compile-worker", str(job_file)],
-            stdout=out, stderr=err, cwd=str(REPO_ROOT),
-        )
-        procs.append((w, proc, out, err))
-    print(f"precompile: {len(jobs)} configs on {len(procs)} processes", flush=True)
-    return procs
-
-
-def collect_precompile(procs: list, deadline: float, scratch: Path, jobs: int) -> dict:
-    """Wait for the workers until the deadline (then stop them); {index: worker line}."""
-    for w, proc, out, err in procs:
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()  # our own child, by its handle
-            proc.wait()
-            print(f"  worker {w}: stopped at the precompile deadline", flush=True)
-        out.close()
-        err.close()
-        if proc.returncode not in (0, -9):
-            tail = (scratch / f"worker{w}.err").read_text()[-1500:]
-            print(f"  worker {w}: exit {proc.returncode}\n{tail}", flush=True)
-    done = {}
-    for w, *_ in procs:
-        for line in (scratch / f"worker{w}.out").read_text().splitlines():
-            if line.startswith("JOB "):
-                entry = json.loads(line[4:])
-                done[entry["index"]] = entry
-    seconds = [e["seconds"] for e in done.values()]
-    if seconds:
-        print(f"precompile: {len(done)}/{jobs} done, median {statistics.median(seconds):.2f} s per config "
-              f"(max {max(seconds):.2f} s, {sum(seconds):.0f} s of compile in all)", flush=True)
-    return done
-
-
 # ----------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", type=parse_shape, default=None, help=f"BxNxDxM (default {TARGET_SHAPE}; smoke {SMOKE_SHAPE})")
+    p.add_argument("--shape", type=shape_argument, default=None, help=f"BxNxDxM (default {TARGET_SHAPE}; smoke {SMOKE_SHAPE})")
     p.add_argument("--gamma", type=float, default=5.0)
     p.add_argument("--transport-ratio", type=float, default=0.3)
     p.add_argument("--normalize", default="lipschitz", choices=NORMALIZE_MODES)
@@ -644,19 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def smoke_configs(problem: Problem, kernel: str, dtype: str = "float32") -> list[dict]:
-    """Two configs: the default and one with small D tiles (D spans two tiles); for coef_x
-    also small feature tiles and twice the programs (the features then split in two); for the
-    strategy group both strategies."""
-    default = default_config(problem, kernel, dtype)
-    if kernel == "strategy":
-        return [default, *({"strategy": name} for name in _triton.STRATEGIES if name != default["strategy"])]
-    small = {**default, "BLOCK_D": 16, "num_warps": 2, "num_stages": 2}
-    if kernel == "coef_x":
-        small.update(BLOCK_K=16, programs_wanted=2 * default["programs_wanted"])
-    return [default, small]
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     # Defaults are the built-in rules, not a tuned file already in force (workers inherit this).
@@ -680,7 +372,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> dict:
     unavailable = _triton.availability(device)
     if unavailable:
         raise SystemExit(f"triton backend unavailable on {device}: {unavailable}")
-    batch, n, d, m = args.shape or parse_shape(SMOKE_SHAPE if args.smoke else TARGET_SHAPE)
+    batch, n, d, m = args.shape or Shape.parse(SMOKE_SHAPE if args.smoke else TARGET_SHAPE)
     problem = Problem(batch, n, d, m, args.gamma, args.transport_ratio, args.normalize, args.cost, args.solver)
     kernels = [k for k in args.kernels.split(",") if k]
     dtypes = [t for t in (args.dtypes or ("float32" if args.smoke else DEFAULT_DTYPES)).split(",") if t]

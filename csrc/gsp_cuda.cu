@@ -1,4 +1,4 @@
-// CUDA backend of GSP (SPEC.md): one block per sample, float32 accumulation throughout; the cost
+// CUDA backend of GSP (docs/math.md): one block per sample, float32 accumulation throughout; the cost
 // GEMM in exact float32 FMA (default) or on the TF32 tensor cores (one product, or 3xTF32).
 //
 // Forward (one launch after the prototype preparation): the cost GEMM x·ẑᵀ into per-sample

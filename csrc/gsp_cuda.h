@@ -37,7 +37,7 @@ void forward(const FeatureView& x, std::uintptr_t z_hat, std::uintptr_t z_sq_nor
              std::uintptr_t stream, int device);
 
 // Backward. grad_pooled [B, D], grad_attr [B, M], grad_weights [B, N]: fp32 contiguous.
-// Outputs: coef [B, N, M] fp32 = W / d_x (W of SPEC.md, d_x the feature's divisor),
+// Outputs: coef [B, N, M] fp32 = W / d_x (W of docs/math.md, Backward; d_x the feature's divisor),
 // coef_colsum [B, M] fp32 = Σ_i W_ki, grad_x laid out by grad_x_view (x's dtype).
 void backward(const FeatureView& x, const FeatureView& grad_x_view, std::uintptr_t grad_pooled,
               std::uintptr_t grad_attr, std::uintptr_t grad_weights, std::uintptr_t u, std::uintptr_t z_hat,

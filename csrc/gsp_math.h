@@ -1,4 +1,5 @@
-// Scalar GSP math shared by the CUDA kernels and the host (SPEC.md, _reference.solve_newton).
+// Scalar GSP math shared by the CUDA kernels and the host (docs/math.md, The scalar solve; the
+// reference's solve_newton in gsp_kernels/backends/reference.py).
 // Includable from plain C++ (GSP_NO_CUDA builds) and from nvcc: only the qualifiers differ.
 #pragma once
 
@@ -13,7 +14,7 @@
 
 namespace gsp {
 
-// Same constants as gsp_kernels/_reference.py.
+// The contract's constants and codes: gsp_kernels/contract.py (python_tests/test_contract.py checks).
 constexpr float kCostSnap = 4e-6f;
 constexpr float kL2Eps = 1e-12f;
 
@@ -45,7 +46,7 @@ GSP_HD bool norm_projects(float divisor, int normalize) {
 }
 
 // Cost from the normalized squared norms and the normalized dot product, snapped to 0 like
-// _reference.squared_costs (an exact feature/prototype match costs exactly 0).
+// backends/reference.py squared_costs (an exact feature/prototype match costs exactly 0).
 GSP_HD float cost_from_dot(float xx_hat, float zz_hat, float dot_hat, int cost) {
   const float norms = xx_hat + zz_hat;
   float sq = norms - 2.0f * dot_hat;

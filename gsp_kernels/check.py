@@ -4,8 +4,9 @@ For each available backend (the Triton backend once per strategy, ``triton:fused
 ``triton:gemm``) and each dtype (and, for float32 on kernel backends, each product precision),
 run ``gsp_pool`` on fresh random inputs and compare the forward outputs
 (pooled, attr, weights) and both gradients (x, prototypes) with the reference computed in
-float64 on the CPU from upcast copies of the same inputs. Errors are ‖out − ref‖ / ‖ref‖,
-judged against SPEC.md's tolerances.
+float64 on the CPU from upcast copies of the same inputs. Errors are ‖out − ref‖ / ‖ref‖
+(``testing.rel_err``; the absolute error where the reference is exactly zero), judged against
+the tolerances of docs/math.md, Accuracy (``testing.tolerance``).
 """
 
 from __future__ import annotations
@@ -21,24 +22,11 @@ from .backends import (
     get_backend,
     split_spec,
 )
-from .contract import check_options
+from .contract import DTYPES, check_options
 from .ops import gsp_pool
 from .table import format_table
+from .testing import rel_err, tolerance
 
-# SPEC.md, "Oracles for tests": relative-error tolerances by input dtype and product precision,
-# at gamma <= GAMMA_SCALE_FROM. Float32 cost errors reach the plan multiplied by gamma, so
-# float32/TF32 tolerances grow linearly above it (SPEC.md: "depends on gamma").
-GAMMA_SCALE_FROM = 5.0
-TOLERANCES = {
-    ("float64", "auto"): 1e-9,
-    ("float32", "auto"): 1e-5,
-    ("float32", "ieee"): 1e-5,
-    ("float32", "tf32x3"): 1e-5,
-    ("float32", "tf32"): 1e-2,
-    ("bfloat16", "auto"): 2e-2,
-    ("float16", "auto"): 2e-2,
-}
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTITIES = ("pooled", "attr", "weights", "grad_x", "grad_prototypes")
 
 
@@ -83,12 +71,6 @@ class CheckRow:
     reason: str = ""
 
 
-def tolerance(dtype_name: str, precision: str, gamma: float) -> float:
-    """SPEC.md's tolerance for this dtype and precision, scaled by gamma for float32 products."""
-    base = TOLERANCES[(dtype_name, precision)]
-    return base * max(1.0, gamma / GAMMA_SCALE_FROM) if dtype_name == "float32" else base
-
-
 def make_inputs(case: Case, device: torch.device, generator: torch.Generator):
     """Features [B, N, D] and prototypes [M, D] in float64 on `device`.
 
@@ -105,14 +87,6 @@ def make_inputs(case: Case, device: torch.device, generator: torch.Generator):
     else:
         x = torch.randn(case.batch, case.n, case.d, generator=generator, dtype=torch.float64)
     return x.to(device), prototypes.to(device)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 on the CPU; inf if out is not finite."""
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    return ((out64 - ref64).norm() / ref64.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
 
 
 def run_with_grads(x, prototypes, grads, case: Case, spec: str, precision: str) -> dict[str, torch.Tensor]:
@@ -200,7 +174,7 @@ def run_check(
                     else:
                         try:
                             outputs = run_with_grads(x, prototypes, grads, case, backend, precision)
-                            row.errors = {q: rel_err(outputs[q], reference[q]) for q in QUANTITIES}
+                            row.errors = {q: rel_err(outputs[q], reference[q], zero_ref="absolute") for q in QUANTITIES}
                             row.status = "pass" if max(row.errors.values()) <= row.tolerance else "FAIL"
                         except Exception as exc:  # a crashing backend is a failure, reported per row
                             row.status, row.reason = "FAIL", f"{type(exc).__name__}: {exc}"

@@ -18,6 +18,8 @@ from .backends import (
     triton_tuned_config,
 )
 from .backends.native import build_info
+from .contract import DTYPES
+from .testing import parse_shapes
 
 
 def _csv(text: str) -> list[str]:
@@ -62,21 +64,13 @@ def _backend_names(text: str) -> list[str]:
 
 
 def _dtypes(text: str) -> list[str]:
-    from .benchmark import DTYPES
-
     return _known(_csv(text), DTYPES, "dtype(s)")
 
 
 def _baselines(text: str) -> list[str]:
-    from .benchmark import BASELINES
+    from .bench import BASELINES
 
     return _known(_csv(text), BASELINES, "baseline(s)")
-
-
-def _shapes(text: str) -> list:
-    from .benchmark import Shape
-
-    return [Shape.parse(item) for item in _csv(text)]
 
 
 def _peaks(text: str) -> list[float]:
@@ -135,10 +129,10 @@ def cmd_bench(args) -> int:
     """Time backends and baselines; table on stdout, JSON report with --json, PNG with --plot.
 
     With --from-json, no measuring: the tables (and --plot's PNG) of a saved report."""
-    from .benchmark import BASELINES, DEFAULT_SHAPES, QUICK_SHAPES, run_bench
+    from .bench import BASELINES, DEFAULT_SHAPES, QUICK_SHAPES, run_bench
 
     if args.plot:
-        from .bench_plot import require_matplotlib
+        from .bench.plot import require_matplotlib
 
         try:
             require_matplotlib()  # before measuring, not after minutes of it
@@ -174,11 +168,11 @@ def cmd_bench(args) -> int:
 
 def _bench_output(report: dict, args) -> int:
     """The bench tables on stdout, and the PNG for --plot."""
-    from .benchmark import format_report
+    from .bench import format_report
 
     print(format_report(report))
     if args.plot:
-        from .bench_plot import plot_report
+        from .bench.plot import plot_report
 
         plot_report(report, args.plot)
         print(f"\nplot: {args.plot}")
@@ -261,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = subparsers.add_parser("bench", help="time backends against the paper's algorithm and torch.compile")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats, no torch.compile baseline")
-    bench.add_argument("--shapes", type=_arg_type(_shapes), help="comma-separated BxNxDxM (default: 64x49x512x64,256x196x512x128)")
+    bench.add_argument("--shapes", type=_arg_type(parse_shapes), help="comma-separated BxNxDxM (default: 64x49x512x64,256x196x512x128)")
     bench.add_argument("--backends", type=_arg_type(_backend_specs), help="comma-separated backends (default: all available here); "
                        "name@precision times a product precision, e.g. cuda,cuda@tf32x3; triton:fused or triton:gemm forces "
                        "that Triton strategy, e.g. triton:gemm@ieee")
@@ -276,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "67,495,990 on an H200, else measured)")
     bench.add_argument("--peak-gbps", type=_arg_type(_positive_float), help="memory bandwidth for the floor (H200 default 4300)")
     bench.add_argument("--training-step", action="store_true",
-                       help="also time a training step (gsp_kernels.training.bench_step)")
+                       help="also time a training step (gsp_kernels.bench.training_step)")
     bench.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     bench.add_argument("--plot", metavar="PATH", help="also draw the forward+backward times as a PNG (needs matplotlib)")
     bench.add_argument("--from-json", metavar="PATH",

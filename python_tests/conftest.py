@@ -1,5 +1,6 @@
-"""Shared test configuration: GPU marker, Triton interpreter on CPU-only machines, error metric,
-CPU process groups for the DistributedDataParallel tests."""
+"""Shared test configuration: GPU marker, Triton interpreter on CPU-only machines, CPU process
+groups for the DistributedDataParallel tests (the error metric and the shared test inputs'
+helpers are gsp_kernels.testing's)."""
 
 import gc
 import os
@@ -34,16 +35,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (SPEC.md's metric); NaN anywhere gives inf."""
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    denom = ref64.norm().item()
-    assert denom > 0, "never compare against an all-zero reference"
-    return (out64 - ref64).norm().item() / denom
 
 
 def spawn_gloo_ranks(body, world_size: int, tmp_path, *args) -> None:

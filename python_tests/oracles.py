@@ -2,7 +2,8 @@
 
 `paper_gsp` runs the paper's fixed-point iteration on the paper's transport plan and is
 differentiated by autograd; costs come straight from the differences ‖ẑ_k − x̂_i‖ (no GEMM
-expansion; only the contract's snap of near-zero costs to 0 is shared). Also here: the random test inputs shared by the test files.
+expansion; only the contract's snap of near-zero costs to 0 is shared). The random test inputs
+the test files share are ``gsp_kernels.testing.random_inputs``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# The contract's snap threshold (SPEC/_reference.py): a constant of the function, not its code.
+# The contract's snap threshold (docs/math.md, Forward): a constant of the function, not its code.
 from gsp_kernels.contract import cost_snap
 
 # exp(−γ c) is formed directly (the paper's way) while log s_i stays inside ±this bound,
@@ -133,24 +134,3 @@ def _log_domain_update(log_t: Tensor, log_s: Tensor, mu: float, n: int) -> Tenso
 def _log1p_exp(v: Tensor) -> Tensor:
     """log(1 + e^v) at full precision (softplus's default threshold would drop e^-20 terms)."""
     return torch.logaddexp(v, torch.zeros_like(v))
-
-
-def random_rows(count: int, dim: int, generator: torch.Generator, dtype=torch.float64) -> Tensor:
-    """`count` random vectors of dimension `dim` with norms spread over [0.3, 3] (both sides of 1)."""
-    direction = torch.randn(count, dim, generator=generator, dtype=dtype)
-    direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True).clamp_min(1e-6)
-    radius = 0.3 + 2.7 * torch.rand(count, 1, generator=generator, dtype=dtype)
-    return direction * radius
-
-
-def random_inputs(batch: int, n: int, m: int, d: int, seed: int, near_fraction: float = 0.3):
-    """float64 features [B, N, D] and prototypes [M, D]; a share of the features lies close to
-    a prototype (noise 0.05), so large gamma gives sparse plans."""
-    generator = torch.Generator().manual_seed(seed)
-    prototypes = random_rows(m, d, generator)
-    x = random_rows(batch * n, d, generator)
-    near = torch.rand(batch * n, generator=generator) < near_fraction
-    picks = torch.randint(0, m, (batch * n,), generator=generator)
-    jitter = 0.05 * torch.randn(batch * n, d, generator=generator, dtype=torch.float64)
-    x = torch.where(near[:, None], prototypes[picks] + jitter, x)
-    return x.reshape(batch, n, d), prototypes

@@ -10,7 +10,6 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import rel_err
 from safetensors.torch import save_file
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -19,6 +18,7 @@ from gsp_kernels.backends import available_backends
 from gsp_kernels.nn import GSPNet, replace_global_pool
 from gsp_kernels.nn.backbones import PatchTokens, resolve_arch
 from gsp_kernels.nn.pretrained import cached_weights_path, load_backbone_weights
+from gsp_kernels.testing import rel_err
 from gsp_kernels.training.models import build_model
 
 

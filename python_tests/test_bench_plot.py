@@ -10,7 +10,7 @@ pytest.importorskip("matplotlib")
 from matplotlib.image import imread
 
 from gsp_kernels import cli
-from gsp_kernels.bench_plot import plot_report
+from gsp_kernels.bench.plot import plot_report
 
 H200_REPORT = Path(__file__).resolve().parent.parent / "bench/results/2026-11-28-h200-final/bench_compile.json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -81,7 +81,7 @@ def test_bench_from_json_plots_without_measuring(tmp_path, capsys, monkeypatch):
     def no_measuring(*args, **kwargs):
         raise AssertionError("--from-json must not run the benchmark")
 
-    monkeypatch.setattr("gsp_kernels.benchmark.run_bench", no_measuring)
+    monkeypatch.setattr("gsp_kernels.bench.run_bench", no_measuring)
     out = tmp_path / "cli.png"
     assert cli.main(["bench", "--from-json", str(H200_REPORT), "--plot", str(out)]) == 0
     text = capsys.readouterr().out

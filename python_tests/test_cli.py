@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from gsp_kernels import cli
-from gsp_kernels.benchmark import PHASES, Shape, cost_model, parse_backend_spec
+from gsp_kernels.backends import parse_spec as parse_backend_spec
+from gsp_kernels.bench.candidates import PHASES
+from gsp_kernels.bench.cost_model import cost_model
 from gsp_kernels.check import Case, run_check
+from gsp_kernels.testing import Shape
 
 try:
     from gsp_kernels.backends import triton as _triton
@@ -109,7 +112,7 @@ def test_bench_strategy_rows_force_their_strategy(monkeypatch):
     if _triton.availability(torch.device("cpu")) is not None:
         pytest.skip(_triton.availability(torch.device("cpu")))
     from gsp_kernels.backends.triton import gemm as _triton_gemm
-    from gsp_kernels.benchmark import build_candidates, make_input_sets
+    from gsp_kernels.bench.candidates import build_candidates, make_input_sets
 
     calls = []
     for name in ("forward", "backward"):

@@ -1,4 +1,4 @@
-"""The `cuda` backend against the float64 reference (SPEC.md oracles). Needs a CUDA GPU.
+"""The `cuda` backend against the float64 reference (docs/math.md, Accuracy). Needs a CUDA GPU.
 
 Tolerances by ‖out − ref‖ / ‖ref‖ against float64 on the same (rounded) inputs: float32 1e-5,
 bf16/fp16 2e-2. The cost expansion |x̂|² + |ẑ|² − 2x̂·ẑ loses digits for features near a
@@ -10,16 +10,16 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err
 
 from gsp_kernels import backend_status, contract, gsp_pool
 from gsp_kernels.backends import reference as _reference
 from gsp_kernels.contract import GSPOptions
+from gsp_kernels.testing import rel_err
 
 pytestmark = pytest.mark.gpu
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-PRECISION_TOL = {"tf32": 1e-2}  # TF32 cost products (SPEC.md); tf32x3 keeps the float32 bound
+PRECISION_TOL = {"tf32": 1e-2}  # TF32 cost products (docs/math.md, Accuracy); tf32x3 keeps the float32 bound
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [  # (B, N, D, M)
     (2, 7, 33, 5),

@@ -16,9 +16,8 @@ pytest.importorskip("scipy")
 import dataset_fixtures as fixtures
 from PIL import Image
 
-from gsp_kernels.training import data
-from gsp_kernels.training.benchmarks import (
-    CARS_KAGGLE_FOLDER,
+from gsp_kernels.training import transforms
+from gsp_kernels.training.datasets import (
     DATASETS,
     PAPER_SPLITS,
     RECALL_KS,
@@ -28,17 +27,17 @@ from gsp_kernels.training.benchmarks import (
     load_benchmark,
     subset,
 )
-from gsp_kernels.training.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ClassBalancedBatchSampler,
-    CollageDataset,
+from gsp_kernels.training.datasets.collage import CollageDataset
+from gsp_kernels.training.datasets.images import (
     ImageFolderSplit,
     ImageListDataset,
     ImageReadError,
     LayoutError,
     check_images,
 )
+from gsp_kernels.training.datasets.readers import CARS_KAGGLE_FOLDER
+from gsp_kernels.training.samplers import ClassBalancedBatchSampler
+from gsp_kernels.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 WRITERS = {
     "cub": ("cub", fixtures.write_cub),
@@ -56,7 +55,7 @@ SPLIT_CLASSES = {
     "inshop": (["id_00000001", "id_00000002", "id_00000003"], ["id_00000004", "id_00000005", "id_00000006"]),
     "imagefolder": (["class_0", "class_1"], ["class_2", "class_3"]),
 }
-SMALL = {"train_transform": data.train_transform(20), "test_transform": data.test_transform(24, 20)}
+SMALL = {"train_transform": transforms.train_transform(20), "test_transform": transforms.test_transform(24, 20)}
 
 
 def _splits(benchmark):
@@ -319,29 +318,29 @@ def _constant_image(width, height, colour=(200, 40, 90)):
 
 def test_transforms_shapes_and_normalization():
     expected = (torch.tensor([200, 40, 90]) / 255.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    for transform, size in ((data.train_transform(), 227), (data.test_transform(), 227), (data.test_transform(40, 31), 31)):
+    for transform, size in ((transforms.train_transform(), 227), (transforms.test_transform(), 227), (transforms.test_transform(40, 31), 31)):
         out = transform(_constant_image(300, 200))
         assert out.shape == (3, size, size) and out.dtype == torch.float32
         torch.testing.assert_close(out.mean(dim=(1, 2)), expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="crop"):
-        data.test_transform(200, 227)
+        transforms.test_transform(200, 227)
 
 
 def test_test_transform_is_a_centre_crop_of_the_short_side_resize():
     pixels = np.zeros((256, 512, 3), dtype=np.uint8)
     pixels[:, 256:] = 255  # left half black, right half white
-    out = data.test_transform(256, 128)(Image.fromarray(pixels))  # 512x256 -> centre 128x128
+    out = transforms.test_transform(256, 128)(Image.fromarray(pixels))  # 512x256 -> centre 128x128
     left, right = out[:, :, :60], out[:, :, 68:]
     assert torch.allclose(left, left[:, :1, :1]) and torch.allclose(right, right[:, :1, :1])
     assert (right[:, 0, 0] > left[:, 0, 0]).all()
-    torch.testing.assert_close(data.test_transform(256, 128)(Image.fromarray(pixels)), out)
+    torch.testing.assert_close(transforms.test_transform(256, 128)(Image.fromarray(pixels)), out)
 
 
 def test_train_transform_flips_and_crops_randomly():
     pixels = np.zeros((64, 64, 3), dtype=np.uint8)
     pixels[:, :32] = 255  # bright left half
     image = Image.fromarray(pixels)
-    transform = data.train_transform(32)
+    transform = transforms.train_transform(32)
     torch.manual_seed(0)
     sides = {bool(out[:, :, :4].mean() > out[:, :, -4:].mean()) for out in (transform(image) for _ in range(40))}
     assert sides == {True, False}
@@ -390,7 +389,7 @@ def test_class_folds_in_order_and_errors():
 def test_subset_relabels_and_takes_a_transform(tmp_path):
     benchmark = load_benchmark("cub", fixtures.write_cub(tmp_path), **SMALL)
     train_idx, val_idx = class_folds(benchmark.train.labels, 3, seed=0)[1]
-    val = subset(benchmark.train, val_idx, transform=data.test_transform(30, 26))
+    val = subset(benchmark.train, val_idx, transform=transforms.test_transform(30, 26))
     fit = subset(benchmark.train, train_idx)
     assert val.paths == [benchmark.train.paths[i] for i in val_idx.tolist()]
     assert val.num_classes == 1 and set(val.labels.tolist()) == {0}

@@ -1,6 +1,6 @@
 """Kernel backends on random shapes and parameters (hypothesis): every output and gradient
-within SPEC.md's float32 tolerance of the float64 reference, or, where float32 itself is
-ill-conditioned (features clustered near prototypes, large gamma), within a fixed multiple of
+within the float32 tolerance (docs/math.md, Accuracy) of the float64 reference, or, where
+float32 itself is ill-conditioned (features clustered near prototypes, large gamma), within a fixed multiple of
 the float32 reference's own error on the same inputs (an error ratio against an upcast
 reference, as flash-attention tests its kernels). Triton runs through its interpreter on the
 CPU; the CUDA backend only where a GPU is."""
@@ -11,14 +11,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracles import random_inputs
 from test_triton import OUTPUT_NAMES, SMALL_TILES, outputs_and_grads
 
 from gsp_kernels import available_backends
 from gsp_kernels.backends import triton as _triton
 from gsp_kernels.backends.triton import launch as triton_launch
+from gsp_kernels.testing import random_inputs
 
-FLOAT32_TOL = 1e-5  # SPEC.md: float32 with IEEE products
+FLOAT32_TOL = 1e-5  # docs/math.md, Accuracy: float32 with IEEE products
 # A kernel may lose this many times the float32 reference's error: both round the same
 # cancellation-prone costs (|x̂|² + |ẑ|² − 2 x̂·ẑ), in different orders; 3xTF32 products drop
 # the lo·lo term (~2⁻²¹ per product against float32's 2⁻²⁴). The interpreter computes both exactly.

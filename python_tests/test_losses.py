@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err
 
 from gsp_kernels.losses import ZeroShotLoss, ZeroShotPredictionLoss, ridge_predict
+from gsp_kernels.testing import rel_err
 
 
 def straightforward_zero_shot_loss(attributes, labels, class_embeddings, ridge=0.05, scale=9.5):

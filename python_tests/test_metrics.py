@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("pytorch_metric_learning")
 
-from gsp_kernels.training.metrics import format_metrics_table, retrieval_metrics
+from gsp_kernels.training.metrics import retrieval_metrics
+from gsp_kernels.training.report import format_metrics_table
 
 
 def on_circle(degrees):

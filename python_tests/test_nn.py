@@ -5,11 +5,11 @@ autocast, backends, torch.compile, bad input. Real backbones: test_backbones.py.
 
 import pytest
 import torch
-from conftest import rel_err
 
 from gsp_kernels.backends import available_backends
 from gsp_kernels.nn import GSP, GSPOutput, kcenter_indices
 from gsp_kernels.nn.backbones import PatchTokens
+from gsp_kernels.testing import rel_err
 
 
 def straightforward_plan(x, prototypes, mu, gamma, iterations=3000):

@@ -6,25 +6,18 @@ import math
 
 import pytest
 import torch
-from oracles import paper_gsp, random_inputs
+from oracles import paper_gsp
 
 import gsp_kernels
 from gsp_kernels import backend_status, gsp_pool
 from gsp_kernels.contract import GSPOptions
 from gsp_kernels.ops import _gsp_pool_backward_op, _gsp_pool_op
+from gsp_kernels.testing import random_inputs
+from gsp_kernels.testing import rel_err as rel_error
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 # Op arguments after (x, prototypes): mu, gamma, normalize, cost, solver, max_iter, tol, precision, backend
 OP_PARAMS = (0.3, 5.0, "lipschitz", "euclidean", "newton", 64, 1e-6, "auto", "reference")
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (inf when out has a non-finite value)."""
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(out64).all():
-        return math.inf
-    assert ref64.norm() > 0, "never compare against an all-zero reference"
-    return ((out64 - ref64).norm() / ref64.norm()).item()
 
 
 def channels_first(features: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -1,17 +1,17 @@
-"""The paper's algorithm (`_paper.paper_gsp`): its implicit backward, and parity with the reference."""
+"""The paper's algorithm (`gsp_kernels.bench.paper.paper_gsp`): its implicit backward, and parity with the reference."""
 
 import pytest
 import torch
-from conftest import rel_err
 
 from gsp_kernels import gsp_pool
-from gsp_kernels._paper import (
+from gsp_kernels.bench.paper import (
     LipschitzNormalize,
     PartialTransportPlan,
     fixed_point_scale,
     paper_gsp,
     transport_plan,
 )
+from gsp_kernels.testing import rel_err
 
 CONVERGED = 1000  # fixed-point steps: converged to float64 round-off for these problems
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from oracles import pairwise_costs, random_inputs
+from oracles import pairwise_costs
 
 from gsp_kernels import gsp_pool
+from gsp_kernels.testing import random_inputs
 
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None)
 

@@ -15,8 +15,9 @@ import dataset_fixtures as fixtures
 
 from gsp_kernels.training import cli as training_cli
 from gsp_kernels.training.config import TrainConfig
+from gsp_kernels.training.loop import build_optimizer, build_scheduler
 from gsp_kernels.training.recipes import RECIPES, recipe_config, recipe_overrides
-from gsp_kernels.training.train import build_optimizer, build_scheduler, load_data
+from gsp_kernels.training.run import load_data
 
 # The authors' settings (OFFICIAL_CODE.md, tensorflow/configs/*.yaml), written out by hand.
 EVERY_RECIPE = {"transport_ratio": 0.3, "gamma": 5.0, "zero_shot_weight": 0.1, "samples_per_class": 4, "optimizer": "adam",

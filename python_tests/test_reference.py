@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import paper_gsp, random_inputs
+from oracles import paper_gsp
 
 from gsp_kernels import gsp_pool
 from gsp_kernels.backends import reference as _reference
+from gsp_kernels.testing import random_inputs
 
 # Forward outputs and gradients of the reference vs the converged paper iteration.
 ORACLE_TOL = 1e-9

@@ -13,8 +13,8 @@ pytest.importorskip("torchvision")
 import dataset_fixtures as fixtures
 
 from gsp_kernels import cli
-from gsp_kernels.training import mlrc
-from gsp_kernels.training.benchmarks import RECALL_KS, load_benchmark
+from gsp_kernels.training import embeddings, protocols
+from gsp_kernels.training.datasets import RECALL_KS, load_benchmark
 
 WRITERS = {
     "cub": fixtures.write_cub,
@@ -117,13 +117,13 @@ def test_mlrc_folds_are_class_disjoint_and_never_see_the_test_classes(tmp_path, 
     data = load_benchmark("cub", root)
     train_paths, test_paths = set(data.train.paths), set(data.query.paths)
     validated = []
-    original = mlrc.validation_map_at_r
+    original = protocols.validation_map_at_r
 
     def spy(model, val_set, config, device):
         validated.append(set(val_set.paths))
         return original(model, val_set, config, device)
 
-    monkeypatch.setattr(mlrc, "validation_map_at_r", spy)
+    monkeypatch.setattr(protocols, "validation_map_at_r", spy)
     out = tmp_path / "run"
     _run(["train", "--dataset", "cub", "--data-root", str(root), "--output-dir", str(out), "--protocol", "mlrc",
           "--early-stopping-patience", "1", *TINY_FLAGS, "--epochs", "3"])
@@ -180,7 +180,7 @@ def test_a_recipe_trains_end_to_end_with_tiny_overrides(tmp_path):
 def test_concatenate_embeddings_weighs_every_model_equally():
     first = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # norms 5 and 2
     second = torch.tensor([[10.0], [-0.5]])
-    joined = mlrc.concatenate_embeddings([first, second])
+    joined = embeddings.concatenate_embeddings([first, second])
     expected = torch.tensor([[0.6, 0.8, 1.0], [0.0, 1.0, -1.0]]) / 2**0.5  # each part unit length, then the whole
     torch.testing.assert_close(joined, expected)
-    torch.testing.assert_close(mlrc.concatenate_embeddings([100 * first, second]), expected)
+    torch.testing.assert_close(embeddings.concatenate_embeddings([100 * first, second]), expected)

@@ -10,10 +10,14 @@ pytest.importorskip("pytorch_metric_learning")
 
 import dataset_fixtures as fixtures
 
-from gsp_kernels.training import train as train_module
+from gsp_kernels.training import embeddings, loop
+from gsp_kernels.training.checkpoint import seed_everything
 from gsp_kernels.training.config import TrainConfig
-from gsp_kernels.training.data import ClassBalancedBatchSampler, CollageDataset
-from gsp_kernels.training.train import build_model_for, fit, seed_everything, train
+from gsp_kernels.training.datasets.collage import CollageDataset
+from gsp_kernels.training.loop import fit
+from gsp_kernels.training.models import build_model_for
+from gsp_kernels.training.run import train
+from gsp_kernels.training.samplers import ClassBalancedBatchSampler
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -29,7 +33,7 @@ def losses_of(history: list[dict]) -> list[tuple]:
 
 def _interrupted(config: TrainConfig, monkeypatch, after_saves: int) -> None:
     """Run ``config`` until its ``after_saves``-th checkpoint is written, then kill it."""
-    original, saves = train_module._save_checkpoint, []
+    original, saves = loop.save_checkpoint, []
 
     def save_then_die(path, state):
         original(path, state)
@@ -38,7 +42,7 @@ def _interrupted(config: TrainConfig, monkeypatch, after_saves: int) -> None:
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "_save_checkpoint", save_then_die)
+        patch.setattr(loop, "save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             train(config)
 
@@ -171,11 +175,11 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     from tqdm.auto import tqdm
 
     items = [1, 2, 3]
-    assert train_module._progress(items, "x", True) is items  # pytest's stderr is no terminal
+    assert loop._progress(items, "x", True) is items  # pytest's stderr is no terminal
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    bar = train_module._progress(items, "x", True)
+    bar = loop._progress(items, "x", True)
     assert isinstance(bar, tqdm) and list(bar) == items
-    assert train_module._progress(items, "x", False) is items
+    assert loop._progress(items, "x", False) is items
     capsys.readouterr()
     train(TrainConfig(**{**TINY, "epochs": 1, "progress": True}))
     shown = capsys.readouterr().err
@@ -281,9 +285,9 @@ def test_training_under_two_ranks(tmp_path):
 
 
 def test_loader_options():
-    cpu = train_module._loader_options(TrainConfig(num_workers=0), torch.device("cpu"))
+    cpu = loop._loader_options(TrainConfig(num_workers=0), torch.device("cpu"))
     assert cpu == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
-    cuda = train_module._loader_options(TrainConfig(num_workers=3), torch.device("cuda", 0))
+    cuda = loop._loader_options(TrainConfig(num_workers=3), torch.device("cuda", 0))
     assert cuda == {"num_workers": 3, "pin_memory": True, "persistent_workers": True}
 
 
@@ -320,7 +324,7 @@ def test_the_test_split_is_embedded_only_after_training(monkeypatch):
     """The plateau schedule (and the recipes' whole run) never sees the test classes: the test
     split is embedded once, after the last epoch."""
     events = []
-    original_epoch, original_embed = train_module._train_epoch, train_module.compute_embeddings
+    original_epoch, original_embed = loop._train_epoch, embeddings.compute_embeddings
 
     def epoch(*args, **kwargs):
         events.append("epoch")
@@ -330,7 +334,7 @@ def test_the_test_split_is_embedded_only_after_training(monkeypatch):
         events.append(("embed", dataset.digits.min().item()))
         return original_embed(model, dataset, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_epoch", epoch)
-    monkeypatch.setattr(train_module, "compute_embeddings", embed)
+    monkeypatch.setattr(loop, "_train_epoch", epoch)
+    monkeypatch.setattr(embeddings, "compute_embeddings", embed)
     train(TrainConfig(**{**TINY, "epochs": 3, "scheduler": "plateau"}))
     assert events == ["epoch", "epoch", "epoch", ("embed", 5)]  # the test digits 5-9, once, at the end

@@ -13,20 +13,16 @@ pytest.importorskip("sklearn")
 
 from test_train_loop import losses_of
 
+from gsp_kernels.bench.training_step import training_step_rows
 from gsp_kernels.training import cli as training_cli
-from gsp_kernels.training.bench_step import training_step_rows
 from gsp_kernels.training.config import TrainConfig
-from gsp_kernels.training.data import (
-    TILE_SIZE,
-    ClassBalancedBatchSampler,
-    CollageDataset,
-    ImageFolderSplit,
-    split_class_names,
-)
+from gsp_kernels.training.datasets.collage import TILE_SIZE, CollageDataset
+from gsp_kernels.training.datasets.images import ImageFolderSplit, split_class_names
 from gsp_kernels.training.demo import class_tile_weight_share, run_demo
 from gsp_kernels.training.models import build_model
 from gsp_kernels.training.report import summary_table
-from gsp_kernels.training.train import train
+from gsp_kernels.training.run import train
+from gsp_kernels.training.samplers import ClassBalancedBatchSampler
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

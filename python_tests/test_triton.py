@@ -1,4 +1,4 @@
-"""The `triton` backend against the float64 reference (SPEC.md's tolerances), on the CPU through
+"""The `triton` backend against the float64 reference (docs/math.md, Accuracy), on the CPU through
 the Triton interpreter and, marked `gpu`, on a CUDA device at training sizes; every test that
 takes the `strategy` fixture runs under both strategies (fused, and gemm: its products by torch,
 on the CPU in float32), and the two are compared with each other."""
@@ -9,7 +9,6 @@ import re
 
 import pytest
 import torch
-from oracles import random_inputs
 
 from gsp_kernels import gsp_pool
 from gsp_kernels.backends import reference as _reference
@@ -20,8 +19,9 @@ from gsp_kernels.backends.triton import kernels as triton_kernels
 from gsp_kernels.backends.triton import launch as triton_launch
 from gsp_kernels.contract import NORMALIZE_CODES, GSPOptions
 from gsp_kernels.ops import _gsp_pool_op
+from gsp_kernels.testing import random_inputs
 
-# ‖out − ref‖ / ‖ref‖ per input dtype (SPEC.md "Oracles for tests").
+# ‖out − ref‖ / ‖ref‖ per input dtype (docs/math.md, Accuracy).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 TF32_TOL = 1e-2
 # Small tiles so that N, M and D span several tiles at interpreter-friendly sizes.

@@ -154,12 +154,12 @@ def test_tuned_entry_reaches_the_triton_kernels(tmp_path, clean_cache):
     _triton = pytest.importorskip("gsp_kernels.backends.triton")
     if _triton.availability(torch.device("cpu")) is not None:
         pytest.skip(_triton.availability(torch.device("cpu")))
-    from conftest import rel_err
 
     from gsp_kernels import gsp_pool
     from gsp_kernels.backends import reference as _reference
     from gsp_kernels.backends.triton import fused as triton_fused
     from gsp_kernels.backends.triton import kernels as triton_kernels
+    from gsp_kernels.testing import rel_err
 
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(2, 20, 24, generator=generator)  # buckets: batch 2, n 32, d 32

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU machine's torch and Triton (bench/results/*/env_build.log), on this CPU machine: a venv
-# with them, the package built the way bench/device_check.sh builds it there, the CPU test suite,
-# and the sm_90 register table of every Triton kernel as that Triton builds it. Catches a version
-# mismatch before it costs device minutes. Downloads ~1.5 GB (the CUDA build of torch and its
-# libraries, ~5 GB installed): not part of CI.
+# The torch and Triton of the H200 runs (bench/results/*/env_build.log), on a CPU: a venv with
+# them, the package built the way bench/device_check.sh builds it, the CPU test suite, and the
+# sm_90 register table of every Triton kernel as that Triton builds it. Catches a version
+# mismatch without a GPU. Downloads ~1.5 GB (the CUDA build of torch and its libraries, ~5 GB
+# installed): not part of CI.
 #   usage: scripts/device_versions_check.sh [VENV_DIR]      (default /tmp/gsp-device-versions)
-#   TORCH_VERSION, TORCHVISION_VERSION, TRITON_VERSION: default the H200 machine's 2.11.0, 0.26.0
-#   and 3.6.0 (device/KINDS.md). pytorch-metric-learning, which that machine lacks, is installed
-#   here so that the whole suite runs (its tests skip there).
+#   TORCH_VERSION, TORCHVISION_VERSION, TRITON_VERSION: default those of the H200 runs, 2.11.0,
+#   0.26.0 and 3.6.0. pytorch-metric-learning, which that environment lacks, is installed here so
+#   that the whole suite runs (its tests skip there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-/tmp/gsp-device-versions}
@@ -19,7 +19,7 @@ if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$venv"
 fi
 # numpy < 2.3: Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.3+ refuses.
-# setuptools >= 77 for pyproject's SPDX license string (the GPU machine's is new enough).
+# setuptools >= 77 for pyproject's SPDX license string (the H200 environment's is new enough).
 # The pins hold for every install below (a constraints file): the test extra's unpinned
 # torchvision would otherwise pull the newest torch over them.
 pins="$venv/device-pins.txt"

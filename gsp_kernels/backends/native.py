@@ -4,7 +4,7 @@ and its build report: the `cuda` backend's kernels live there."""
 from __future__ import annotations
 
 try:
-    from .. import _C  # type: ignore[attr-defined]
+    import gsp_kernels._C as _C  # the extension module itself, not the package
 
     NATIVE_IMPORT_ERROR: str | None = None
 except ImportError as exc:  # skipped build (GSP_SKIP_NATIVE=1) or a broken one

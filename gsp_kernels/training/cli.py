@@ -16,18 +16,18 @@ import sys
 from pathlib import Path
 
 from ..nn import POOLING_METHODS
-from .benchmarks import DATASETS
 from .config import (
     METRIC_LOSSES,
     OPTIMIZERS,
     PROTOCOLS,
+    PROTOTYPE_INITS,
     SCHEDULERS,
     TrainConfig,
     layer_defaults,
     validate_config,
 )
-from .data import ImageReadError, LayoutError
-from .models import PROTOTYPE_INITS
+from .datasets import DATASETS
+from .datasets.images import ImageReadError, LayoutError
 from .recipes import RECIPES, recipe_config
 
 _HELP = {
@@ -156,8 +156,9 @@ def _write_json(output_dir: str, name: str, record: dict) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Train as configured and print the summary (rank 0 under torchrun); results.json in
     --output-dir."""
+    from .distributed import shutdown_distributed
     from .report import results_record, summary_table
-    from .train import shutdown_distributed, train
+    from .run import train
 
     config = _config_from_args(args)
     try:
@@ -175,7 +176,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate saved models on a benchmark's test split without training."""
-    from .evaluate import evaluate_checkpoints, evaluation_table
+    from .evaluate import evaluate_checkpoints
+    from .report import evaluation_table
 
     overrides = {name: getattr(args, name) for name in ("dataset", "data_root", "device", "num_workers", "eval_batch_size")
                  if getattr(args, name) is not None}

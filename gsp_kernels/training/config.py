@@ -1,5 +1,7 @@
-"""Settings of a training run: ``TrainConfig`` (the CLI flags mirror its fields),
-``validate_config`` (every setting checked before any data is read) and ``eval_resize``."""
+"""Settings of a training run: ``TrainConfig`` (the CLI flags mirror its fields), the choices
+its fields take (``POOLINGS``, ``PROTOTYPE_INITS``, ``METRIC_LOSSES``, ...), ``layer_defaults``
+(the layer's sizes for a real backbone), ``validate_config`` (every setting checked before any
+data is read) and ``eval_resize``."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ from pathlib import Path
 from ..backends import BACKENDS
 from ..nn import POOLING_METHODS
 from ..nn.backbones import resolve_arch
-from .benchmarks import DATASETS
-from .data import papers_resize
-from .models import CACHED_WEIGHTS, POOLINGS, PROTOTYPE_INITS
+from .datasets import DATASETS
+from .transforms import papers_resize
 
+POOLINGS = ("gap", "gsp")
+PROTOTYPE_INITS = ("kcenter", "random", "memory", "proxies")
+CACHED_WEIGHTS = "cache"  # ``pretrained`` value: the arch's own weights from the local caches
 METRIC_LOSSES = ("multisimilarity", "contrastive", "proxyanchor")
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULERS = ("cosine", "plateau", "constant")
@@ -23,7 +27,7 @@ PROTOCOLS = ("standard", "mlrc")
 class TrainConfig:
     """Settings of one training run (the CLI flags mirror these names)."""
 
-    dataset: str = "collage"  # one of benchmarks.DATASETS; "collage" is embedded, the others read data_root
+    dataset: str = "collage"  # one of datasets.DATASETS; "collage" is embedded, the others read data_root
     data_root: str | None = None
     pooling: str = "gsp"  # "gsp" or "gap"
     arch: str = "smallcnn"  # "smallcnn", a torchvision ResNet/ViT name, or a timm name ("timm:NAME"); see backbones.resolve_arch

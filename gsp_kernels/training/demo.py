@@ -16,8 +16,8 @@ from torch import Tensor
 
 from ..table import format_table
 from .config import TrainConfig
-from .data import TILE_SIZE, CollageDataset
-from .train import train
+from .datasets.collage import TILE_SIZE, CollageDataset
+from .run import train
 
 # The demo's GSP settings. The digit tile is a quarter of the map and its strokes less, so
 # the demo transports 20% of the mass (with the layer's default 0.3, at least 5% must come

@@ -3,7 +3,8 @@
 ``evaluate_checkpoints(paths)`` rebuilds each model from the settings stored in its
 checkpoint, loads its weights (the early-stopping best when the run kept one) and reports
 the test split's retrieval metrics; several models (e.g. the four of an mlrc run) are also
-evaluated as the normalized concatenation of their embeddings.
+evaluated as the normalized concatenation of their embeddings. ``gsp-kernels evaluate``
+prints the result with ``report.evaluation_table``.
 """
 
 from __future__ import annotations
@@ -11,18 +12,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, model_state
 from .config import TrainConfig, validate_config
-from .report import split_note, splits_line
-from .train import (
-    CHECKPOINT_NAME,
-    build_model_for,
-    embed_test_splits,
-    load_checkpoint,
-    load_data,
-    model_state,
-    resolve_device,
-    retrieval_scores,
-)
+from .distributed import resolve_device
+from .embeddings import concatenated_metrics, embed_test_splits, retrieval_scores
+from .metrics import separated_metrics
+from .models import build_model_for
+from .run import load_data
 
 
 def checkpoint_files(paths) -> list[Path]:
@@ -59,8 +55,6 @@ def evaluate_checkpoints(paths, **overrides) -> dict:
     -> {"checkpoints", "dataset", "splits", "split_differences", "models": [{"checkpoint",
     "epochs_trained", "embedding_dim", "metrics"}], "metrics" (the only model's, or the concatenation's),
     "concatenated_dim" and "separated_metrics" (the mean over the models; several models)}."""
-    from .mlrc import concatenated_metrics, separated_metrics
-
     files = checkpoint_files(paths)
     configs, weights, epochs_trained = [], [], []
     for path in files:  # each file read once; only its model weights are kept past this loop
@@ -93,16 +87,3 @@ def evaluate_checkpoints(paths, **overrides) -> dict:
     result["metrics"], result["concatenated_dim"] = concatenated_metrics(data, query_parts, gallery_parts)
     result["separated_metrics"] = separated_metrics([model["metrics"] for model in models])
     return result
-
-
-def evaluation_table(result: dict) -> str:
-    """The split sizes and one metrics row per model (and the concatenation)."""
-    from .metrics import format_metrics_table
-
-    rows = {f"{index}. {Path(model['checkpoint']).parent.name} ({model['embedding_dim']}-d)": model["metrics"]
-            for index, model in enumerate(result["models"], start=1)}
-    if "concatenated_dim" in result:
-        rows[f"separated (mean of {len(result['models'])})"] = result["separated_metrics"]
-        rows[f"concatenated ({result['concatenated_dim']}-d)"] = result["metrics"]
-    return (f"{result['dataset']}  {splits_line(result['splits'])}{split_note(result.get('split_differences'))}\n"
-            f"{format_metrics_table(rows)}")

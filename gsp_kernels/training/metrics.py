@@ -5,7 +5,7 @@
   ``"map@r"`` and ``"r_precision"``. Cosine similarity; pytorch-metric-learning's
   AccuracyCalculator, extended with Recall@K. Without a reference set every query is searched
   against all the others (CUB, Cars196, SOP); with one, query against gallery (In-Shop).
-- ``format_metrics_table(metrics) -> str``: the values as percentages, one row per model.
+- ``separated_metrics(per_model) -> dict``: the mean of each metric over several models.
 
 Recall@K is the fraction of queries with at least one same-class item among their K nearest
 references. When K exceeds the references a query can retrieve (all of them, less the query
@@ -16,7 +16,6 @@ out of every metric; with no query left, ValueError.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -116,22 +115,6 @@ def retrieval_metrics(query_embeddings: Tensor, query_labels: Tensor, reference_
     return metrics
 
 
-def format_metrics_table(metrics: Mapping) -> str:
-    """A plain-text table of metrics in percent: ``{"recall@1": 0.5, ...}`` gives one row;
-    ``{"gsp": {...}, "gap": {...}}`` one row per model (columns from the first row)."""
-    if not metrics:
-        raise ValueError("no metrics to format")
-    rows = metrics if all(isinstance(value, Mapping) for value in metrics.values()) else {"": metrics}
-    columns = list(next(iter(rows.values())))
-    name_width = max(len(str(name)) for name in rows)
-    widths = [max(len(column), 6) for column in columns]
-    header = " " * name_width + "".join(f"  {column:>{width}}" for column, width in zip(columns, widths))
-    lines = [header]
-    for name, row in rows.items():
-        missing = [column for column in columns if column not in row]
-        if missing:
-            raise ValueError(f"row {name!r} lacks {missing}")
-        cells = "".join(f"  {100 * float(row[column]):>{width}.2f}" for column, width in zip(columns, widths))
-        lines.append(f"{name!s:<{name_width}}{cells}")
-    lines.append("(percent)")
-    return "\n".join(lines)
+def separated_metrics(per_model: list[dict]) -> dict:
+    """The mean of each metric over the models evaluated one by one (MLRC's "separated")."""
+    return {name: sum(metrics[name] for metrics in per_model) / len(per_model) for name in per_model[0]}

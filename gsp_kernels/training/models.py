@@ -1,5 +1,6 @@
 """The embedding models training builds: ``nn.EmbeddingModel``, a backbone trunk with a GAP
-baseline head or a GSP head, by ``--arch`` name.
+baseline head or a GSP head, by ``--arch`` name (``build_model``), or as a ``TrainConfig``
+describes it (``build_model_for``).
 
 Every model's forward returns ``GSPOutput``; the GAP head gives ``attributes=None``. The trunk
 is the embedded ``SmallCNN``, or the backbone of a torchvision or timm model
@@ -16,10 +17,7 @@ from torch import nn
 from ..nn import GSP, EmbeddingModel, GlobalAveragePoolHead
 from ..nn.backbones import backbone_from_model, create_classifier
 from ..nn.pretrained import LoadReport, cached_weights_path, load_backbone_weights
-
-POOLINGS = ("gap", "gsp")
-PROTOTYPE_INITS = ("kcenter", "random", "memory", "proxies")
-CACHED_WEIGHTS = "cache"  # ``pretrained`` value: the arch's own weights from the local caches
+from .config import CACHED_WEIGHTS, POOLINGS, TrainConfig
 
 
 class SmallCNN(nn.Sequential):
@@ -104,3 +102,23 @@ def build_model(
     model = EmbeddingModel(trunk, head)
     model.pretrained_report = report
     return model
+
+
+def build_model_for(config: TrainConfig, load_pretrained: bool = True) -> nn.Module:
+    """The embedding model ``config`` describes: random initialization, with the backbone
+    weights of ``config.pretrained`` when ``load_pretrained``."""
+    return build_model(
+        config.arch,
+        config.pooling,
+        config.embedding_dim,
+        width=config.width,
+        num_prototypes=config.num_prototypes,
+        transport_ratio=config.transport_ratio,
+        gamma=config.gamma,
+        backend=config.backend,
+        pretrained=config.pretrained if load_pretrained else None,
+        pooling_method=config.pooling_method,
+        augment_max_pool=config.augment_max_pool,
+        memory_size=config.prototype_memory if config.prototype_init == "memory" else 0,
+        warm_up_steps=config.warm_up_steps,
+    )

@@ -1,19 +1,26 @@
-"""What a run prints and writes: the summary table (which model on which data, the last
-epochs, the split sizes, the test metrics), and the JSON record of results.json.
+"""What a run prints and writes: every table of ``gsp-kernels train``, ``evaluate`` and the
+summaries, and the JSON record of results.json.
 
 - ``run_title(config)``: one line naming the data, the model and the schedule.
 - ``split_note(differences)``: a warning line when the splits are not the papers'.
-- ``summary_table(result)``: everything ``gsp-kernels train`` prints at the end.
+- ``summary_table(result)``: everything ``gsp-kernels train`` prints at the end (an mlrc run's
+  through ``mlrc_table``: one row per fold, then every model's metrics and the concatenation's).
+- ``evaluation_table(result)``: what ``gsp-kernels evaluate`` prints.
+- ``format_metrics_table(metrics)``: retrieval metrics in percent, one row per model.
 - ``results_record(result)``: the JSON-ready part of a ``train`` result.
-- ``splits_line(splits)``: the plain-text pieces (tables by ``gsp_kernels.table.format_table``).
+- ``splits_line(splits)``, ``model_label(config)``: the plain-text pieces (tables by
+  ``gsp_kernels.table.format_table``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
 
 from ..table import format_table
 from .config import TrainConfig
+from .recipes import NOT_REPRODUCED
 
 SUMMARY_EPOCHS = 10  # epochs the summary table shows (the last ones; results.json has all)
 
@@ -58,11 +65,7 @@ def run_title(config: TrainConfig) -> str:
 def summary_table(result: dict) -> str:
     """The run's title, losses and throughput of the last ``SUMMARY_EPOCHS`` epochs, then the
     split sizes and the retrieval metrics (mlrc: one row per fold's model and the concatenation)."""
-    from .metrics import format_metrics_table
-
     if "folds" in result:
-        from .mlrc import mlrc_table
-
         return mlrc_table(result)
     history = result["epochs"]
     first_shown = max(0, len(history) - SUMMARY_EPOCHS)
@@ -81,13 +84,62 @@ def summary_table(result: dict) -> str:
     return table
 
 
+def mlrc_table(result: dict) -> str:
+    """Per fold: classes, best epoch and validation MAP@R; then the test metrics of every
+    model and of the concatenation."""
+    rows = [[str(record["fold"]), str(record["train"]["classes"]), str(record["validation"]["classes"]),
+             str(record["best_epoch"]), f"{record['best_val_map_at_r']:.4f}", f"{record['images_per_second'] or 0:.1f}"]
+            for record in result["folds"]]
+    header = ["fold", "train classes", "val classes", "best epoch", "val MAP@R", "images/s"]
+    table = f"{run_title(result['config'])}\n{format_table(header, rows)}"
+    if result["metrics"] is not None:
+        dim = result["config"].embedding_dim
+        per_model = {f"fold {record['fold']} ({dim}-d)": record["metrics"] for record in result["folds"]}
+        per_model[f"separated (mean of {len(result['folds'])}, {dim}-d)"] = result["separated_metrics"]
+        per_model[f"concatenated ({result['concatenated_dim']}-d)"] = result["metrics"]
+        table += f"\n{splits_line(result['splits'])}{split_note(result.get('split_differences'))}"
+        table += f"\n{format_metrics_table(per_model)}"
+        table += f"\n({result['seconds']:.1f} s training, {result['images_per_second'] or 0:.1f} images/s)"
+    return table
+
+
+def evaluation_table(result: dict) -> str:
+    """The split sizes and one metrics row per model (and the concatenation)."""
+    rows = {f"{index}. {Path(model['checkpoint']).parent.name} ({model['embedding_dim']}-d)": model["metrics"]
+            for index, model in enumerate(result["models"], start=1)}
+    if "concatenated_dim" in result:
+        rows[f"separated (mean of {len(result['models'])})"] = result["separated_metrics"]
+        rows[f"concatenated ({result['concatenated_dim']}-d)"] = result["metrics"]
+    return (f"{result['dataset']}  {splits_line(result['splits'])}{split_note(result.get('split_differences'))}\n"
+            f"{format_metrics_table(rows)}")
+
+
+def format_metrics_table(metrics: Mapping) -> str:
+    """A plain-text table of metrics in percent: ``{"recall@1": 0.5, ...}`` gives one row;
+    ``{"gsp": {...}, "gap": {...}}`` one row per model (columns from the first row)."""
+    if not metrics:
+        raise ValueError("no metrics to format")
+    rows = metrics if all(isinstance(value, Mapping) for value in metrics.values()) else {"": metrics}
+    columns = list(next(iter(rows.values())))
+    name_width = max(len(str(name)) for name in rows)
+    widths = [max(len(column), 6) for column in columns]
+    header = " " * name_width + "".join(f"  {column:>{width}}" for column, width in zip(columns, widths))
+    lines = [header]
+    for name, row in rows.items():
+        missing = [column for column in columns if column not in row]
+        if missing:
+            raise ValueError(f"row {name!r} lacks {missing}")
+        cells = "".join(f"  {100 * float(row[column]):>{width}.2f}" for column, width in zip(columns, widths))
+        lines.append(f"{name!s:<{name_width}}{cells}")
+    lines.append("(percent)")
+    return "\n".join(lines)
+
+
 def results_record(result: dict) -> dict:
     """The JSON-ready part of a ``train`` result (what results.json holds): no model; a run
     from a recipe also lists what the recipe does not reproduce of the authors' runs."""
     rest = {key: value for key, value in result.items() if key not in ("model", "models", "config")}
     record = {"config": dataclasses.asdict(result["config"]), **rest}
     if result["config"].recipe is not None:
-        from .recipes import NOT_REPRODUCED
-
         record["recipe_not_reproduced"] = list(NOT_REPRODUCED)
     return record

@@ -1,12 +1,16 @@
-"""The protocol of "A Metric Learning Reality Check" (Musgrave et al., 2020), as the GSP
-authors' TensorFlow framework runs it (``dml_*.yaml``).
+"""The protocols a run trains and evaluates by (``config.protocol``), each a function of
+(config, data, device, rank, world_size) -> the ``train`` result.
 
-The training classes are cut into ``num_folds`` class-disjoint folds. Model k trains on the
-other folds and validates on fold k (test-time transform) after every epoch: its weights at
-the best validation MAP@R are kept, and training stops after ``early_stopping_patience``
-epochs without a better one. Model selection never sees the test classes. Each model is
-evaluated on the test split, and so is the concatenation of the models' embeddings (each
-L2-normalized, then the concatenation normalized again: 4 x 128-d -> 512-d).
+- "standard" (``train_standard``): one model (GAP baseline or GSP + zero-shot loss) trained
+  on the training classes and evaluated on the test classes.
+- "mlrc" (``train_mlrc``): the protocol of "A Metric Learning Reality Check" (Musgrave et al.,
+  2020), as the GSP authors' TensorFlow framework runs it (``dml_*.yaml``). The training
+  classes are cut into ``num_folds`` class-disjoint folds. Model k trains on the other folds
+  and validates on fold k (test-time transform) after every epoch: its weights at the best
+  validation MAP@R are kept, and training stops after ``early_stopping_patience`` epochs
+  without a better one. Model selection never sees the test classes. Each model is evaluated
+  on the test split, and so is the concatenation of the models' embeddings (each
+  L2-normalized, then the concatenation normalized again: 4 x 128-d -> 512-d).
 """
 
 from __future__ import annotations
@@ -15,43 +19,40 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from ..table import format_table
-from .benchmarks import BenchmarkData, class_folds, subset
+from .checkpoint import CHECKPOINT_NAME, seed_everything
 from .config import TrainConfig, eval_resize
-from .data import test_transform
-from .metrics import format_metrics_table, retrieval_metrics
-from .report import run_title, split_note, splits_line
-from .train import (
-    CHECKPOINT_NAME,
+from .datasets import BenchmarkData, class_folds, subset
+from .embeddings import (
     compute_embeddings,
+    concatenated_metrics,
     embed_test_splits,
     embedding_options,
-    fit,
-    metrics_entries,
     retrieval_scores,
-    seed_everything,
 )
+from .loop import fit
+from .metrics import retrieval_metrics, separated_metrics
+from .transforms import test_transform
 
 
-def concatenate_embeddings(parts: list[Tensor]) -> Tensor:
-    """``[n, E_1] ... [n, E_k]`` -> ``[n, E_1 + ... + E_k]``: each part L2-normalized, then
-    the concatenation normalized."""
-    return F.normalize(torch.cat([F.normalize(part, dim=1) for part in parts], dim=1), dim=1)
+def metrics_entries(metrics: dict) -> dict:
+    """{"metrics", "recall_at_1", "map_at_r"} of a result from retrieval metrics."""
+    return {"metrics": metrics, "recall_at_1": metrics["recall@1"], "map_at_r": metrics["map@r"]}
 
 
-def separated_metrics(per_model: list[dict]) -> dict:
-    """The mean of each metric over the models evaluated one by one (MLRC's "separated")."""
-    return {name: sum(metrics[name] for metrics in per_model) / len(per_model) for name in per_model[0]}
-
-
-def concatenated_metrics(data: BenchmarkData, query_parts: list[Tensor], gallery_parts: list[Tensor | None]) -> tuple[dict, int]:
-    """(test metrics, dimension) of the models' concatenated embeddings (``concatenate_embeddings``)."""
-    query = concatenate_embeddings(query_parts)
-    gallery = None if data.gallery is None else concatenate_embeddings(gallery_parts)
-    return retrieval_scores(data, query, gallery), query.shape[1]
+def train_standard(config: TrainConfig, data: BenchmarkData, device: torch.device, *, rank: int = 0, world_size: int = 1) -> dict:
+    """Train one model on ``data.train`` (checkpoints to ``output_dir/checkpoint.pt``) and
+    evaluate it on the test split: the ``train`` result (metrics on rank 0; other ranks get None)."""
+    checkpoint_path = Path(config.output_dir) / CHECKPOINT_NAME if config.output_dir else None
+    run = fit(config, data.train, device, rank=rank, world_size=world_size, checkpoint_path=checkpoint_path)
+    result = {"config": config, "splits": data.describe(), "split_differences": data.differences_from_papers(),
+              "epochs": run["history"], "seconds": run["seconds"],
+              "images_per_second": run["images_per_second"], "model": run["model"], "metrics": None,
+              "recall_at_1": None, "map_at_r": None}
+    if rank == 0:
+        result.update(metrics_entries(retrieval_scores(data, *embed_test_splits(run["model"], data, config, device))))
+    return result
 
 
 def validation_map_at_r(model: nn.Module, val_set, config: TrainConfig, device: torch.device) -> float:
@@ -117,22 +118,3 @@ def train_mlrc(config: TrainConfig, data: BenchmarkData, device: torch.device, *
         result.update(metrics_entries(metrics))
         result["separated_metrics"] = separated_metrics([record["metrics"] for record in records])
     return result
-
-
-def mlrc_table(result: dict) -> str:
-    """Per fold: classes, best epoch and validation MAP@R; then the test metrics of every
-    model and of the concatenation."""
-    rows = [[str(record["fold"]), str(record["train"]["classes"]), str(record["validation"]["classes"]),
-             str(record["best_epoch"]), f"{record['best_val_map_at_r']:.4f}", f"{record['images_per_second'] or 0:.1f}"]
-            for record in result["folds"]]
-    header = ["fold", "train classes", "val classes", "best epoch", "val MAP@R", "images/s"]
-    table = f"{run_title(result['config'])}\n{format_table(header, rows)}"
-    if result["metrics"] is not None:
-        dim = result["config"].embedding_dim
-        per_model = {f"fold {record['fold']} ({dim}-d)": record["metrics"] for record in result["folds"]}
-        per_model[f"separated (mean of {len(result['folds'])}, {dim}-d)"] = result["separated_metrics"]
-        per_model[f"concatenated ({result['concatenated_dim']}-d)"] = result["metrics"]
-        table += f"\n{splits_line(result['splits'])}{split_note(result.get('split_differences'))}"
-        table += f"\n{format_metrics_table(per_model)}"
-        table += f"\n({result['seconds']:.1f} s training, {result['images_per_second'] or 0:.1f} images/s)"
-    return table

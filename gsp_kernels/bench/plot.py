@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from .benchmark import Shape
+from ..testing import Shape
 
 INSTALL_HINT = 'pip install matplotlib, or the train extra: pip install -e ".[train]" (or pip install \'gsp-kernels[train]\')'
 # Bar colours: forward+backward (main bar), forward, backward.

@@ -1,7 +1,7 @@
 """End-to-end cost of GSP in training: one forward + backward + optimizer step of a
 torchvision ResNet-50 (random init, bf16 autocast) with GAP and with GSP per backend.
 
-Run ``python -m gsp_kernels.training.bench_step --json PATH`` (GPU; about a minute), or call
+Run ``python -m gsp_kernels.bench.training_step --json PATH`` (GPU; about a minute), or call
 ``training_step_rows`` (the CLI's ``gsp-kernels bench --training-step``).
 """
 

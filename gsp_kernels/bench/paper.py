@@ -1,4 +1,4 @@
-"""The paper's GSP algorithm as its authors formulated it: the eager baseline for benchmarks.
+"""The paper's GSP algorithm as its authors formulated it: the kernel benchmark's eager baseline.
 
 Generalized Sum Pooling (Gurbuz, Sener, Alatan, ICCV 2023) in its original form: Lipschitz
 normalization, ``torch.cdist`` costs, the kernel Kb = exp(−γ c), and a plain (not
@@ -7,7 +7,7 @@ times. The transport plan's gradient comes from the implicit-function theorem ap
 the converged constraint (``PartialTransportPlan``), not from unrolling the loop.
 
 This module is a baseline and a parity oracle; it is not the library's op (see ``ops.gsp_pool``).
-It underflows for large γ·c in float32, as the original does (SPEC.md, "Why the log domain").
+It underflows for large γ·c in float32, as the original does (docs/math.md, The paper's transport plan).
 """
 
 from __future__ import annotations

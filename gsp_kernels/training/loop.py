@@ -1,113 +1,35 @@
-"""Training loop, retrieval evaluation on unseen classes, checkpoints that resume exactly,
-torchrun support.
-
-``train(config)`` runs the protocol ``config.protocol`` names: "standard" trains one model
-(GAP baseline or GSP + zero-shot loss) with a pytorch-metric-learning loss and evaluates
-it on the test classes; "mlrc" (``mlrc.py``) trains one model per class-disjoint fold of
-the training classes. ``fit`` is one model's training loop, shared by both. The settings
-(``TrainConfig``) live in ``config.py``, what a run prints and writes in ``report.py``.
+"""One model's training loop: ``fit`` trains a model on a training set for the epochs of a
+``TrainConfig`` (class-balanced batches, a pytorch-metric-learning loss with GSP's zero-shot
+loss, the optimizer and learning-rate schedule, optional early stopping on a validation
+score), writes a checkpoint after every epoch and resumes from one exactly. The protocols
+(``protocols.py``) call it once per model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import random
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from ..losses import ZeroShotPredictionLoss
-from .benchmarks import RECALL_KS, BenchmarkData, load_benchmark
-from .config import METRIC_LOSSES, TrainConfig, eval_resize, validate_config
-from .data import (
-    ClassBalancedBatchSampler,
-    CollageDataset,
-    test_transform,
-    train_transform,
+from .checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
-from .models import build_model
-
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); initializes the process group from torchrun's env vars
-    (WORLD_SIZE > 1): nccl with CUDA, gloo otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
-def shutdown_distributed() -> None:
-    """Tear down the process group ``init_distributed`` started, after every rank is done."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def resolve_device(config: TrainConfig, local_rank: int = 0) -> torch.device:
-    """``config.device``, or this rank's GPU when there is one, else the CPU."""
-    if config.device != "auto":
-        return torch.device(config.device)
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def load_data(config: TrainConfig) -> BenchmarkData:
-    """The train and test splits of ``config.dataset`` with the papers' transforms at
-    ``config.image_size`` (test: shorter side ``config.resize``, centre crop)."""
-    if config.dataset == "collage":
-        return BenchmarkData(
-            train=CollageDataset("train", config.collages_per_digit, seed=config.data_seed),
-            query=CollageDataset("test", 1, seed=config.data_seed),
-            gallery=None,
-            recall_ks=RECALL_KS["collage"],
-            name="collage",
-        )
-    return load_benchmark(
-        config.dataset,
-        config.data_root,
-        train_transform=train_transform(config.image_size),
-        test_transform=test_transform(eval_resize(config), config.image_size),
-        num_train_classes=config.num_train_classes,
-    )
-
-
-def build_model_for(config: TrainConfig, load_pretrained: bool = True) -> nn.Module:
-    """The embedding model ``config`` describes: random initialization, with the backbone
-    weights of ``config.pretrained`` when ``load_pretrained``."""
-    return build_model(
-        config.arch,
-        config.pooling,
-        config.embedding_dim,
-        width=config.width,
-        num_prototypes=config.num_prototypes,
-        transport_ratio=config.transport_ratio,
-        gamma=config.gamma,
-        backend=config.backend,
-        pretrained=config.pretrained if load_pretrained else None,
-        pooling_method=config.pooling_method,
-        augment_max_pool=config.augment_max_pool,
-        memory_size=config.prototype_memory if config.prototype_init == "memory" else 0,
-        warm_up_steps=config.warm_up_steps,
-    )
+from .config import METRIC_LOSSES, TrainConfig
+from .distributed import broadcast_float, gather_objects, to_device
+from .models import build_model_for
+from .samplers import ClassBalancedBatchSampler, SeededBatches, SeededSamples
 
 
 def build_metric_loss(name: str, num_classes: int, embedding_dim: int, contrastive_neg_margin: float = 0.5) -> nn.Module:
@@ -144,90 +66,9 @@ class TrainingObjective(nn.Module):
         return metric + zero_shot, metric.detach(), zero_shot.detach()
 
 
-class SeededBatches(Sampler[list[tuple[int, int]]]):
-    """A batch sampler's batches with a seed per sample: ``[(index, seed), ...]``, the seed a
-    function of (seed, epoch, step, position in the step's batch, rank) only. With
-    ``SeededSamples`` the augmentation of every sample is then fixed whatever the number of
-    DataLoader workers, and a resumed run sees the crops an uninterrupted one saw."""
-
-    def __init__(self, batches: ClassBalancedBatchSampler, seed: int):
-        self.batches, self.seed = batches, seed
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch of the batches and of the seeds."""
-        self.batches.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        epoch, rank = self.batches.epoch, self.batches.rank
-        for step, batch in enumerate(self.batches):
-            yield [(index, hash((self.seed, epoch, step, position, rank)) % (2**63)) for position, index in enumerate(batch)]
-
-
-class SeededSamples(Dataset):
-    """``dataset[index]`` drawn with torch's RNG seeded by the key's seed: ``[(index, seed)]``
-    keys from ``SeededBatches``. The caller's RNG state is left as it was."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
-
-
 def _loader_options(config: TrainConfig, device: torch.device) -> dict:
     """DataLoader workers, pinned memory on CUDA, persistent workers when there are workers."""
     return {"num_workers": config.num_workers, "pin_memory": device.type == "cuda", "persistent_workers": config.num_workers > 0}
-
-
-def _to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
-
-@torch.no_grad()
-def compute_embeddings(model: nn.Module, dataset, device: torch.device, *, batch_size: int = 256, amp: bool = False,
-                       num_workers: int = 0, channels_last: bool = False) -> Tensor:
-    """Embeddings ``[n, E]`` (float32, on the CPU) of a whole dataset in eval mode."""
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
-    chunks = []
-    for images, _ in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            chunks.append(model(_to_device(images, device, channels_last)).embedding.float().cpu())
-    return torch.cat(chunks)
-
-
-def embedding_options(config: TrainConfig) -> dict:
-    """``compute_embeddings``'s keyword options as ``config`` sets them."""
-    return {"batch_size": config.eval_batch_size, "amp": config.amp, "num_workers": config.num_workers,
-            "channels_last": config.channels_last}
-
-
-def embed_test_splits(model: nn.Module, data: BenchmarkData, config: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """(query embeddings ``[Q, E]``, gallery embeddings ``[G, E]`` or None) of one model."""
-    options = embedding_options(config)
-    query = compute_embeddings(model, data.query, device, **options)
-    gallery = None if data.gallery is None else compute_embeddings(model, data.gallery, device, **options)
-    return query, gallery
-
-
-def retrieval_scores(data: BenchmarkData, query: Tensor, gallery: Tensor | None) -> dict:
-    """Retrieval metrics of the test split: the queries against the gallery, or all against
-    all (each query excluded from its own neighbours) without one."""
-    from .metrics import retrieval_metrics
-
-    if gallery is None:
-        return retrieval_metrics(query, data.query.labels, recall_ks=data.recall_ks)
-    return retrieval_metrics(query, data.query.labels, gallery, data.gallery.labels, recall_ks=data.recall_ks)
 
 
 def _kcenter_init(model, dataset, sampler, device) -> None:
@@ -271,39 +112,6 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps
     return None
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_rng_states(world_size: int) -> list[dict]:
-    """Every rank's RNG states (rank order), so each resumes its own augmentation stream."""
-    if world_size == 1:
-        return [_rng_state()]
-    states = [None] * world_size
-    dist.all_gather_object(states, _rng_state())
-    return states
-
-
-def _broadcast_float(value: float | None, device: torch.device, world_size: int) -> float:
-    """Rank 0's ``value`` on every rank (DDP ranks must take the same early-stopping decision)."""
-    if world_size == 1:
-        return value
-    tensor = torch.tensor([value if value is not None else 0.0], dtype=torch.float64, device=device)
-    dist.broadcast(tensor, src=0)
-    return float(tensor)
-
-
 def _progress(iterable, description: str, enabled: bool):
     """A tqdm bar updating in place when stderr is a terminal; the plain iterable otherwise
     (a log then gets one line per epoch from ``fit``, not every refresh)."""
@@ -337,7 +145,7 @@ def _train_epoch(trainer, objective, optimizer, scheduler, loader, config: Train
     timed_from, timed_images, steps = started, 0, 0
     bar = _progress(loader, description, show)
     for step, (images, labels) in enumerate(bar, start=1):
-        images, labels = _to_device(images, device, config.channels_last), labels.to(device, non_blocking=True)
+        images, labels = to_device(images, device, config.channels_last), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
             loss, metric, zero_shot_value = trainer(images, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -381,50 +189,6 @@ def _epoch_line(description: str, record: dict) -> str:
     if "val_map_at_r" in record:
         line += f"  val MAP@R {record['val_map_at_r']:.4f}"
     return line
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically (a crash mid-write keeps the previous file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
-def load_checkpoint(path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint written by ``fit`` (our own file: RNG states need ``weights_only=False``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    return torch.load(path, map_location=device, weights_only=False)
-
-
-def model_state(checkpoint: dict) -> dict:
-    """The model weights a checkpoint stands for: the early-stopping best when it kept one,
-    else the last epoch's."""
-    best = checkpoint.get("early_stopping") or {}
-    if best.get("model") is not None:
-        return best["model"]
-    prefix = "model."
-    return {key[len(prefix):]: value for key, value in checkpoint["objective"].items() if key.startswith(prefix)}
-
-
-# Settings a run may change when it resumes: where and how fast it runs, and how long (not
-# under the cosine schedule, which spans the epochs the run started with).
-RESUMABLE_CHANGES = ("epochs", "resume", "progress", "output_dir", "device", "num_workers", "eval_batch_size", "compile", "backend")
-
-
-def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
-    """ValueError naming the settings a checkpoint was trained with that ``config`` changes
-    (beyond ``RESUMABLE_CHANGES``): resuming them would not continue the same run."""
-    current = dataclasses.asdict(config)
-    changed = [name for name, value in saved.items() if name in current and name not in RESUMABLE_CHANGES and current[name] != value]
-    if config.scheduler == "cosine" and saved.get("epochs") != config.epochs:
-        changed.append("epochs")  # the saved cosine schedule ends at the saved epochs: more would raise the lr again
-    if changed:
-        details = ", ".join(f"{name} {saved[name]!r} -> {current[name]!r}" for name in changed)
-        raise ValueError(f"cannot resume {path} with other settings: {details} (use another output_dir, or the saved settings; "
-                         f"the number of epochs can change under the plateau and constant schedules only)")
 
 
 def fit(
@@ -475,14 +239,14 @@ def fit(
     early = {"score": None, "epoch": None, "bad_epochs": 0, "model": None}
     if config.resume and checkpoint_path is not None and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, device)
-        _check_resumable(state["config"], config, checkpoint_path)
+        check_resumable(state["config"], config, checkpoint_path)
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         history, start_epoch, stopped = state["history"], state["epoch"] + 1, state["stopped"]
         early = state["early_stopping"]
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
     if config.compile:
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
     trainer = objective
@@ -500,7 +264,7 @@ def fit(
         if config.scheduler == "plateau":
             scheduler.step(record["loss"])
         if validate is not None:
-            score = _broadcast_float(validate(model) if rank == 0 else None, device, world_size)
+            score = broadcast_float(validate(model) if rank == 0 else None, device, world_size)
             record["val_map_at_r"] = score
             if early["score"] is None or score > early["score"]:
                 early = {"score": score, "epoch": epoch, "bad_epochs": 0,
@@ -511,9 +275,10 @@ def fit(
         history.append(record)
         if show:
             print(_epoch_line(label, record), file=sys.stderr, flush=True)
-        rng_states = _gather_rng_states(world_size) if checkpoint_path is not None else None
+        # every rank's RNG states (rank order), so each resumes its own augmentation stream
+        rng_states = gather_objects(rng_state(), world_size) if checkpoint_path is not None else None
         if checkpoint_path is not None and rank == 0:
-            _save_checkpoint(checkpoint_path, {
+            save_checkpoint(checkpoint_path, {
                 "objective": objective.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -538,36 +303,3 @@ def fit(
         "best_epoch": None if early["epoch"] is None else early["epoch"] + 1,
         "best_score": early["score"],
     }
-
-
-def train(config: TrainConfig) -> dict:
-    """Train and evaluate as ``config.protocol`` says. Returns {"config", "splits" (classes
-    and images per split), "split_differences" (from the papers' split sizes:
-    ``BenchmarkData.differences_from_papers``), "epochs" (per-epoch records), "metrics" (test retrieval metrics),
-    "recall_at_1", "map_at_r", "seconds", "images_per_second", "model"}; "mlrc" adds
-    "folds" (mlrc.py). Metrics on rank 0; other ranks get None."""
-    validate_config(config)
-    rank, world_size, local_rank = init_distributed()
-    device = resolve_device(config, local_rank)
-    seed_everything(config.seed)
-    data = load_data(config)
-    if config.protocol == "mlrc":
-        from .mlrc import train_mlrc
-
-        return train_mlrc(config, data, device, rank=rank, world_size=world_size)
-    checkpoint_path = Path(config.output_dir) / CHECKPOINT_NAME if config.output_dir else None
-    run = fit(config, data.train, device, rank=rank, world_size=world_size, checkpoint_path=checkpoint_path)
-    result = {"config": config, "splits": data.describe(), "split_differences": data.differences_from_papers(),
-              "epochs": run["history"], "seconds": run["seconds"],
-              "images_per_second": run["images_per_second"], "model": run["model"], "metrics": None,
-              "recall_at_1": None, "map_at_r": None}
-    if rank == 0:
-        result.update(metrics_entries(retrieval_scores(data, *embed_test_splits(run["model"], data, config, device))))
-    return result
-
-
-def metrics_entries(metrics: dict) -> dict:
-    """{"metrics", "recall_at_1", "map_at_r"} of a result from retrieval metrics."""
-    return {"metrics": metrics, "recall_at_1": metrics["recall@1"], "map_at_r": metrics["map@r"]}
-
-

@@ -1,0 +1,51 @@
+"""A training run: ``train(config)`` checks the settings, joins torchrun's process group,
+picks the device, seeds, loads the data (``load_data``) and hands over to the protocol
+``config.protocol`` names (``protocols.py``). The settings (``TrainConfig``) live in
+``config.py``, what a run prints and writes in ``report.py``.
+"""
+
+from __future__ import annotations
+
+from .checkpoint import seed_everything
+from .config import TrainConfig, eval_resize, validate_config
+from .datasets import RECALL_KS, BenchmarkData, load_benchmark
+from .datasets.collage import CollageDataset
+from .distributed import init_distributed, resolve_device
+from .protocols import train_mlrc, train_standard
+from .transforms import test_transform, train_transform
+
+
+def load_data(config: TrainConfig) -> BenchmarkData:
+    """The train and test splits of ``config.dataset`` with the papers' transforms at
+    ``config.image_size`` (test: shorter side ``config.resize``, centre crop)."""
+    if config.dataset == "collage":
+        return BenchmarkData(
+            train=CollageDataset("train", config.collages_per_digit, seed=config.data_seed),
+            query=CollageDataset("test", 1, seed=config.data_seed),
+            gallery=None,
+            recall_ks=RECALL_KS["collage"],
+            name="collage",
+        )
+    return load_benchmark(
+        config.dataset,
+        config.data_root,
+        train_transform=train_transform(config.image_size),
+        test_transform=test_transform(eval_resize(config), config.image_size),
+        num_train_classes=config.num_train_classes,
+    )
+
+
+def train(config: TrainConfig) -> dict:
+    """Train and evaluate as ``config.protocol`` says. Returns {"config", "splits" (classes
+    and images per split), "split_differences" (from the papers' split sizes:
+    ``BenchmarkData.differences_from_papers``), "epochs" (per-epoch records), "metrics" (test retrieval metrics),
+    "recall_at_1", "map_at_r", "seconds", "images_per_second", "model"}; "mlrc" adds
+    "folds" (``protocols.train_mlrc``). Metrics on rank 0; other ranks get None."""
+    validate_config(config)
+    rank, world_size, local_rank = init_distributed()
+    device = resolve_device(config, local_rank)
+    seed_everything(config.seed)
+    data = load_data(config)
+    if config.protocol == "mlrc":
+        return train_mlrc(config, data, device, rank=rank, world_size=world_size)
+    return train_standard(config, data, device, rank=rank, world_size=world_size)
