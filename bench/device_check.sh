@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build, test, sanitize, benchmark, profile and sweep; logs and
-# JSON go to OUTDIR (at most 8 files, so the device tool can bring them all back); a short
-# table is printed last. Steps run in order of what the issues need first (build, GPU tests, the
-# split guard, the benchmarks with both baselines, sanitizers, the profile, ncu, training step, sweep);
-# each gets at most the time left before a deadline, so the run ends within 8 minutes with its
-# logs and the step list (the sweep, last, runs only in what is left, or with a later deadline).
+# The whole GPU check in one command: build, test, sanitize, benchmark, profile and sweep; logs
+# and JSON go to OUTDIR (at most 8 files); a short table is printed last. Steps run in order of
+# what decides first (build, GPU tests, the split guard, the benchmarks with both baselines,
+# sanitizers, the profile, ncu, training step, sweep); each gets at most the time left before a
+# deadline, so the run ends within 8 minutes with its logs and the step list (the sweep, last,
+# runs only in what is left, or with a later deadline).
 #   usage: bench/device_check.sh OUTDIR
-#   GSP_DEADLINE_S          seconds after which no step starts or runs on (default 470: issue 4 asks
-#                           for the whole check within 8 minutes; up to ~560 fits one device call)
+#   GSP_DEADLINE_S          seconds after which no step starts or runs on (default 470: the whole
+#                           check within 8 minutes; up to ~560 stays under 10 minutes)
 #   GSP_BENCH_ARGS          arguments of the first `gsp-kernels bench` (default: target shape and B=64,
 #                           paper baseline, every backend with both Triton strategies side by side
 #                           (triton:fused, triton:gemm) plus cuda@tf32x3 and triton:fused@ieee)
@@ -25,8 +25,9 @@
 # Files (8 at most): env_build.log (environment, build, Triton register report), tests.log (tests,
 # the split-sample guard, sanitizers, check), bench.log (benchmarks, ncu, training step, profile,
 # sweep tables), bench.json, bench_compile.json, train_step.json, sweep.json, and tuned_config.json
-# (the sweep's winners as gsp_kernels/tuning's file for this GPU: copy it into
-# gsp_kernels/backends/triton/tuned_configs/ under the name it records, gsp_kernels.backends.triton.tuning.config_filename).
+# (the sweep's winners as a tuned-configuration file for this GPU, gsp_kernels/backends/triton/
+# tuning.py: copy it into gsp_kernels/backends/triton/tuned_configs/ under the name it records,
+# tuning.config_filename).
 set -uo pipefail
 out=${1:?usage: bench/device_check.sh OUTDIR}
 mkdir -p "$out"
@@ -110,7 +111,8 @@ if [ "${GSP_SKIP_PROFILE:-0}" != "1" ]; then
 fi
 # Hardware counters of one forward+backward per backend and dtype: what bounds each kernel (ours, and
 # the cuBLAS GEMMs of the Triton gemm strategy).
-# ncu reads them on some of the device tool's runtimes only (KINDS.md); a failure costs one line.
+# ncu cannot read them on every container runtime (no access to the performance counters); a
+# failure costs one line.
 if [ "${GSP_SKIP_NCU:-0}" != "1" ] && command -v ncu >/dev/null; then
   run_step ncu "$bench_log" 150 ncu --clock-control none --profile-from-start off --nvtx \
     --kernel-name-base demangled --kernel-name "regex:gsp|gemm|nvjet|xmma|cutlass" --section SpeedOfLight --section Occupancy \

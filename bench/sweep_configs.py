@@ -41,7 +41,7 @@ SMEM_LIMIT_BYTES = 200 * 1024
 # 128 at 8 warps), so a wide 8-warp half tile is timed as the library would run it, spills
 # included.
 FORWARD_CANDIDATES = [
-    (64, 128, 1, 8, 1),  # session-2 default
+    (64, 128, 1, 8, 1),  # the default before pipelining (one stage)
     (64, 64, 1, 8, 1),
     (64, 64, 1, 8, 3),  # half default: 122 registers, two programs per SM
     (64, 128, 1, 8, 3),  # float32 default
