@@ -29,7 +29,7 @@ SMEM_LIMIT_BYTES = 200 * 1024
 
 # Candidates in priority order (a budget-limited run gets the first ones of every group):
 # (BLOCK_N, BLOCK_M, BLOCK_D as a factor of the default's BLOCK_D, num_warps, num_stages).
-# The default (triton_fused._tile_config), always measured first, is 64 x 128 x 32 (float32) or
+# The default (triton_fused.tile_config), always measured first, is 64 x 128 x 32 (float32) or
 # 64 x 64 x 64 (half), 8 warps, 3 stages for the forward, 64 x 64 x 32 (float32) or 64 x 32 x 64
 # (half), 8 warps, 3 stages for the backward (whose tiles also set its grad_x GEMM's: BLOCK_N
 # features by BLOCK_D columns, BLOCK_M prototypes per step). num_stages pipelines the loops
@@ -37,7 +37,7 @@ SMEM_LIMIT_BYTES = 200 * 1024
 # sets how many programs share a sample (⌈N / BLOCK_N⌉: 4 of 49 features at N = 196 with 64,
 # 7 of 28 with 32, less padding for the float32 tensor-core work). Register counts below are
 # Triton 3.9's builds; Triton 3.6 builds the half kernels larger, and every half-precision
-# config launches with the library's register cap (two programs per SM, ``_launch_config``:
+# config launches with the library's register cap (two programs per SM, ``launch_config``:
 # 128 at 8 warps), so a wide 8-warp half tile is timed as the library would run it, spills
 # included.
 FORWARD_CANDIDATES = [
@@ -86,7 +86,7 @@ BACKWARD_CANDIDATES = [
 ]
 # The prototype-gradient GEMM over all B·N features: (BLOCK_K, BLOCK_M, BLOCK_D, num_warps,
 # num_stages, programs_wanted per SM). The default (first) is 64 x 64 x 64, 4 warps, 3 stages,
-# 2 programs per SM (triton_fused._gemm_config), 16 tiles x 17 splits at the target shape on an H200.
+# 2 programs per SM (triton_fused.gemm_config), 16 tiles x 17 splits at the target shape on an H200.
 GEMM_CANDIDATES = [
     (64, 64, 64, 4, 3, 2),  # default
     (64, 128, 64, 8, 3, 2),  # one prototype tile at M=128: each x tile read once
@@ -178,9 +178,9 @@ def default_config(problem: Problem, kernel: str, dtype: str, device: torch.devi
     if kernel == "strategy":
         return {"strategy": _triton.strategy_for(x, z)}
     if kernel == "coef_x":
-        config = triton_fused._gemm_config(problem.batch * problem.n, problem.m, problem.d, x.device)
+        config = triton_fused.gemm_config(problem.batch * problem.n, problem.m, problem.d, x.device)
     else:
-        config = triton_fused._launch_config(problem.n, problem.m, problem.d, triton_launch.half_products(x, z), backward=kernel == "backward")
+        config = triton_fused.launch_config(problem.n, problem.m, problem.d, triton_launch.half_products(x, z), backward=kernel == "backward")
     return {k: int(config[k]) for k in config_keys(kernel)}
 
 
@@ -193,7 +193,7 @@ def candidate_configs(problem: Problem, kernel: str, dtype: str, precision: str,
     elif kernel == "strategy":
         raw = [{"strategy": name} for name in _triton.STRATEGIES]
     elif kernel == "coef_x":
-        # programs_wanted per SM: the default's 2 per SM (triton_fused._programs_wanted) scaled.
+        # programs_wanted per SM: the default's 2 per SM (triton_fused.programs_wanted) scaled.
         table = GEMM_CANDIDATES[:IEEE_CANDIDATES] if precision == "ieee" else GEMM_CANDIDATES
         raw = [
             {"BLOCK_K": bk, "BLOCK_M": bm, "BLOCK_D": bd, "num_warps": w, "num_stages": s,

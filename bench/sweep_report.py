@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 KEYS = tuning.TILE_KEYS  # BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages
 # The backward's split-K GEMM (_gsp_coef_x_kernel, through triton_fused.GEMM_OVERRIDE).
 GEMM_KEYS = tuning.GEMM_KEYS
-# The strategy group times forward+backward of each design (_triton.use_strategy) at its defaults.
+# The strategy group times forward+backward of each design (the backend's use_strategy) at its defaults.
 STRATEGY_KEYS = ("strategy",)
 
 

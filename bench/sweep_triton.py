@@ -97,7 +97,6 @@ from gsp_kernels.backends.triton import launch as triton_launch  # noqa: E402
 from gsp_kernels.backends.triton import tuning  # noqa: E402
 from gsp_kernels.contract import (  # noqa: E402
     COST_MODES, NORMALIZE_MODES, PRECISIONS, SOLVERS, GSPOptions, check_options, default_max_iter, default_tol,
-    options_for_call,
 )
 from gsp_kernels.testing import TOLERANCES, Shape, random_inputs, rel_err, shape_argument  # noqa: E402
 
@@ -132,10 +131,8 @@ class Group:
 
 def call_options(problem: Problem, precision: str) -> GSPOptions:
     """The options of the backend's forward and backward for ``problem`` (float32 compute)."""
-    return options_for_call(
-        check_options(problem.mu, problem.gamma, problem.normalize, problem.cost, problem.solver, precision=precision),
-        problem.n, torch.float32,
-    )
+    return check_options(problem.mu, problem.gamma, problem.normalize, problem.cost, problem.solver,
+                         precision=precision, n=problem.n, dtype=torch.float32)
 
 
 def make_tensors(problem: Problem, batch: int, dtype: str, device: torch.device, seed: int) -> dict:

@@ -15,7 +15,10 @@ float32 and bfloat16, each timed call ending in ``torch.cuda.synchronize``, rota
 input sets as ``gsp-kernels bench`` does. On the CPU: the first of the quick shapes
 (``QUICK_SHAPES``) in float32, in seconds; the Triton backend runs in its interpreter (bench/
 conftest.py sets TRITON_INTERPRET=1), a correctness tool timed over a few rounds of one input set.
-"""
+
+Each timed call is host wall time, launch and synchronization included (pytest-benchmark's
+clock): for regressions between runs of one machine, not comparable with the do_bench medians of
+``gsp-kernels bench``."""
 
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from functools import cache
 
 import pytest
 import torch
+
+pytest.importorskip("pytest_benchmark", reason="the microbenchmarks need pytest-benchmark (the test extra)")
 
 from gsp_kernels import available_backends
 from gsp_kernels.bench.candidates import (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,9 @@ COST_SNAP = 4e-6
 COST_SNAP_FLOAT64 = 1e-13
 # l2 normalization divides by max(|x|, L2_EPS).
 L2_EPS = 1e-12
+
+DEFAULT_TRANSPORT_RATIO = 0.3  # μ of the authors' configurations
+DEFAULT_GAMMA = 5.0  # γ of the authors' TensorFlow configurations
 
 NORMALIZE_MODES = ("lipschitz", "l2", "none")
 COST_MODES = ("euclidean", "sqeuclidean")
@@ -72,10 +76,10 @@ def cost_snap(dtype: torch.dtype) -> float:
 
 
 class GSPOptions(NamedTuple):
-    """The options of one GSP call (docs/math.md), checked by ``check_options``: what the backends
-    take. The dispatcher's op schema takes them as scalars in this order (``ops``); its backward op
-    carries the fields that define the function (the solve's fields are then at their defaults:
-    the backward depends on the root u, not on how it was found)."""
+    """The options of one GSP call (docs/math.md): what the backends take. ``check_options`` builds
+    them checked; a backend's forward takes them resolved for the call (``tol`` and ``max_iter``
+    set), its backward the fields that define the function (``backward_options``). The
+    dispatcher's op schema takes them as scalars in this order (``ops``)."""
 
     transport_ratio: float  # μ in (0, 1]
     gamma: float  # γ > 0
@@ -85,6 +89,13 @@ class GSPOptions(NamedTuple):
     max_iter: int | None = None  # None: default_max_iter(solver)
     tol: float | None = None  # None: default_tol of the call's compute dtype
     precision: str = "auto"
+
+
+def backward_options(options: GSPOptions) -> GSPOptions:
+    """The options a backward reads: the fields that define the function (the solve's are left at
+    their defaults: the backward depends on the root u, not on how it was found)."""
+    return GSPOptions(options.transport_ratio, options.gamma, options.normalize, options.cost,
+                      precision=options.precision)
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -104,8 +115,10 @@ def check_tensor(name: str, t) -> None:
 
 
 def check_real(name: str, value, *, positive: bool) -> float:
-    """``value`` as a float: a real number (not a bool), finite, and > 0 if ``positive``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a float: a real number (Python's or NumPy's, not a bool), finite, and > 0 if
+    ``positive``."""
+    # int/float first: under torch.compile a float argument may be symbolic, and is one of those.
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     # Comparisons, not math.isfinite: under torch.compile a float argument may be symbolic.
@@ -114,12 +127,27 @@ def check_real(name: str, value, *, positive: bool) -> float:
     return value
 
 
+def _check_representable(mu: float, gamma: float, n: int, dtype: torch.dtype) -> None:
+    """ValueError where ``dtype`` cannot represent the solve of N features: gamma beyond its
+    range, or N·μ below its smallest normal number (the weights would be NaN or not sum to 1)."""
+    limits = torch.finfo(dtype)
+    if gamma > limits.max:
+        raise ValueError(f"gamma={gamma:g} overflows {dtype}, the compute dtype of these inputs (float64 inputs compute in float64)")
+    if mu * n < limits.tiny:
+        raise ValueError(
+            f"transport_ratio={mu:g} is too small: N·mu = {mu * n:g} is below {dtype}'s smallest normal number {limits.tiny:g}"
+        )
+
+
 def check_options(
-    transport_ratio=0.3, gamma=5.0, normalize="lipschitz", cost="euclidean", solver="newton", max_iter=None, tol=None,
-    precision="auto",
+    transport_ratio=DEFAULT_TRANSPORT_RATIO, gamma=DEFAULT_GAMMA, normalize="lipschitz", cost="euclidean",
+    solver="newton", max_iter=None, tol=None, precision="auto", *, n: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> GSPOptions:
-    """The checked ``GSPOptions`` (max_iter defaulted by solver; tol left None for the call's
-    dtype); TypeError or ValueError naming the first option that is not accepted."""
+    """The checked ``GSPOptions``, max_iter defaulted by solver; TypeError or ValueError naming the
+    first option that is not accepted. Given the call's N and compute ``dtype``, also what that
+    dtype must represent, and tol defaulted for it (the options a backend's forward takes);
+    without them tol stays None when not given (a layer's options, before any call)."""
     mu = check_real("transport_ratio", transport_ratio, positive=True)
     if mu > 1.0:
         raise ValueError(f"transport_ratio must be in (0, 1], got {mu}")
@@ -131,26 +159,11 @@ def check_options(
         max_iter = default_max_iter(solver)
     elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if dtype is not None:
+        _check_representable(mu, gamma, n, dtype)
     if tol is not None:
         tol = check_real("tol", tol, positive=True)
+    elif dtype is not None:
+        tol = default_tol(dtype)
     check_choice("precision", precision, PRECISIONS)
     return GSPOptions(mu, gamma, normalize, cost, solver, max_iter, tol, precision)
-
-
-def options_for_call(options: GSPOptions, n: int, dtype: torch.dtype) -> GSPOptions:
-    """``options`` for a call of N features computed in ``dtype``: the tolerance defaulted for the
-    dtype, after a ValueError where the dtype cannot represent the solve: gamma beyond its range,
-    or N·μ below its smallest normal number (the weights would be NaN or not sum to 1)."""
-    limits = torch.finfo(dtype)
-    if options.gamma > limits.max:
-        raise ValueError(
-            f"gamma={options.gamma:g} overflows {dtype}, the compute dtype of these inputs (float64 inputs compute in float64)"
-        )
-    if options.transport_ratio * n < limits.tiny:
-        raise ValueError(
-            f"transport_ratio={options.transport_ratio:g} is too small: N·mu = {options.transport_ratio * n:g} is below "
-            f"{dtype}'s smallest normal number {limits.tiny:g}"
-        )
-    if options.tol is not None:
-        return options
-    return GSPOptions(*options[:6], default_tol(dtype), options.precision)

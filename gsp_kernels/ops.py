@@ -26,12 +26,14 @@ from torch import Tensor
 
 from .backends import get_backend, resolve_backend
 from .contract import (
+    DEFAULT_GAMMA,
+    DEFAULT_TRANSPORT_RATIO,
     GSPOptions,
     autocast_off,
+    backward_options,
     check_options,
     check_tensor,
     compute_dtype,
-    options_for_call,
 )
 
 
@@ -95,7 +97,7 @@ def _gsp_pool_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Analytic backward (docs/math.md, Backward) -> grad_x (x's layout and dtype), grad_prototypes."""
-    options = GSPOptions(transport_ratio, gamma, normalize, cost, precision=precision)
+    options = GSPOptions(transport_ratio, gamma, normalize, cost, precision=precision)  # backward_options' fields
     return _backend_backward(backend, (grad_pooled, grad_attr, grad_weights), x, prototypes, u, options)
 
 
@@ -143,7 +145,7 @@ class _EagerGspPool(torch.autograd.Function):
     def forward(ctx, x, prototypes, options, backend):
         pooled, attr, weights, u = _backend_forward(backend, x, prototypes, options)
         ctx.save_for_backward(x, prototypes, u)
-        ctx.options, ctx.backend = options, backend
+        ctx.options, ctx.backend = backward_options(options), backend
         ctx.mark_non_differentiable(u)
         ctx.set_materialize_grads(False)
         return pooled, attr, weights, u
@@ -190,8 +192,8 @@ def gsp_pool(
     x: Tensor,
     prototypes: Tensor,
     *,
-    transport_ratio: float = 0.3,
-    gamma: float = 5.0,
+    transport_ratio: float = DEFAULT_TRANSPORT_RATIO,
+    gamma: float = DEFAULT_GAMMA,
     normalize: str = "lipschitz",
     cost: str = "euclidean",
     solver: str = "newton",
@@ -246,10 +248,8 @@ def gsp_pool(
         )
     if x.device != prototypes.device:
         raise ValueError(f"x is on {x.device} but prototypes is on {prototypes.device}")
-    options = check_options(transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision)
-    options = options_for_call(options, features.shape[1], compute_dtype(x, prototypes))
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    options = check_options(transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision,
+                            n=features.shape[1], dtype=compute_dtype(x, prototypes))
     name = resolve_backend(backend, features, prototypes, options)
     pooled, attr, weights, _u = _run_op(features, prototypes, options, name)
     if not return_weights:

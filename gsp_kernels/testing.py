@@ -24,7 +24,7 @@ TOLERANCES = {
     ("bfloat16", "auto"): 2e-2,
     ("float16", "auto"): 2e-2,
 }
-ZERO_REFERENCE = ("raise", "absolute")
+ZERO_REFERENCE = ("raise", "inf", "absolute")
 
 
 def tolerance(dtype_name: str, precision: str, gamma: float) -> float:
@@ -38,8 +38,9 @@ def rel_err(out: Tensor, ref: Tensor, *, zero_ref: str = "raise") -> float:
     non-finite value (NaN included), so that no tolerance accepts it.
 
     A reference of norm 0 has no relative error: ``zero_ref="raise"`` (the tests': comparing with
-    an all-zero reference is a mistake in the test) raises ValueError; ``"absolute"`` returns
-    ‖out − ref‖ (the check's and the bench scripts', whose outputs may be exactly zero).
+    an all-zero reference is a mistake in the test) raises ValueError; ``"inf"`` (the check's and
+    the split guard's) gives 0 for an exact match and inf for any other output, as a relative
+    error would; ``"absolute"`` (the sweep's) returns ‖out − ref‖.
     """
     if zero_ref not in ZERO_REFERENCE:
         raise ValueError(f"zero_ref must be one of {ZERO_REFERENCE}, got {zero_ref!r}")
@@ -52,6 +53,8 @@ def rel_err(out: Tensor, ref: Tensor, *, zero_ref: str = "raise") -> float:
         return error / norm
     if zero_ref == "absolute":
         return error
+    if zero_ref == "inf":
+        return 0.0 if error == 0 else math.inf
     raise ValueError("never compare against an all-zero reference")
 
 

@@ -50,7 +50,7 @@ def test_smoke_sweep(sweep, tmp_path):
     problem = sweep.Problem(2, 9, 20, 7, 5.0, 0.3, "lipschitz", "euclidean", "newton")
     # The GEMM's second smoke config splits the 18 features in two and D=20 in two tiles.
     gemm = sweep.smoke_configs(problem, "coef_x")[1]
-    assert triton_fused._split_k_config(18, 7, 20, gemm["programs_wanted"], gemm["BLOCK_K"], gemm["BLOCK_M"],
+    assert triton_fused.split_k_config(18, 7, 20, gemm["programs_wanted"], gemm["BLOCK_K"], gemm["BLOCK_M"],
                                    gemm["BLOCK_D"])[4] == 2 and gemm["BLOCK_D"] == 16
     for kernel in sweep.KERNELS:
         expected = sweep.smoke_configs(problem, kernel)

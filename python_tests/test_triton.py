@@ -270,9 +270,9 @@ def test_unsupported_and_availability():
 def test_block_sizes_are_bucketed():
     """Constexpr tiles come from a cached table keyed by power-of-two buckets: no recompiles for
     nearby shapes, and every tl.dot dimension is at least 16."""
-    assert triton_fused._launch_config(196, 128, 512, False) == triton_fused._launch_config(200, 100, 300, False)
+    assert triton_fused.launch_config(196, 128, 512, False) == triton_fused.launch_config(200, 100, 300, False)
     for n, m, d in [(1, 1, 1), (49, 32, 2048), (196, 128, 512), (1024, 256, 1024)]:
-        config = triton_fused._launch_config(n, m, d, True)
+        config = triton_fused.launch_config(n, m, d, True)
         assert min(config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_D"]) >= 16
 
 
@@ -653,7 +653,7 @@ def _compile_kernels_for_sm90() -> list[str]:
         for precision in ("auto", "tf32") if dtype == torch.float32 else ("auto",):
             cast_f32, dot_precision, f32_precision, _ = triton_launch.resolve_precision(x, prototypes, precision)
             half = triton_launch.half_products(x, prototypes)
-            config = dict(triton_fused._launch_config(n, m, d, half))
+            config = dict(triton_fused.launch_config(n, m, d, half))
             launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
             # BLOCK_ALL_N (ℓ of a whole sample in registers): the typical N (196 -> 256), then 1024.
             for newton, gap, all_n in ((True, False, 256), (False, False, 256), (True, True, 256), (True, False, 1024)):
@@ -665,7 +665,7 @@ def _compile_kernels_for_sm90() -> list[str]:
                 )
                 kernel = triton_kernels._gsp_forward_kernel
                 lines.append(compile_one(kernel, dtype, FORWARD_F32_POINTERS | f32_pointers, constexprs, **launch))
-            config = dict(triton_fused._launch_config(n, m, d, half, backward=True))
+            config = dict(triton_fused.launch_config(n, m, d, half, backward=True))
             launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
             constexprs = dict(
                 config, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=cast_f32, PRECISION=dot_precision,
@@ -685,7 +685,7 @@ def _compile_kernels_for_sm90() -> list[str]:
                 triton_kernels._gsp_backward_finish_kernel, dtype, {"partial_ptr", "col_sum_ptr", "coef_ptr", "row_coefs_ptr"},
                 constexprs, 4, launch["num_stages"],
             ))
-            block_k, block_m, block_d, _, _ = triton_fused._split_k_config(256 * n, m, d, 264)
+            block_k, block_m, block_d, _, _ = triton_fused.split_k_config(256 * n, m, d, 264)
             constexprs = dict(
                 BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d, SPLIT_BF16=dtype == torch.bfloat16,
                 NATIVE_HALF_DOT=True, PRECISION=f32_precision, stride_xd=1,
@@ -715,7 +715,7 @@ def _compile_gemm_strategy(dtype, precision) -> list[str]:
     lines = []
     # rows: x [B, N, D] and the products [B·N, M]; channels-first: x [B, D, N], products [B, M, N].
     for x_strides, product_stride in (({"stride_xd": 1}, "m"), ({"stride_xn": 1}, "n")):
-        config = dict(_triton_gemm._launch_config(n, m, d, half))
+        config = dict(_triton_gemm.launch_config(n, m, d, half))
         launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
         constexprs = dict(
             config, **x_strides, BLOCK_ALL_N=256, NORMALIZE=0, EUCLIDEAN=True, NEWTON=True, GAP=False,
@@ -723,7 +723,7 @@ def _compile_gemm_strategy(dtype, precision) -> list[str]:
             SPLIT_HALF=half, NATIVE_HALF_DOT=True, PARTS=1, stride_zd=1, **{f"stride_l{product_stride}": 1},
         )
         lines.append(compile_one(triton_kernels._gsp_forward_kernel, dtype, FORWARD_F32_POINTERS, constexprs, **launch))
-        config = dict(_triton_gemm._launch_config(n, m, d, half, backward=True, rows_layout=product_stride == "m"))
+        config = dict(_triton_gemm.launch_config(n, m, d, half, backward=True, rows_layout=product_stride == "m"))
         launch = {key: config.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in config}
         constexprs = dict(
             config, **x_strides, NORMALIZE=1, EUCLIDEAN=True, GAP=False, CAST_F32=False, PRECISION="ieee",

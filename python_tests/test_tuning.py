@@ -185,7 +185,7 @@ def test_tuned_entry_reaches_the_triton_kernels(tmp_path, clean_cache):
         torch.autograd.backward((pooled, attr), grads)
         return pooled, attr, xg.grad, zg.grad
 
-    default = triton_fused._tile_config(32, 16, 32, False, False)
+    default = triton_fused.tile_config(32, 16, 32, False, False)
     run_and_record(clean_cache)
     assert launches["_gsp_forward_kernel"]["BLOCK_N"] == default["BLOCK_N"] == 32
 
@@ -216,5 +216,5 @@ def test_tuned_entry_reaches_the_triton_kernels(tmp_path, clean_cache):
     from gsp_kernels.backends.triton import gemm as _triton_gemm
 
     for name, backward in (("_gsp_forward_kernel", False), ("_gsp_backward_kernel", True)):
-        own = _triton_gemm._launch_config(20, 9, 24, False, backward=backward)
+        own = _triton_gemm.launch_config(20, 9, 24, False, backward=backward)
         assert {k: launches[name][k] for k in small} == {k: own[k] for k in small} != small, name

@@ -2,7 +2,8 @@
 not; and the backend specs of the check and the benchmarks ("triton:fused").
 
 A backend is a module of this package with four functions (the contract every backend
-implements; ``options`` is a checked ``contract.GSPOptions``):
+implements; ``options`` is a ``contract.GSPOptions`` as ``check_options`` gives it for the call:
+checked, with ``max_iter`` and ``tol`` set):
 
 - ``availability(device: torch.device) -> str | None``: None if it can run on that device,
   else the reason it cannot (missing package, not built with CUDA, no GPU...).
@@ -14,7 +15,7 @@ implements; ``options`` is a checked ``contract.GSPOptions``):
 - ``backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options)
   -> (grad_x, grad_prototypes)``: each gradient in its own input's dtype; grad_x with x's
   strides (``torch.empty_like(x)``). It reads the options that define the function
-  (transport_ratio, gamma, normalize, cost, precision).
+  (``contract.backward_options``: transport_ratio, gamma, normalize, cost, precision).
 
 Backends: ``reference`` (pure PyTorch, the oracle), ``triton`` (two strategies, ``triton/``) and
 ``cuda`` (the native module of csrc/, ``native``).
@@ -30,10 +31,11 @@ from types import ModuleType
 import torch
 
 from ..contract import GSPOptions
-from .specs import BACKENDS, TRITON_STRATEGIES, expand_specs, parse_spec, split_spec
+from .specs import BACKENDS, TRITON_STRATEGIES, check_backend_name, expand_specs, parse_spec, split_spec
 
 __all__ = [
-    "BACKENDS", "TRITON_STRATEGIES", "BackendStatus", "available_backends", "backend_status", "expand_specs",
+    "BACKENDS", "TRITON_STRATEGIES", "BackendStatus", "available_backends", "backend_status", "check_backend_name",
+    "expand_specs",
     "forcing_strategy", "get_backend", "parse_spec", "resolve_backend", "split_spec", "triton_tuned_config",
 ]
 # `auto` tries these in order on a GPU (on the CPU it takes the reference), by the H200
@@ -103,6 +105,7 @@ def resolve_backend(name: str, x: torch.Tensor, prototypes: torch.Tensor, option
 
     A backend named explicitly must apply, or a ValueError says why it does not.
     """
+    check_backend_name(name)
     if name == "auto":
         if x.device.type != "cuda":
             candidates = ()
@@ -117,8 +120,6 @@ def resolve_backend(name: str, x: torch.Tensor, prototypes: torch.Tensor, option
             if module.unsupported(x, prototypes, options) is None:
                 return candidate
         return "reference"
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {name!r}")
     module = get_backend(name)
     reason = module.availability(x.device)
     if reason is None:

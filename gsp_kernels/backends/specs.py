@@ -15,6 +15,14 @@ BACKENDS = ("reference", "triton", "cuda")
 TRITON_STRATEGIES = ("fused", "gemm")
 
 
+def check_backend_name(backend) -> None:
+    """TypeError unless ``backend`` is a string, ValueError unless it is "auto" or a backend's name."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+
+
 def split_spec(spec: str) -> tuple[str, str | None]:
     """'triton:gemm' -> ('triton', 'gemm'); 'cuda' -> ('cuda', None). Only triton takes a strategy."""
     backend, _, strategy = spec.partition(":")

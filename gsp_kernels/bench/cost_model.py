@@ -21,7 +21,7 @@ H200_PEAK_GBPS = 4300.0
 
 
 def cost_model(shape: Shape, dtype: torch.dtype) -> dict[str, dict[str, float]]:
-    """the flops and minimum bytes per phase of docs/math.md, Cost model."""
+    """The flops and minimum bytes per phase (docs/math.md, Cost model)."""
     forward_flops = 2.0 * shape.batch * shape.n * shape.m * shape.d
     x_bytes = float(shape.batch * shape.n * shape.d * torch.empty((), dtype=dtype).element_size())
     flops = {"fwd": forward_flops, "bwd": 3.0 * forward_flops, "fwd_bwd": 4.0 * forward_flops}

@@ -60,7 +60,9 @@ def format_report(report: dict) -> str:
         ),
     ]
     step = report.get("training_step")
-    if step:
+    if isinstance(step, dict):  # a report of a run without torchvision: {"unavailable": reason}
+        parts += ["", f"training step: unavailable: {step.get('unavailable')}"]
+    elif step:
         keys = list(dict.fromkeys(k for row in step for k in row))
         parts += ["", "training step:", format_table(keys, [[_fmt_cell(row.get(k)) for k in keys] for row in step])]
     return "\n".join(parts)

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..backends import available_backends, get_backend, parse_spec, triton_tuned_config
-from ..contract import DTYPES, check_options, options_for_call
+from ..contract import DTYPES, check_options
 from ..ops import gsp_pool
 from ..testing import Shape
 from .candidates import (
@@ -99,7 +99,7 @@ def dispatch_overhead(backends: list[str], device: torch.device, calls: int = 20
     prototypes = torch.randn(1, 1, device=device)  # [M, D]
     x_leaf, prototypes_leaf = x.clone().requires_grad_(), prototypes.clone().requires_grad_()
     grad_pooled, grad_attr, grad_weights = (torch.randn(1, 1, device=device) for _ in range(3))
-    options = options_for_call(check_options(TRANSPORT_RATIO, GAMMA), 1, torch.float32)
+    options = check_options(TRANSPORT_RATIO, GAMMA, n=1, dtype=torch.float32)
     results = []
     for backend in backends:
         module = get_backend(backend)
@@ -183,6 +183,12 @@ def run_bench(
             # Triton on the CPU is its interpreter (TRITON_INTERPRET=1): a correctness tool, not timed.
             backends.remove("triton")
             log("not timing triton: on the CPU it runs in its interpreter (name it in --backends to force)")
+    if training_step:
+        # Imported here: `python -m gsp_kernels.bench.training_step` runs that module as __main__,
+        # which the package must not have imported before.
+        from .training_step import require_torchvision, training_step_rows
+
+        require_torchvision()  # before the measurements, not after them
     dtypes = dtypes or default_dtypes(device)
     peaks = resolve_peaks(device, peak_tflops, peak_gbps)
     log(f"peaks: fp32 {peaks.fp32_tflops:.3g} TFLOP/s, memory {peaks.gbps:.4g} GB/s ({peaks.source})")
@@ -212,9 +218,5 @@ def run_bench(
         "training_step": None,
     }
     if training_step:
-        # Imported here: `python -m gsp_kernels.bench.training_step` runs that module as __main__,
-        # which the package must not have imported before.
-        from .training_step import training_step_rows
-
         report["training_step"] = training_step_rows(device, backend_names)
     return report

@@ -19,13 +19,18 @@ from ..backends import available_backends
 from ..nn import GSP, EmbeddingModel, GlobalAveragePoolHead, GSPOutput
 
 
-def _resnet50_trunk() -> tuple[nn.Module, int]:
+def require_torchvision():
+    """torchvision, or a RuntimeError saying that the training-step benchmark needs it (imported
+    lazily: optional, and broken with some torch builds)."""
     try:
-        import torchvision  # lazy: optional, and broken with some torch builds
+        import torchvision
     except Exception as exc:
         raise RuntimeError(f"the training-step benchmark needs torchvision's ResNet-50: {exc}") from exc
+    return torchvision
 
-    resnet = torchvision.models.resnet50(weights=None)
+
+def _resnet50_trunk() -> tuple[nn.Module, int]:
+    resnet = require_torchvision().models.resnet50(weights=None)
     trunk = nn.Sequential(*(module for name, module in resnet.named_children() if name not in ("avgpool", "fc")))
     return trunk, resnet.fc.in_features
 

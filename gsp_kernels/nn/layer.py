@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends.reference import normalize_rows
-from ..backends.specs import BACKENDS
-from ..contract import check_choice, check_options, check_real
+from ..backends.specs import check_backend_name
+from ..contract import DEFAULT_GAMMA, DEFAULT_TRANSPORT_RATIO, check_choice, check_options, check_real
 from ..ops import gsp_pool
 from .backbones import PatchTokens
 from .prototypes import gathered_across_ranks, kcenter_indices
@@ -149,8 +149,8 @@ class GSP(nn.Module):
         embedding_dim: int,
         num_prototypes: int = DEFAULT_NUM_PROTOTYPES,
         *,
-        transport_ratio: float = 0.3,
-        gamma: float = 5.0,
+        transport_ratio: float = DEFAULT_TRANSPORT_RATIO,
+        gamma: float = DEFAULT_GAMMA,
         normalize: str = "lipschitz",
         cost: str = "euclidean",
         backend: str = "auto",
@@ -171,7 +171,7 @@ class GSP(nn.Module):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         # gsp_pool's own checks (contract.check_options): one message for one mistake, here or there.
         options = check_options(transport_ratio, gamma, normalize, cost, solver, max_iter)
-        check_choice("backend", backend, ("auto", *BACKENDS))
+        check_backend_name(backend)
         check_choice("pooling_method", pooling_method, POOLING_METHODS)
         gem_power = check_real("gem_power", gem_power, positive=True)
         if not isinstance(augment_max_pool, bool):

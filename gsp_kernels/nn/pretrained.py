@@ -116,7 +116,7 @@ def _unwrapped(state: dict[str, torch.Tensor], own: dict) -> tuple[dict[str, tor
 
 def load_backbone_weights(module: nn.Module, path: str | Path) -> LoadReport:
     """Load a local checkpoint into ``module``, non-strictly: a timm or torchvision model, or a
-    backbone of ``gsp_kernels.backbones`` (the checkpoint's keys are those of the model it wraps,
+    backbone of ``gsp_kernels.nn.backbones`` (the checkpoint's keys are those of the model it wraps,
     or carry this library's wrapper prefixes: a ``gsp-kernels train`` checkpoint, an
     ``EmbeddingModel`` or ``GSPNet`` state dict, whose other parts are then unexpected keys).
 

@@ -30,7 +30,7 @@ class TrainConfig:
     dataset: str = "collage"  # one of datasets.DATASETS; "collage" is embedded, the others read data_root
     data_root: str | None = None
     pooling: str = "gsp"  # "gsp" or "gap"
-    arch: str = "smallcnn"  # "smallcnn", a torchvision ResNet/ViT name, or a timm name ("timm:NAME"); see backbones.resolve_arch
+    arch: str = "smallcnn"  # "smallcnn", a torchvision ResNet/ViT name, or a timm name ("timm:NAME"); see nn.backbones.resolve_arch
     pretrained: str | None = None  # backbone weights: a local .pth/.safetensors state dict, or "cache" (the arch's, from the local caches)
     embedding_dim: int = 64
     width: int = 32  # SmallCNN width

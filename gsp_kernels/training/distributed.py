@@ -1,6 +1,6 @@
 """Where a run computes: the process group of torchrun's ranks (started and torn down),
-this rank's device and the batches moved to it, and what the ranks exchange (every rank's
-objects gathered, rank 0's decision broadcast).
+this rank's device, and what the ranks exchange (every rank's objects gathered, rank 0's
+decision broadcast).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from .config import TrainConfig
 
@@ -37,13 +36,6 @@ def resolve_device(config: TrainConfig, local_rank: int = 0) -> torch.device:
     if config.device != "auto":
         return torch.device(config.device)
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    """A batch of images ``[B, 3, H, W]`` on ``device`` (asynchronously from pinned memory),
-    in the channels-last memory format when ``channels_last``."""
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 def gather_objects(value, world_size: int) -> list:

@@ -1,6 +1,7 @@
 """Embeddings of trained models and their retrieval scores on the test split: one model's
 (``compute_embeddings``, ``embed_test_splits``, ``retrieval_scores``), and several models'
-embeddings concatenated (``concatenate_embeddings``, ``concatenated_metrics``).
+embeddings concatenated (``concatenate_embeddings``, ``concatenated_metrics``); and how a batch
+of images reaches the model's device (``to_device``, also the training loop's).
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from torch.utils.data import DataLoader
 
 from .config import TrainConfig
 from .datasets import BenchmarkData
-from .distributed import to_device
 from .metrics import retrieval_metrics
+
+
+def to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    """A batch of images ``[B, 3, H, W]`` on ``device`` (asynchronously from pinned memory),
+    in the channels-last memory format when ``channels_last``."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 @torch.no_grad()

@@ -27,7 +27,8 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import METRIC_LOSSES, TrainConfig
-from .distributed import broadcast_float, gather_objects, to_device
+from .distributed import broadcast_float, gather_objects
+from .embeddings import to_device
 from .models import build_model_for
 from .samplers import ClassBalancedBatchSampler, SeededBatches, SeededSamples
 
@@ -78,7 +79,7 @@ def _kcenter_init(model, dataset, sampler, device) -> None:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model.head.init_prototypes_kcenter(model.trunk(images))
+        model.pooling_head.init_prototypes_kcenter(model.features(images))
     model.train(was_training)
 
 
@@ -229,7 +230,7 @@ def fit(
     metric_loss = build_metric_loss(config.metric_loss, train_set.num_classes, config.embedding_dim, config.contrastive_neg_margin)
     objective = TrainingObjective(model, metric_loss, zero_shot).to(device)
     if config.pooling == "gsp" and config.prototype_init == "proxies":
-        model.head.init_prototypes_from_proxies(metric_loss.proxies)  # the authors' PyTorch init
+        model.pooling_head.init_prototypes_from_proxies(metric_loss.proxies)  # the authors' PyTorch init
     if config.freeze_bn:
         freeze_batchnorm(model.trunk)
     optimizer = build_optimizer(config, objective.parameters())

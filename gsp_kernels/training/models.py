@@ -35,7 +35,7 @@ class SmallCNN(nn.Sequential):
 
 
 def build_trunk(arch: str, *, width: int = 32, pretrained: str | Path | bool | None = None, **backbone_kwargs) -> tuple[nn.Module, LoadReport | None]:
-    """The trunk an ``arch`` names (``gsp_kernels.backbones.resolve_arch``) and the report of
+    """The trunk an ``arch`` names (``gsp_kernels.nn.backbones.resolve_arch``) and the report of
     the weights loaded into it: ``pretrained`` is None/False (random init), a checkpoint path,
     or True/"cache" (the arch's weights from the local caches, see ``cached_weights_path``).
     ``backbone_kwargs`` go to ``timm.create_model`` / ``torchvision.models.get_model``."""

@@ -106,8 +106,7 @@ def forward(x: torch.Tensor, prototypes: torch.Tensor, options: GSPOptions):
     with on_device(x.device):
         if strategy_for(x, prototypes, options.precision) == "gemm":
             return gemm.forward(x, prototypes, options)
-        tiles = (tuned_entry(x, prototypes, options.precision) or {}).get("forward")
-        return fused.forward(x, prototypes, options, tiles)
+        return fused.forward(x, prototypes, options, tuned=tuned_entry(x, prototypes, options.precision))
 
 
 def backward(grad_pooled, grad_attr, grad_weights, x: torch.Tensor, prototypes: torch.Tensor, u: torch.Tensor,

@@ -97,12 +97,12 @@ from .launch import (
 
 # Tests and the sweep may set this to a dict with any of BLOCK_K, BLOCK_M, BLOCK_D (powers of two
 # >= 16), num_warps, num_stages, programs_wanted to force the backward's split-K GEMM
-# (``_gsp_coef_x_kernel``, see ``_gemm_config``).
+# (``_gsp_coef_x_kernel``, see ``gemm_config``).
 GEMM_OVERRIDE: dict | None = None
 
 
 @functools.lru_cache(maxsize=256)
-def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
+def tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
     """Constexpr block sizes and launch parameters for a (N, M, D) bucket (powers of two).
 
     tl.dot needs every tile dim >= 16; 64 feature rows let Hopper use wgmma and bound how
@@ -130,16 +130,16 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 3}
 
 
-def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False, tuned: dict | None = None) -> dict:
+def launch_config(n: int, m: int, d: int, half: bool, backward: bool = False, tuned: dict | None = None) -> dict:
     """The tuned tiles if given (a tuned entry's "forward" or "backward"), else the cached table
     entry for this shape's bucket; then the test override and the register cap
     (``launch.with_overrides``)."""
-    config = tuned or _tile_config(next_pow2(n), next_pow2(m), next_pow2(d), half, backward)
+    config = tuned or tile_config(next_pow2(n), next_pow2(m), next_pow2(d), half, backward)
     return with_overrides(config, half)
 
 
 @functools.lru_cache(maxsize=256)
-def _split_k_config(
+def split_k_config(
     total_rows: int, m: int, d: int, programs_wanted: int,
     block_k: int | None = None, block_m: int | None = None, block_d: int | None = None,
 ) -> tuple[int, int, int, int, int]:
@@ -156,20 +156,20 @@ def _split_k_config(
 
 
 @functools.lru_cache(maxsize=16)
-def _programs_wanted(device: torch.device) -> int:
+def programs_wanted(device: torch.device) -> int:
     """Two programs per SM on a GPU; a few on the interpreter (to exercise the split)."""
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def _gemm_config(total_rows: int, m: int, d: int, device: torch.device, tuned: dict | None = None) -> dict:
+def gemm_config(total_rows: int, m: int, d: int, device: torch.device, tuned: dict | None = None) -> dict:
     """The split-K GEMM's launch: num_warps 4, num_stages 3, programs_wanted from the device, or
     the tuned settings if given (a tuned entry's "coef_x"), then the sweep's override if any;
-    blocks and split from ``_split_k_config``."""
-    gemm = {"num_warps": 4, "num_stages": 3, "programs_wanted": _programs_wanted(device), **(tuned or {}),
+    blocks and split from ``split_k_config``."""
+    gemm = {"num_warps": 4, "num_stages": 3, "programs_wanted": programs_wanted(device), **(tuned or {}),
             **(GEMM_OVERRIDE or {})}
-    block_k, block_m, block_d, rows_per_split, splits = _split_k_config(
+    block_k, block_m, block_d, rows_per_split, splits = split_k_config(
         total_rows, m, d, gemm["programs_wanted"], gemm.get("BLOCK_K"), gemm.get("BLOCK_M"), gemm.get("BLOCK_D")
     )
     return {**gemm, "BLOCK_K": block_k, "BLOCK_M": block_m, "BLOCK_D": block_d,
@@ -178,8 +178,9 @@ def _gemm_config(total_rows: int, m: int, d: int, device: torch.device, tuned: d
 
 def forward(x, prototypes, options: GSPOptions, tuned: dict | None = None):
     """pooled [B, D], attr [B, M], weights [B, N] in x's dtype, u [B] float32, in one launch;
-    ``tuned``: a tuned entry's "forward" tiles, or None for the tile table's."""
-    config = _launch_config(x.shape[1], prototypes.shape[0], x.shape[2], half_products(x, prototypes), tuned=tuned)
+    ``tuned``: the tuned entry (None for none), whose "forward" tiles replace the tile table's."""
+    config = launch_config(x.shape[1], prototypes.shape[0], x.shape[2], half_products(x, prototypes),
+                           tuned=(tuned or {}).get("forward"))
     logits = x.new_empty((x.shape[0], x.shape[1], prototypes.shape[0]), dtype=torch.float32)  # [B, N, M]
     return per_sample_forward(x, prototypes, options, config, logits, logits.stride())
 
@@ -194,14 +195,14 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GS
     batch, n, d = x.shape
     m = prototypes.shape[0]
     _, _, f32_precision, _ = resolve_precision(x, prototypes, options.precision)
-    config = _launch_config(n, m, d, half_products(x, prototypes), backward=True, tuned=tuned.get("backward"))
+    config = launch_config(n, m, d, half_products(x, prototypes), backward=True, tuned=tuned.get("backward"))
     native_half_dot = not INTERPRETED  # the interpreter's tl.dot misreads bfloat16 operands
     coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # raw x·z, then V
     row_coefs, col_sum = per_sample_backward(
         grad_pooled, grad_attr, grad_weights, x, prototypes, u, options, config, coef, coef.stride(),
     )
     # Σ_b Σ_i W_ki x̂_i = d_z,k Σ_b Σ_i V_ki x_i: one split-K GEMM over all B·N features.
-    gemm = _gemm_config(batch * n, m, d, x.device, tuned=tuned.get("coef_x"))
+    gemm = gemm_config(batch * n, m, d, x.device, tuned=tuned.get("coef_x"))
     splits = gemm["splits"]
     partials = torch.empty((splits, m, d), dtype=torch.float32, device=x.device)
     _gsp_coef_x_kernel[(cdiv(m, gemm["BLOCK_M"]), cdiv(d, gemm["BLOCK_D"]), splits)](

@@ -4,8 +4,9 @@ torch.mm / torch.bmm), the rest in Triton. Math and symbols: docs/math.md; the f
 ``launch``); their shared math: ``jit_math``.
 
 Why a second design: the fused kernels compute the cost products themselves, so their speed
-rests on Triton's tiles and register allocation for each GPU and Triton version (``launch.register_cap``: 3.6 builds the half kernels in 165-174 registers where 3.9 takes 95-106). Here the
-intermediate is small: the products are [B·N, M] float32 (25 MB at B=256, N=196, M=128, next
+rests on Triton's tiles and register allocation for each GPU and Triton version
+(``launch.register_cap``: 3.6 builds the half kernels in 165-174 registers where 3.9 takes
+95-106). Here the intermediate is small: the products are [B·N, M] float32 (25 MB at B=256, N=196, M=128, next
 to 51 MB of bfloat16 features), so writing them to memory and reading them back costs about
 what a second read of x does, and the products themselves run at the vendor library's speed on
 any GPU (the pattern of Liger-Kernel's fused linear cross-entropy: torch.matmul for the logits,
@@ -213,7 +214,7 @@ def _norms(x: torch.Tensor, prototypes: torch.Tensor, grad_pooled: torch.Tensor 
 
 
 @functools.lru_cache(maxsize=256)
-def _tile_config(n: int, m: int, d: int, half: bool, backward: bool, rows_layout: bool = True) -> dict:
+def tile_config(n: int, m: int, d: int, half: bool, backward: bool, rows_layout: bool = True) -> dict:
     """The per-sample kernels' tiles for a (N, M, D) bucket (powers of two) when the products are
     given (no cost GEMM inside). From sm_90 builds at N=196, M=128, D=512 (Triton 3.8,
     ``test_triton._compile_gemm_strategy``), the widest prototype tiles that build without
@@ -236,18 +237,18 @@ def _tile_config(n: int, m: int, d: int, half: bool, backward: bool, rows_layout
     return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 3}
 
 
-def _launch_config(n: int, m: int, d: int, half: bool, backward: bool = False, rows_layout: bool = True) -> dict:
+def launch_config(n: int, m: int, d: int, half: bool, backward: bool = False, rows_layout: bool = True) -> dict:
     """The table entry for this shape's bucket and products' layout (``rows_layout``: [B·N, M],
     else a channels-first map's [B, M, N]), then the test override and the fused kernels' register
     cap for half-precision inputs (``launch.with_overrides``)."""
-    config = _tile_config(next_pow2(n), next_pow2(m), next_pow2(d), half, backward, rows_layout)
+    config = tile_config(next_pow2(n), next_pow2(m), next_pow2(d), half, backward, rows_layout)
     return with_overrides(config, half)
 
 
 def forward(x, prototypes, options: GSPOptions):
     """pooled [B, D], attr [B, M], weights [B, N] in x's dtype, u [B] float32 (x's device current)."""
     _, _, f32_precision, _ = resolve_precision(x, prototypes, options.precision)
-    config = _launch_config(x.shape[1], prototypes.shape[0], x.shape[2], x.dtype in HALF_DTYPES)
+    config = launch_config(x.shape[1], prototypes.shape[0], x.shape[2], x.dtype in HALF_DTYPES)
     x_sq, _, z_sq = _norms(x, prototypes)
     columns, parts = _prototype_columns(x, prototypes)
     products, strides = _products(x, columns, f32_precision)  # then the logits, in place
@@ -259,7 +260,7 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GS
     batch, n, d = x.shape
     m = prototypes.shape[0]
     _, _, f32_precision, _ = resolve_precision(x, prototypes, options.precision)
-    config = _launch_config(n, m, d, x.dtype in HALF_DTYPES, backward=True, rows_layout=_folds(x))
+    config = launch_config(n, m, d, x.dtype in HALF_DTYPES, backward=True, rows_layout=_folds(x))
     x_sq, x_gy, z_sq = _norms(x, prototypes, grad_pooled)
     columns, parts = _prototype_columns(x, prototypes)
     products, strides = _products(x, columns, f32_precision)  # then V (float32) over its first block

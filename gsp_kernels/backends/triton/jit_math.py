@@ -184,7 +184,7 @@ def _tile_weights(ell_sample, rows, N, u, inv_total, GAP: tl.constexpr):
 
 @triton.jit
 def _solve_newton(ell, ok, target, logit_mu, n_float, tol, max_iter):
-    """Bracketed Newton for Σ σ(u + ℓ_i) = μN, the rules of _reference.solve_newton."""
+    """Bracketed Newton for Σ σ(u + ℓ_i) = μN, the rules of the reference's solve_newton."""
     lo = logit_mu - tl.max(tl.where(ok, ell, -float("inf")), 0)
     hi = logit_mu - tl.min(tl.where(ok, ell, float("inf")), 0)
     u = tl.minimum(tl.maximum(logit_mu - tl.sum(tl.where(ok, ell, 0.0), 0) / n_float, lo), hi)

@@ -27,7 +27,7 @@ PROGRAMS_PER_SM = 2
 BLOCK_OVERRIDE: dict | None = None
 # The forward and the backward's first kernel split each sample across ⌈N / BLOCK_N⌉ programs
 # (the last one to finish completes the sample). False: one program per sample, looping over
-# its features (the kernels before the split): the comparison point for benchmarks, and a
+# its features: the comparison point for benchmarks, and a
 # fallback, also chosen at import by the environment variable GSP_TRITON_SPLIT=0.
 SPLIT_SAMPLES = os.environ.get("GSP_TRITON_SPLIT", "1") != "0"
 

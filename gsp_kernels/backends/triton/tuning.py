@@ -4,7 +4,7 @@ version, the pattern of vLLM's fused-MoE configurations.
 ``bench/sweep_triton.py --write-config`` measures on a GPU and writes
 ``gsp_kernels/backends/triton/tuned_configs/<GPU name>__triton-<major.minor>.json``; the backend
 loads the file that matches the current GPU and Triton version on first use (once per device) and
-falls back to its built-in rules (``fused._tile_config``, the fused strategy) for every call that no
+falls back to its built-in rules (``fused.tile_config``, the fused strategy) for every call that no
 entry covers. ``GSP_TRITON_TUNED_CONFIG=PATH`` forces one file for every device (also the
 interpreter's CPU), ``GSP_TRITON_TUNED_CONFIG=none`` disables the lookup; both are read on first
 use.
@@ -22,7 +22,7 @@ A file (schema 1)::
 
 An entry covers calls with its dtypes and precision (ignored for half inputs with prototypes of the
 same dtype, whose products are exact whatever it says) whose N, M and D round up to its ``n``,
-``m``, ``d`` (powers of two, the buckets of ``fused._tile_config``); among those, the entry whose batch
+``m``, ``d`` (powers of two, the buckets of ``fused.tile_config``); among those, the entry whose batch
 bucket is nearest (in powers of two) wins. ``forward``/``backward`` are the fused kernels'
 tiles, ``coef_x`` the backward's split-K GEMM; null keeps the built-in choice.
 """
