@@ -31,7 +31,14 @@ from types import ModuleType
 import torch
 
 from ..contract import GSPOptions
-from .specs import BACKENDS, TRITON_STRATEGIES, check_backend_name, expand_specs, parse_spec, split_spec
+from .specs import (
+    BACKENDS,
+    TRITON_STRATEGIES,
+    check_backend_name,
+    expand_specs,
+    parse_spec,
+    split_spec,
+)
 
 __all__ = [
     "BACKENDS", "TRITON_STRATEGIES", "BackendStatus", "available_backends", "backend_status", "check_backend_name",

@@ -22,7 +22,13 @@ from torch import Tensor, nn
 
 from ..backends.reference import normalize_rows
 from ..backends.specs import check_backend_name
-from ..contract import DEFAULT_GAMMA, DEFAULT_TRANSPORT_RATIO, check_choice, check_options, check_real
+from ..contract import (
+    DEFAULT_GAMMA,
+    DEFAULT_TRANSPORT_RATIO,
+    check_choice,
+    check_options,
+    check_real,
+)
 from ..ops import gsp_pool
 from .backbones import PatchTokens
 from .prototypes import gathered_across_ranks, kcenter_indices
