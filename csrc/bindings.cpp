@@ -54,6 +54,7 @@ static std::pair<float, int> newton_solve_host(const std::vector<float>& ell, do
   }
   gsp::NewtonState state = gsp::newton_start(logit_mu, ell_min, ell_max, ell_sum / static_cast<float>(ell.size()));
   const float tol_target = static_cast<float>(tol * static_cast<double>(n_mu));
+  const float log_target = static_cast<float>(std::log(static_cast<double>(ell.size()) * mu));
   for (int it = 0; it < max_iter; ++it) {
     float mass = 0.0f, slope = 0.0f;
     for (float v : ell) {
@@ -61,7 +62,9 @@ static std::pair<float, int> newton_solve_host(const std::vector<float>& ell, do
       mass += s;
       slope += s * (1.0f - s);
     }
-    if (gsp::newton_iterate(state, mass - n_mu, slope, tol_target, static_cast<float>(tol))) return {state.u, it + 1};
+    if (gsp::newton_iterate(state, mass, n_mu, log_target, slope, tol_target, static_cast<float>(tol))) {
+      return {state.u, it + 1};
+    }
   }
   return {state.u, max_iter};
 }

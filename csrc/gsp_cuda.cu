@@ -47,7 +47,7 @@ struct Params {
   const float* z_hat;      // [M, D]
   const float* z_sq_norm;  // [M]
   int normalize, cost;
-  float gamma, n_mu, logit_mu, target, tol_target, tol;
+  float gamma, n_mu, logit_mu, target, log_target, tol_target, tol;
   int max_iter;
   bool gap;        // μ = 1: u = +inf, σ ≡ 1
   float* scratch;  // [B, N, M]: dots, then costs (forward) or W / d_x (backward)
@@ -407,7 +407,7 @@ __device__ float solve_u(const Params& p, const float* row_ell, float* red) {
       slope += s * (1.0f - s);
     }
     block_sum2(mass, slope, red);
-    if (newton_iterate(state, mass - p.target, slope, p.tol_target, p.tol)) break;
+    if (newton_iterate(state, mass, p.target, p.log_target, slope, p.tol_target, p.tol)) break;
   }
   return state.u;
 }
@@ -539,12 +539,12 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
       row_ell[i] = ell;
       row_aga[i] = aga;
       row_sig[i] = sigmoid(u + ell);
-      row_e[i] = (x_gy + aga + gw[i]) / p.n_mu;
+      row_e[i] = x_gy + aga + gw[i];  // Nμ ∂L/∂σ_i: the 1/(Nμ) goes with σ into w (no overflow at tiny μ)
     }
   }
   __syncthreads();
 
-  // ē = Σ h e / Σ h with h = σ(1 − σ) (0 when Σ h = 0, e.g. μ = 1).
+  // ē = Σ h e / Σ h with h = σ(1 − σ) (0 when Σ h = 0, e.g. μ = 1), e here Nμ times docs/math.md's.
   float h_sum = 0.0f, he_sum = 0.0f;
   for (int i = threadIdx.x; i < p.n; i += kThreads) {
     const float h = row_sig[i] * (1.0f - row_sig[i]);
@@ -553,6 +553,14 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
   }
   block_sum2(h_sum, he_sum, red);
   const float e_bar = h_sum > 0.0f ? he_sum / h_sum : 0.0f;
+  // The rounding of ē, removed by a second pass (docs/math.md, Backward): e − ē then keeps its
+  // digits where the e_i share a large common part.
+  float rounding_sum = 0.0f, unused = 0.0f;
+  for (int i = threadIdx.x; i < p.n; i += kThreads) {
+    rounding_sum += row_sig[i] * (1.0f - row_sig[i]) * (row_e[i] - e_bar);
+  }
+  block_sum2(rounding_sum, unused, red);
+  const float e_bar_rounding = h_sum > 0.0f ? rounding_sum / h_sum : 0.0f;
 
   // Per feature: W_ki, coef = W / d_x (in place of the dots), and β_i from Σ_k W_ki and
   // q_i = Σ_k W_ki x̂_i·ẑ_k (the radial part x̂·gx̂ = ‖x̂‖² Σ_k W_ki − q_i).
@@ -561,7 +569,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
     const float xx_hat = row_sq[i], div = row_div[i], ell = row_ell[i], aga = row_aga[i];
     const float sig = row_sig[i];
     const float w = sig / p.n_mu;
-    const float grad_ell = sig * (1.0f - sig) * (row_e[i] - e_bar);
+    const float grad_ell = w * (1.0f - sig) * ((row_e[i] - e_bar) - e_bar_rounding);  // σ(1 − σ)(e − ē)/(Nμ)
     float w_sum = 0.0f, q = 0.0f;
     for (int k = lane; k < p.m; k += 32) {
       const float dot_hat = row[k] / div;
@@ -710,6 +718,7 @@ Params common_params(const FeatureView& x, std::uintptr_t z_hat, std::uintptr_t 
   p.gap = mu >= 1.0;
   p.logit_mu = p.gap ? 0.0f : static_cast<float>(std::log(mu) - std::log1p(-mu));
   p.target = p.n_mu;
+  p.log_target = p.gap ? 0.0f : static_cast<float>(std::log(static_cast<double>(p.n) * mu));
   p.scratch = reinterpret_cast<float*>(scratch);
   return p;
 }

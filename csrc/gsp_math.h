@@ -70,17 +70,20 @@ GSP_HD NewtonState newton_start(float logit_mu, float ell_min, float ell_max, fl
   return s;
 }
 
-// One iteration from residual = Σσ − μN and slope = Σσ(1 − σ) at s.u. Moves s.u to the
-// Newton step, or to the bracket midpoint when the step leaves the bracket or is not finite.
+// One iteration from mass = Σσ and slope = Σσ(1 − σ) at s.u, for the target μN (and its log).
+// Moves s.u to the Newton step of log Σσ = log μN (nearly linear where the σ are small: one
+// step there), or to the bracket midpoint when the step leaves the bracket or is not finite.
 // Returns true when the sample has converged (the caller stops; s.u already holds the final u).
 // tol_target = tol·μN; tol is the relative tolerance on the step and the bracket.
-GSP_HD bool newton_iterate(NewtonState& s, float residual, float slope, float tol_target, float tol) {
+GSP_HD bool newton_iterate(NewtonState& s, float mass, float target, float log_target, float slope, float tol_target,
+                           float tol) {
+  const float residual = mass - target;
   // A small (or non-finite) residual stops here, before any step: on a plateau of Σσ the
   // slope can vanish, and a bisection from an exact root would leave it.
   if (fabsf(residual) <= tol_target || !is_finite(residual)) return true;
   if (residual > 0.0f) s.hi = s.u;
   if (residual < 0.0f) s.lo = s.u;
-  const float u_newton = s.u - residual / slope;
+  const float u_newton = s.u - (logf(mass) - log_target) * mass / slope;
   const bool inside = u_newton >= s.lo && u_newton <= s.hi;  // false for NaN steps
   const float u_next = inside ? u_newton : 0.5f * (s.lo + s.hi);
   const float scale = fmaxf(fabsf(s.u), 1.0f);

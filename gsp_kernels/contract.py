@@ -127,16 +127,43 @@ def check_real(name: str, value, *, positive: bool) -> float:
     return value
 
 
-def _check_representable(mu: float, gamma: float, n: int, dtype: torch.dtype) -> None:
-    """ValueError where ``dtype`` cannot represent the solve of N features: gamma beyond its
-    range, or N·μ below its smallest normal number (the weights would be NaN or not sum to 1)."""
+def largest_cost(normalize: str, cost: str) -> float | None:
+    """The largest cost a pair can have: 2 (``euclidean``) or 4 (``sqeuclidean``) between rows of
+    norm at most 1 (``lipschitz``, ``l2``); None without normalization (the data's scale)."""
+    if normalize == "none":
+        return None
+    return 2.0 if cost == "euclidean" else 4.0
+
+
+# The largest rounding error of the logits −γc the plan tolerates: eps·γ·(largest cost) beyond it
+# and the weights are off by that much (docs/math.md, Dtypes and their limits).
+LOGIT_RESOLUTION = 0.1
+
+
+def _check_representable(mu: float, gamma: float, normalize: str, cost: str, n: int, dtype: torch.dtype) -> None:
+    """ValueError where ``dtype`` cannot represent the solve of N features (docs/math.md, Dtypes and
+    their limits): the logits −γc summed over the N features (the solve's start and bracket) must
+    stay within half the dtype's range, and their rounding, eps·γ·c, within ``LOGIT_RESOLUTION``,
+    with c the largest cost (taken as 1 without normalization, where the data sets it); and μ must
+    be a normal number, whose shares σ ≈ μ the dtype resolves."""
     limits = torch.finfo(dtype)
-    if gamma > limits.max:
-        raise ValueError(f"gamma={gamma:g} overflows {dtype}, the compute dtype of these inputs (float64 inputs compute in float64)")
-    if mu * n < limits.tiny:
+    cost_bound = largest_cost(normalize, cost)
+    cost_text = f"the largest cost ({cost_bound:g})" if cost_bound else "the costs (unbounded with normalize='none', taken as 1)"
+    if gamma * (cost_bound or 1.0) * n > limits.max / 2:
         raise ValueError(
-            f"transport_ratio={mu:g} is too small: N·mu = {mu * n:g} is below {dtype}'s smallest normal number {limits.tiny:g}"
+            f"gamma={gamma:g} overflows {dtype}, the compute dtype of these inputs (float64 inputs compute in float64): "
+            f"gamma x {cost_text} x N ({n}) must stay below {limits.max / 2:.3g}"
         )
+    if limits.eps * gamma * (cost_bound or 1.0) > LOGIT_RESOLUTION:
+        raise ValueError(
+            f"gamma={gamma:g} is too large for {dtype} to resolve the plan ({dtype} is the compute dtype of these inputs): the "
+            f"logits -gamma x cost round to within eps x gamma x {cost_text} = {limits.eps * gamma * (cost_bound or 1.0):.3g}, "
+            f"above {LOGIT_RESOLUTION:g}, and the weights would be off by as much; lower gamma to "
+            f"{LOGIT_RESOLUTION / (limits.eps * (cost_bound or 1.0)):.3g} or less"
+            + (", or compute in float64 (float64 inputs)" if dtype != torch.float64 else "")
+        )
+    if mu < limits.tiny:
+        raise ValueError(f"transport_ratio={mu:g} is too small: it is below {dtype}'s smallest normal number {limits.tiny:g}")
 
 
 def check_options(
@@ -160,7 +187,7 @@ def check_options(
     elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if dtype is not None:
-        _check_representable(mu, gamma, n, dtype)
+        _check_representable(mu, gamma, normalize, cost, n, dtype)
     if tol is not None:
         tol = check_real("tol", tol, positive=True)
     elif dtype is not None:

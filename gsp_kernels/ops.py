@@ -167,10 +167,11 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # nn.Parameter: learnable pr
 
 
 def _run_op(x: Tensor, prototypes: Tensor, options: GSPOptions, backend: str):
-    """The registered op while tracing, under functorch transforms (vmap) or for tensor subclasses
-    (fake tensors), else the eager path."""
+    """The registered op while tracing, under functorch transforms (vmap), for tensor subclasses
+    (fake tensors) and for meta tensors (its fake kernel gives their outputs), else the eager path."""
     if (
         torch.compiler.is_compiling()
+        or x.device.type == "meta"
         or type(x) not in _PLAIN_TENSOR_TYPES
         or type(prototypes) not in _PLAIN_TENSOR_TYPES
         or torch._C._are_functorch_transforms_active()
@@ -210,10 +211,12 @@ def gsp_pool(
             through its strides without a copy).
         prototypes: ``[M, D]``.
         transport_ratio: mu in (0, 1], the share of feature mass transported; 1 is GAP.
-        gamma: inverse temperature (> 0, finite in the compute dtype) of the plan
-            exp(-gamma * cost). The root u of the solve is of the size gamma·cost, so the
-            weights sum to 1 within about eps·gamma·(largest cost): in float32 ~1e-5 at
-            gamma = 1e4 with normalized features, up to one feature's share beyond ~1e7.
+        gamma: inverse temperature (> 0) of the plan exp(-gamma * cost); gamma × the largest
+            cost × N must stay below half the compute dtype's range (a ValueError says so).
+            The logits carry an error of about eps·gamma·cost, so the weights sum to 1 within
+            about eps·gamma·(largest cost)·N: in float32 ~1e-5 at gamma = 1e3 with normalized
+            features, several features' shares beyond ~1e6 (docs/math.md, Dtypes and their
+            limits).
         normalize: "lipschitz" (x / max(1, |x|)), "l2" or "none", applied for the cost only.
         cost: "euclidean" (|ẑ - x̂|) or "sqeuclidean" (its square).
         solver: "newton" (exact root, stops on ``tol``) or "fixed_point" (the paper's

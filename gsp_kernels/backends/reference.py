@@ -27,9 +27,17 @@ from ..contract import (
 )
 
 
+def row_norms(v: Tensor) -> Tensor:
+    """‖v‖ over the last dim, ``[..., 1]``, for any finite v whose norm the dtype holds: each row is
+    divided by its largest magnitude before the squares are summed (their sum would overflow for
+    rows longer than √max, 1.8e19 in float32, and underflow below √tiny), and the norm scaled back."""
+    largest = v.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)  # [..., 1]
+    return torch.linalg.vector_norm(v / largest, dim=-1, keepdim=True) * largest
+
+
 def normalize_rows(v: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     """Normalize the last dim for the cost. Returns (v̂, divisor) with v̂ = v / divisor."""
-    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)  # [..., 1]
+    norm = row_norms(v)  # [..., 1]
     if mode == "lipschitz":
         divisor = norm.clamp_min(1.0)
     elif mode == "l2":
@@ -72,8 +80,10 @@ def costs_from_squared(sq: Tensor, cost: str) -> Tensor:
 def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
     """Root u of Σ_i σ(u + ℓ_i) = μN per sample, bracketed Newton. ell [B, N] -> u [B].
 
-    Each iteration takes the Newton step, or bisects the bracket when that step leaves it
-    or is not finite. The solve stops once every sample has converged: its residual or its
+    Each iteration takes the Newton step of log Σσ = log μN (the function is nearly linear
+    where the σ are small, as they all are for a small μ: one step there, where a step on Σσ
+    itself moves u by at most 1), or bisects the bracket when that step leaves it or is not
+    finite. The solve stops once every sample has converged: its residual or its
     step under tol (relative), or its bracket collapsed; at the latest after max_iter
     iterations. A sample is frozen at the first convergence check it passes (every
     iteration on the CPU, every third on accelerators, to save host syncs), so its result
@@ -84,6 +94,7 @@ def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
     if mu >= 1.0:  # GAP: σ ≡ 1 exactly
         return torch.full(ell.shape[:-1], math.inf, dtype=ell.dtype, device=ell.device)
     logit_mu = math.log(mu) - math.log1p(-mu)
+    log_target = math.log(target)
     lo = logit_mu - ell.amax(-1)  # [B]: every σ_i <= μ here
     hi = logit_mu - ell.amin(-1)  # [B]: every σ_i >= μ here
     u = torch.minimum(torch.maximum(logit_mu - ell.mean(-1), lo), hi)
@@ -101,7 +112,7 @@ def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
         above = residual > 0
         hi = torch.where(above, u, hi)
         lo = torch.where(above, lo, u)
-        u_newton = u - residual / slope
+        u_newton = u - (torch.log(mass) - log_target) * mass / slope  # Newton on log Σσ
         # inside the bracket <=> (u_newton − lo)(hi − u_newton) >= 0; False for NaN steps
         inside = (u_newton - lo) * (hi - u_newton) >= 0
         u_next = torch.where(inside, u_newton, 0.5 * (lo + hi))
@@ -199,11 +210,17 @@ def gsp_backward(
     weights = sigma / (n * mu)
     assign_ga = torch.bmm(assign, grad_attr.unsqueeze(-1)).squeeze(-1)  # ā_i: [B, N]
     x_gy = torch.bmm(x, grad_pooled.unsqueeze(-1)).squeeze(-1)  # [B, N]
-    e = (x_gy + assign_ga + grad_weights) / (n * mu)  # [B, N]
+    # Nμ e_i: the 1/(Nμ) goes with σ into w below (e alone would overflow at tiny μ).
+    e = x_gy + assign_ga + grad_weights  # [B, N]
     h = sigma * (1.0 - sigma)  # [B, N]
     h_sum = h.sum(-1, keepdim=True)  # [B, 1]
-    e_bar = torch.where(h_sum > 0, (h * e).sum(-1, keepdim=True) / h_sum.clamp_min(torch.finfo(h.dtype).tiny), 0.0)
-    grad_ell = h * (e - e_bar)  # [B, N]
+    h_sum_safe = h_sum.clamp_min(torch.finfo(h.dtype).tiny)
+    # e − ē in two passes: the second removes the rounding of the first mean, so that the
+    # difference keeps its digits where the e_i share a large common part (features with a large
+    # mean, or one feature alone, where it is exactly 0).
+    centered = e - torch.where(h_sum > 0, (h * e).sum(-1, keepdim=True) / h_sum_safe, 0.0)  # [B, N]
+    centered = centered - torch.where(h_sum > 0, (h * centered).sum(-1, keepdim=True) / h_sum_safe, 0.0)
+    grad_ell = weights * (1.0 - sigma) * centered  # h (e − ē) / (Nμ): [B, N]
     grad_logits = assign * (
         grad_ell.unsqueeze(-1) + weights.unsqueeze(-1) * (grad_attr.unsqueeze(1) - assign_ga.unsqueeze(-1))
     )  # [B, N, M]

@@ -183,8 +183,8 @@ def _tile_weights(ell_sample, rows, N, u, inv_total, GAP: tl.constexpr):
 
 
 @triton.jit
-def _solve_newton(ell, ok, target, logit_mu, n_float, tol, max_iter):
-    """Bracketed Newton for Σ σ(u + ℓ_i) = μN, the rules of the reference's solve_newton."""
+def _solve_newton(ell, ok, target, log_target, logit_mu, n_float, tol, max_iter):
+    """Bracketed Newton on log Σ σ(u + ℓ_i) = log μN, the rules of the reference's solve_newton."""
     lo = logit_mu - tl.max(tl.where(ok, ell, -float("inf")), 0)
     hi = logit_mu - tl.min(tl.where(ok, ell, float("inf")), 0)
     u = tl.minimum(tl.maximum(logit_mu - tl.sum(tl.where(ok, ell, 0.0), 0) / n_float, lo), hi)
@@ -199,7 +199,8 @@ def _solve_newton(ell, ok, target, logit_mu, n_float, tol, max_iter):
         settled = (tl.abs(residual) <= tol * target) | (residual != residual) | (tl.abs(residual) == float("inf"))
         hi = tl.where(residual > 0, u, hi)
         lo = tl.where(residual < 0, u, lo)
-        u_newton = u - residual / slope
+        mass = residual + target
+        u_newton = u - (tl.log(mass) - log_target) * mass / slope  # Newton on log Σσ
         inside = (u_newton >= lo) & (u_newton <= hi)  # False for NaN/inf steps too
         u_next = tl.where(inside, u_newton, 0.5 * (lo + hi))
         u_next = tl.where(settled, u, u_next)

@@ -89,7 +89,7 @@ def _gsp_forward_kernel(
         if GAP:
             u = float("inf") + tl.zeros((), tl.float32)
         elif NEWTON:
-            u = _solve_newton(ell_all, all_ok, target, logit_mu, N * 1.0, tol, max_iter)
+            u = _solve_newton(ell_all, all_ok, target, log_target, logit_mu, N * 1.0, tol, max_iter)
         else:
             u = _solve_fixed_point(ell_all, all_ok, log_mu, log_target, max_iter)
         tl.store(u_ptr + sample, u)
@@ -215,7 +215,7 @@ def _gsp_backward_kernel(
         ell = running_max + tl.log(running_sum)
         abar = running_ga / running_sum  # ā_i = Σ_k A_ki ga_k
         grad_w = tl.load(grad_weights_ptr + sample * N + rows, mask=row_ok, other=0.0).to(tl.float32)
-        e = (x_gy + abar + grad_w) * inv_total
+        e = x_gy + abar + grad_w  # Nμ ∂L/∂σ_i: the 1/(Nμ) goes with σ into w (no overflow at tiny μ)
         sigma = _plan_sigma(u, ell, GAP)
         h = tl.where(row_ok, sigma * (1.0 - sigma), 0.0)
         tl.store(ell_row + rows, ell, mask=row_ok)
@@ -236,7 +236,19 @@ def _gsp_backward_kernel(
         for t in range(0, tiles_per_sample):
             h_sum += tl.load(tile_sums_sample + 2 * t, cache_modifier=".cg")
             he_sum += tl.load(tile_sums_sample + 2 * t + 1, cache_modifier=".cg")
-        e_bar = tl.where(h_sum > 0, he_sum / tl.maximum(h_sum, 1.1754943508222875e-38), 0.0)
+        h_sum_safe = tl.maximum(h_sum, 1.1754943508222875e-38)
+        e_bar = tl.where(h_sum > 0, he_sum / h_sum_safe, 0.0)
+        # The rounding of ē, removed by a second pass over the features (docs/math.md, Backward):
+        # e − ē then keeps its digits where the e_i share a large common part.
+        e_bar_rounding = tl.zeros((), tl.float32)
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < N
+            ell = tl.load(ell_row + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            e = tl.load(e_row + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            sigma = _plan_sigma(u, ell, GAP)
+            e_bar_rounding += tl.sum(tl.where(row_ok, sigma * (1.0 - sigma) * (e - e_bar), 0.0), 0)
+        e_bar_rounding = tl.where(h_sum > 0, e_bar_rounding / h_sum_safe, 0.0)
         for n0 in tl.range(0, N, BLOCK_N, num_stages=1):
             rows = n0 + tl.arange(0, BLOCK_N)
             row_ok = rows < N
@@ -246,7 +258,7 @@ def _gsp_backward_kernel(
             x_sq = tl.load(x_sq_row + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
             sigma = _plan_sigma(u, ell, GAP)
             w = tl.where(row_ok, sigma * inv_total, 0.0)
-            grad_ell = sigma * (1.0 - sigma) * (e - e_bar)
+            grad_ell = w * (1.0 - sigma) * ((e - e_bar) - e_bar_rounding)  # σ(1 − σ)(e − ē)/(Nμ)
             coef_sum = tl.zeros((BLOCK_N,), tl.float32)  # S_i = Σ_k W_ki
             coef_dot = tl.zeros((BLOCK_N,), tl.float32)  # Σ_k W_ki x̂_i·ẑ_k
             inv_dx = 1.0 / _row_divisor(x_sq, NORMALIZE)
