@@ -16,7 +16,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from gsp_kernels.backends import available_backends
 from gsp_kernels.nn import GSPNet, replace_global_pool
-from gsp_kernels.nn.backbones import PatchTokens, resolve_arch
+from gsp_kernels.nn.arch import resolve_arch
+from gsp_kernels.nn.backbones import PatchTokens, check_image_size
 from gsp_kernels.nn.pretrained import cached_weights_path, load_backbone_weights
 from gsp_kernels.testing import rel_err
 from gsp_kernels.training.models import build_model
@@ -94,6 +95,62 @@ MODELS = {
     "torchvision-efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(weights=None), 64, 64, (2, 2), _torchvision_nodes("features")),
     "torchvision-vit": (_torchvision_vit, 32, 32, (4, 4), _torchvision_nodes("encoder")),
 }
+
+
+def _timm_set_input_size_intermediates(model, images):
+    """timm's own resize of a fixed-size model (``set_input_size``: the position embedding
+    resampled once), then its own patch-token map at the images' size, through its ``fc_norm``
+    (an identity but for average-pooling models, EVA's)."""
+    model.set_input_size(img_size=tuple(images.shape[-2:]))
+    return model.fc_norm(_timm_intermediates(model, images).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _torchvision_own_head_per_local_feature(model, images):
+    """The unmodified torchvision model's own ``avgpool`` and classifier without its final Linear
+    on each 1x1 crop of its ``features`` map (flattened first unless the classifier has a Flatten,
+    as its forward does): ``[B, C', h, w]``."""
+    features = model.features(images)
+    layers = list(model.classifier)[:-1]
+    flattens = any(isinstance(layer, nn.Flatten) for layer in layers)
+
+    def head(crop):
+        pooled = model.avgpool(crop)
+        pooled = pooled if flattens else torch.flatten(pooled, 1)
+        for layer in layers:
+            pooled = layer(pooled)
+        return pooled
+
+    rows = [torch.stack([head(features[:, :, i : i + 1, j : j + 1]) for j in range(features.shape[3])], -1) for i in range(features.shape[2])]
+    return torch.stack(rows, -2)
+
+
+def _torchvision_vit_pre_logits(model, images):  # the encoder's patch tokens through heads' pre_logits + Tanh, per token
+    tokens = _torchvision_nodes("encoder")(model, images)  # [B, C, h, w]
+    return model.heads.act(model.heads.pre_logits(tokens.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+
+MODELS.update(
+    {
+        "timm-vit_fixed_size_other_size": (_timm("vit_tiny_patch16_224", img_size=32, depth=1), 48, 64, (3, 4), _timm_set_input_size_intermediates),
+        "timm-deit_distilled_fixed_other_size": (
+            _timm("deit_tiny_distilled_patch16_224", img_size=32, depth=1), 64, 48, (4, 3), _timm_set_input_size_intermediates
+        ),
+        "timm-eva_fixed_other_size": (
+            _timm("eva_giant_patch14_224", img_size=28, depth=1, embed_dim=64, num_heads=2), 42, 56, (3, 4), _timm_set_input_size_intermediates
+        ),
+        "torchvision-convnext_tiny": (lambda: torchvision.models.convnext_tiny(weights=None), 64, 64, (2, 2), _torchvision_own_head_per_local_feature),
+        "torchvision-mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(weights=None), 64, 64, (2, 2), _torchvision_own_head_per_local_feature),
+        "torchvision-vit_representation": (
+            lambda: torchvision.models.VisionTransformer(
+                image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=64, mlp_dim=128, representation_size=48
+            ),
+            32,
+            32,
+            (4, 4),
+            _torchvision_vit_pre_logits,
+        ),
+    }
+)
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))
@@ -463,3 +520,225 @@ def test_pretrained_torchvision_vit_partial_checkpoint_and_wrapped_gspnet(tmp_pa
         model = build_model("timm:vit_tiny_patch16_224", "gsp", 16, pretrained=gspnet_path, backbone_kwargs=TINY_VIT)
     assert model.pretrained_report.missing == []
     _assert_trunk_holds(model.trunk.model, net.trunk.model.state_dict())
+
+
+# Image sizes: a timm ViT built for one size takes any size its patch size divides; the rest say how.
+
+FIXED_SIZE_TIMM_VITS = {
+    "vit": (_timm("vit_tiny_patch16_224", img_size=32, depth=1), 16),
+    "deit_distilled": (_timm("deit_tiny_distilled_patch16_224", img_size=32, depth=1), 16),
+    "dinov2_reg4": (_timm("vit_small_patch14_reg4_dinov2", img_size=42, depth=1), 14),
+    "eva": (_timm("eva_giant_patch14_224", img_size=28, depth=1, embed_dim=64, num_heads=2), 14),
+}
+
+
+@pytest.mark.parametrize("model_id", list(FIXED_SIZE_TIMM_VITS))
+def test_a_fixed_size_timm_vit_takes_any_size_its_patch_size_divides(model_id):
+    """The swapped model equals timm's own ``dynamic_img_size=True`` model (same weights) at
+    other sizes; a size the patch size does not divide is a ValueError naming both."""
+    factory, patch = FIXED_SIZE_TIMM_VITS[model_id]
+    torch.manual_seed(5)
+    model = factory().eval()
+    dynamic = copy.deepcopy(model)
+    net = replace_global_pool(model, 8, num_prototypes=2, backend="reference").eval()
+    assert model.dynamic_img_size  # timm's own mode, set in place
+    for height, width in ((2 * patch, 2 * patch), (3 * patch, 5 * patch), (4 * patch, 2 * patch)):
+        images = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            features = net.features(images)
+            expected = _timm_set_input_size_intermediates(copy.deepcopy(dynamic), images)  # timm's own resize of the unmodified model
+            out = net(images, return_weights=True)
+        assert features.grid == (height // patch, width // patch) and out.weights.shape == (2, height // patch, width // patch)
+        torch.testing.assert_close(features.tokens.transpose(1, 2).reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
+        check_image_size(net, height) if height == width else None
+    bad = 2 * patch + 3
+    message = rf"image size {bad}x{bad} is not a multiple of {type(model).__name__}'s patch size {patch}x{patch}"
+    with pytest.raises(ValueError, match=message):
+        net(torch.randn(1, 3, bad, bad))
+    with pytest.raises(ValueError, match=message):
+        check_image_size(net, bad)
+    with pytest.raises(ValueError, match=rf"image size {2 * patch}x{bad} is not a multiple"):
+        net(torch.randn(1, 3, 2 * patch, bad))
+
+
+def test_the_docs_dinov2_example_runs_at_224():
+    """docs/layer.md's ``replace_global_pool(timm.create_model("vit_small_patch14_dinov2"), ...)``
+    (built for 518 px) on 224 px images: a 16x16 grid."""
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=1)
+    net = replace_global_pool(model, 32, num_prototypes=4)
+    check_image_size(net, 224)
+    out = net(torch.randn(1, 3, 224, 224), return_weights=True)
+    assert out.embedding.shape == (1, 32) and out.weights.shape == (1, 16, 16)
+    assert net(torch.randn(1, 3, 518, 518), return_weights=True).weights.shape == (1, 37, 37)
+
+
+@pytest.mark.parametrize(
+    "factory, built",
+    [
+        (_timm("beit_base_patch16_224", img_size=32, depth=1, embed_dim=64, num_heads=2), 32),  # relative position bias
+        (_timm("eva02_tiny_patch14_224", img_size=28, depth=1), 28),  # rotary embedding cached for its grid
+    ],
+    ids=["beit", "eva02_rope"],
+)
+def test_timm_transformers_that_cannot_switch_size_say_how(factory, built):
+    """Before timm's assertion: a ValueError naming the built size and what to call; doing what it
+    says (``set_input_size`` before the swap) works."""
+    model = factory()
+    net = replace_global_pool(model, 8, num_prototypes=2)
+    other = built + (16 if built % 16 == 0 else 14)
+    message = rf"takes {built}x{built} images only .* got {other}x{other}: .*img_size={other}.*set_input_size\(img_size=\({other}, {other}\)\)"
+    with pytest.raises(ValueError, match=message):
+        net(torch.randn(1, 3, other, other))
+    with pytest.raises(ValueError, match=message):
+        check_image_size(net, other)
+    check_image_size(net, built)
+    resized = factory()
+    resized.set_input_size(img_size=(other, other))
+    assert replace_global_pool(resized, 8, num_prototypes=2)(torch.randn(1, 3, other, other)).embedding.shape == (1, 8)
+
+
+def test_torchvision_vit_at_another_size_says_how_to_build_one():
+    """torchvision has no way to run a ViT at another size than its image_size: a ValueError at
+    the forward (before torchvision's assertion) and from check_image_size; its advice works."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    model = _torchvision_vit()
+    state = copy.deepcopy(model.state_dict())
+    net = replace_global_pool(model, 8, num_prototypes=2)
+    message = r"VisionTransformer takes 32x32 images only .* got 48x48: use 32 px images, .*patch size 8\).*image_size=SIZE.*interpolate_embeddings"
+    with pytest.raises(ValueError, match=message):
+        net(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match=message):
+        check_image_size(net, 48)
+    with pytest.raises(ValueError, match="got 32x40"):
+        net(torch.randn(1, 3, 32, 40))
+    check_image_size(net, 32)
+    bigger = torchvision.models.VisionTransformer(image_size=48, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128)
+    bigger.load_state_dict(interpolate_embeddings(48, 8, state))
+    bigger_net = replace_global_pool(bigger, 8, num_prototypes=2)
+    check_image_size(bigger_net, 48)
+    assert bigger_net(torch.randn(1, 3, 48, 48), return_weights=True).weights.shape == (1, 6, 6)
+
+
+def test_check_image_size_contract():
+    """Nothing for backbones that take any size (CNNs, dynamic ViTs); a ValueError for a size a
+    backbone refuses and for a size that is not a positive integer; GSPNet/EmbeddingModel (their
+    trunk), wrapped backbones and unwrapped models alike."""
+    from gsp_kernels.nn import check_image_size as exported
+    from gsp_kernels.nn.backbones import backbone_from_model
+
+    assert exported is check_image_size
+    for factory in (lambda: torchvision.models.resnet18(weights=None), _timm("resnet10t"), _timm("convnext_atto")):
+        net = replace_global_pool(factory(), 8, num_prototypes=2)
+        for size in (1, 17, 64, 1000):
+            assert check_image_size(net, size) is None and check_image_size(net.trunk, size) is None
+    gap = build_model("timm:vit_tiny_patch16_224", "gap", 8, backbone_kwargs=TINY_VIT)
+    check_image_size(gap, 48)
+    with pytest.raises(ValueError, match="not a multiple of VisionTransformer's patch size 16x16: use a multiple of it \\(e.g. 32x32 or 48x48\\)"):
+        check_image_size(gap, 40)
+    fixed = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT)  # unwrapped: as it is, strict
+    with pytest.raises(ValueError, match="takes 32x32 images only"):
+        check_image_size(fixed, 48)
+    check_image_size(backbone_from_model(fixed), 48)  # wrapped: switched to any size
+    with pytest.raises(ValueError, match="takes 32x32 images only"):
+        check_image_size(_torchvision_vit(), 48)
+    for bad in (0, -32, 2.5, True, "32", None):
+        with pytest.raises(ValueError, match="image_size must be a positive integer"):
+            check_image_size(gap, bad)
+    import numpy as np
+
+    check_image_size(gap, np.int64(48))
+
+
+# Head layers: applied at every position or named.
+
+
+def test_torchvision_convnext_and_mobilenet_heads_apply_at_every_position():
+    """ConvNeXt's LayerNorm2d (+ Flatten) and MobileNetV3's Linear + Hardswish (+ Dropout) run at
+    every position: the trunk's features are the model's own pre-logits of each 1x1 crop, their
+    parameters are the trunk's (under the model's names, so checkpoints load) and get gradients."""
+    for factory, channels, head_keys in (
+        (lambda: torchvision.models.convnext_tiny(weights=None), 768, ["classifier.0.bias", "classifier.0.weight"]),
+        (lambda: torchvision.models.mobilenet_v3_small(weights=None), 1024, ["classifier.0.bias", "classifier.0.weight"]),
+    ):
+        torch.manual_seed(6)
+        model = factory()
+        original = copy.deepcopy(model).eval()
+        net = replace_global_pool(model, 8, num_prototypes=2)
+        assert net.trunk.num_features == channels and net.gsp.projection.in_features == channels
+        assert sorted(key for key in net.trunk.state_dict() if key.startswith("classifier")) == head_keys
+        images = torch.randn(2, 3, 96, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(net.eval().features(images), _torchvision_own_head_per_local_feature(original, images), rtol=1e-5, atol=1e-5)
+        net.train()(images).embedding.square().sum().backward()
+        assert model.classifier[0].weight.grad is not None and model.classifier[0].weight.grad.abs().sum() > 0
+
+
+def test_a_head_layer_that_cannot_be_applied_is_named():
+    class Classifier(nn.Module):  # torchvision-style: features, avgpool, classifier (a Linear, then a Softmax)
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 10), nn.Softmax(dim=1))
+
+        def forward(self, images):
+            return self.classifier(torch.flatten(self.avgpool(self.features(images)), 1))
+
+    model = Classifier()
+    with pytest.warns(UserWarning, match=r"Classifier: GSP replaces the classifier classifier\.2; .* not applied: classifier\.3 \(Softmax\)"):
+        net = replace_global_pool(model, 4, num_prototypes=2)
+    assert net.trunk.num_features == 6 and net(torch.randn(2, 3, 16, 16)).embedding.shape == (2, 4)  # Linear + GELU applied
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 6)  # in place: the model's forward gives what its classifier read
+
+    siglip = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=32, depth=1, embed_dim=64, num_heads=2)
+    with pytest.warns(UserWarning, match=r"attention pooling attn_pool \(AttentionPoolLatent\) is removed"):
+        net = replace_global_pool(siglip, 4, num_prototypes=2)
+    assert net(torch.randn(1, 3, 48, 48), return_weights=True).weights.shape == (1, 3, 3)
+
+
+# timm and torchvision models alike: changed in place, their modules the GSPNet's.
+
+
+IN_PLACE_MODELS = {
+    "timm-vit": (_timm("vit_tiny_patch16_224", **TINY_VIT), 32),
+    "timm-convnext": (_timm("convnext_atto"), 64),
+    "torchvision-resnet18": (lambda: torchvision.models.resnet18(weights=None), 64),
+    "torchvision-convnext": (lambda: torchvision.models.convnext_tiny(weights=None), 64),
+    "torchvision-mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(weights=None), 64),
+    "torchvision-vit": (_torchvision_vit, 32),
+}
+
+
+@pytest.mark.parametrize("model_id", list(IN_PLACE_MODELS))
+def test_the_model_passed_in_is_changed_in_place_alike(model_id):
+    """After ``replace_global_pool(model)``: no classifier left in ``model``; its forward returns
+    the features its classifier read (the pooled local features; timm transformers: all tokens);
+    every parameter of the GSPNet's trunk is one of ``model``'s; wrapping it again works."""
+    factory, size = IN_PLACE_MODELS[model_id]
+    torch.manual_seed(7)
+    model = factory().eval()
+    logits_width = model(torch.randn(1, 3, size, size)).shape[-1]
+    net = replace_global_pool(model, 8, num_prototypes=2, transport_ratio=1.0).eval()
+    assert logits_width == 1000
+    assert not any(isinstance(module, nn.Linear) and module.out_features == 1000 for module in model.modules())
+    model_parameters = {id(parameter) for parameter in model.parameters()}
+    assert all(id(parameter) in model_parameters for parameter in net.trunk.parameters())
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        output = model(images)
+        features = net.features(images)
+    if isinstance(features, PatchTokens):
+        if model_id.startswith("timm"):  # every token: the prefix tokens, then the patch tokens GSP pools
+            assert output.shape == (2, model.num_prefix_tokens + features.tokens.shape[1], net.trunk.num_features)
+            torch.testing.assert_close(output[:, model.num_prefix_tokens :], features.tokens)
+        else:  # torchvision's ViT: its class token, as its heads read it
+            assert output.shape == (2, net.trunk.num_features)
+    elif model_id in ("torchvision-resnet18", "timm-convnext"):  # the pooled map (ConvNeXt: its head norm of it)
+        assert output.shape == (2, net.trunk.num_features)
+        if model_id == "torchvision-resnet18":
+            torch.testing.assert_close(output, features.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+    else:
+        assert output.shape == (2, net.trunk.num_features)
+    again = replace_global_pool(model, 8, num_prototypes=2)  # a second wrap of the same model
+    assert again.trunk.num_features == net.trunk.num_features

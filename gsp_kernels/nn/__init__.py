@@ -5,12 +5,14 @@
 - ``EmbeddingModel``, ``GSPNet``, ``GlobalAveragePoolHead``, ``replace_global_pool`` (``model``):
   a backbone trunk with a pooling head; the GAP baseline head; a timm or torchvision model with
   its global pooling replaced by GSP.
-- ``PatchTokens`` and the backbone wrappers (``backbones``), ``load_backbone_weights``
+- ``PatchTokens``, ``backbone_from_model``, ``check_image_size`` and the backbone wrappers
+  (``backbones``), ``load_backbone_weights``
   (``pretrained``: local timm/torchvision checkpoints, nothing downloads).
 - ``kcenter_indices`` (``prototypes``): the greedy k-center selection of prototype initializations.
+- ``arch``: classification models by ``--arch`` name (``resolve_arch``, ``create_classifier``).
 """
 
-from .backbones import PatchTokens
+from .backbones import PatchTokens, backbone_from_model, check_image_size
 from .layer import (
     DEFAULT_NUM_PROTOTYPES,
     GEM_CLAMP,
@@ -25,7 +27,7 @@ from .pretrained import LoadReport, load_backbone_weights
 from .prototypes import kcenter_indices
 
 __all__ = [
-    "DEFAULT_NUM_PROTOTYPES", "GEM_CLAMP", "GSP", "GSPNet", "GSPOutput", "EmbeddingModel", "GlobalAveragePoolHead",
-    "LoadReport", "PatchTokens", "POOLING_METHODS", "kcenter_indices", "load_backbone_weights", "local_features",
-    "replace_global_pool", "uniform_weights",
+    "DEFAULT_NUM_PROTOTYPES", "GEM_CLAMP", "GSP", "POOLING_METHODS", "EmbeddingModel", "GSPNet", "GSPOutput",
+    "GlobalAveragePoolHead", "LoadReport", "PatchTokens", "backbone_from_model", "check_image_size", "kcenter_indices",
+    "load_backbone_weights", "local_features", "replace_global_pool", "uniform_weights",
 ]

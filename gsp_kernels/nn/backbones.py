@@ -10,21 +10,23 @@ A backbone here is an ``nn.Module`` from images to local features:
   patch grid ``(h, w)`` read from the patch embedding for the images' size.
 
 Layers a model runs after its global pooling, other than the classifier (a ViT's ``fc_norm``,
-ConvNeXt's head norm), are applied to every local feature (see ``TimmBackbone``).
-``backbone_from_model`` wraps a classification model (removing its classifier);
-``create_backbone`` builds one from an ``--arch`` name (``resolve_arch``).
+ConvNeXt's head norm, MobileNetV3's Linear + Hardswish), are applied to every local feature (see
+``TimmBackbone``, ``SequentialBackbone``); a layer that cannot be is named in a warning.
+``backbone_from_model`` wraps a classification model, changing it in place (its classifier
+removed, timm ViTs switched to any image size); ``check_image_size`` says whether a backbone takes
+an image size (``arch`` builds a classification model from an ``--arch`` name).
 """
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-
-TORCHVISION_PREFIXES = ("resnet", "resnext", "wide_resnet", "regnet_", "googlenet", "vit_")
 
 
 class PatchTokens(NamedTuple):
@@ -46,16 +48,117 @@ def _checked_tokens(tokens: Tensor, grid: tuple[int, int], source: str) -> Patch
     return PatchTokens(tokens, (height, width))
 
 
+class RemovedClassifier(nn.Identity):
+    """What a torchvision model's classifier Linear becomes once ``backbone_from_model`` has
+    taken the model: an ``nn.Identity`` that remembers the ``in_features`` it read (so the model,
+    its forward now returning those features, can be wrapped again)."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.in_features = int(in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}"
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[-1])
+    return int(value), int(value)
+
+
+def _size_text(height: int, width: int) -> str:
+    return f"{height}x{width}"
+
+
+def _timm_patch_embed(model: nn.Module) -> nn.Module | None:
+    for name in ("patch_embed", "stem"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def _timm_size_error(model: nn.Module, height: int, width: int) -> str | None:
+    """Why the timm model ``model``, as it is, refuses ``height x width`` images (what to change),
+    or None when it takes them: a patch embedding with ``strict_img_size`` takes its ``img_size``
+    only; one without (``dynamic_img_size`` models) sizes its patch size divides, unless it pads
+    (``dynamic_img_pad``). Models without such a patch embedding (CNNs) take any size."""
+    patch_embed = _timm_patch_embed(model)
+    img_size = getattr(patch_embed, "img_size", None)
+    if patch_embed is None or img_size is None:
+        return None
+    name = type(model).__name__
+    if getattr(patch_embed, "strict_img_size", False):
+        built = _pair(img_size)
+        if (height, width) == built:
+            return None
+        wanted = height if height == width else (height, width)
+        return (
+            f"{name} takes {_size_text(*built)} images only (the img_size it was built with), got {_size_text(height, width)}: "
+            f"build it for that size (timm.create_model(NAME, img_size={wanted!r}), or dynamic_img_size=True for any size where "
+            f"the model takes it) or call its set_input_size(img_size={(height, width)!r}) (timm resamples the position "
+            "embedding) before replace_global_pool / backbone_from_model"
+        )
+    if not hasattr(patch_embed, "strict_img_size") or getattr(patch_embed, "dynamic_img_pad", False):
+        return None  # not timm's PatchEmbed/HybridEmbed (whose forward checks sizes), or padding to whole patches
+    ratio = patch_embed.feat_ratio(as_scalar=False) if hasattr(patch_embed, "feat_ratio") else getattr(patch_embed, "patch_size", 1)
+    patch_h, patch_w = _pair(ratio)
+    if height % patch_h or width % patch_w:
+        up = (-(-height // patch_h) * patch_h, -(-width // patch_w) * patch_w)
+        down = (max(patch_h, height // patch_h * patch_h), max(patch_w, width // patch_w * patch_w))
+        return (
+            f"image size {_size_text(height, width)} is not a multiple of {name}'s patch size {_size_text(patch_h, patch_w)}: "
+            f"use a multiple of it (e.g. {_size_text(*down)} or {_size_text(*up)})"
+        )
+    return None
+
+
+def _enable_dynamic_img_size(model: nn.Module) -> None:
+    """Switch a timm ViT (``VisionTransformer``: ViT, DeiT, DINO/DINOv2, register tokens) or EVA
+    without rotary embeddings, built for one image size, to timm's ``dynamic_img_size`` mode, set
+    as timm's constructor sets it for ``dynamic_img_size=True`` (the patch embedding unflattened,
+    NHWC, not strict; the model resamples its position embedding to each batch's grid, an
+    identity at the built size). Other models are left as they are (their size checked by
+    ``_timm_size_error``)."""
+    if getattr(model, "dynamic_img_size", True):
+        return
+    try:
+        from timm.layers import Format
+        from timm.models.eva import Eva
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm too old to have these
+        return
+    if not isinstance(model, (VisionTransformer, Eva)):
+        return
+    if isinstance(model, Eva) and getattr(model, "rope", None) is not None:
+        return  # its rotary embedding is cached for the built grid: only the constructor sets it up for any size
+    patch_embed = getattr(model, "patch_embed", None)
+    if not all(hasattr(patch_embed, name) for name in ("strict_img_size", "flatten", "output_fmt", "dynamic_feat_size")):
+        return
+    patch_embed.strict_img_size = False
+    patch_embed.flatten = False
+    patch_embed.output_fmt = Format.NHWC
+    model.dynamic_img_size = True
+
+
 class TimmBackbone(nn.Module):
     """A timm model without its classifier: ``forward_features``, then, for transformers, the
     patch tokens after the ``num_prefix_tokens`` prefix tokens, on the grid of ``patch_embed``
     (or ``stem``; ``dynamic_feat_size`` of the images' size when the model has
     ``dynamic_img_size``).
 
+    The model is changed in place: ``reset_classifier(0)`` (transformers: ``reset_classifier(0,
+    '')``, their pooling removed too, a ``map`` ViT's attention pool included, which is named in a
+    warning); timm ViTs and EVA (without rotary embeddings) built for one image size are switched
+    to timm's ``dynamic_img_size`` mode, so they take any size their patch size divides; other
+    sizes, and any size but its own for a model that cannot be switched, are a ``ValueError``
+    at the forward saying what to change (``check_image_size`` tells before).
+
     What the model does after its global pooling, other than the classifier, is applied to every
     local feature instead of to the pooled one, so that every parameter is used (as
     DistributedDataParallel requires) and pretrained features keep the scale the model's head was
-    trained on: a transformer's ``fc_norm`` (``global_pool='avg'`` ViTs, BEiT, EVA: GSP pools
+    trained on: a transformer's ``fc_norm`` and ``head_drop`` (``global_pool='avg'`` ViTs, BEiT, EVA: GSP pools
     ``fc_norm(x_i)`` where the model outputs ``fc_norm(mean_i x_i)``); a CNN head's layers between
     pooling and classifier (ConvNeXt's ``head.norm``, MobileNetV3's ``conv_head``), found by running
     ``forward_head`` once on a 1x1 map, are applied at every position through ``forward_head``.
@@ -66,7 +169,15 @@ class TimmBackbone(nn.Module):
         super().__init__()
         transformer = hasattr(model, "num_prefix_tokens")
         if transformer:
+            attn_pool = getattr(model, "attn_pool", None)
+            if isinstance(attn_pool, nn.Module):
+                warnings.warn(
+                    f"{type(model).__name__}'s attention pooling attn_pool ({type(attn_pool).__name__}) is removed: "
+                    "GSP pools the patch tokens in its place",
+                    stacklevel=4,
+                )
             model.reset_classifier(0, "")  # no classifier, no pooling (a ViT's attention pool goes too)
+            _enable_dynamic_img_size(model)
         else:
             model.reset_classifier(0)  # no classifier; the pooling stays, run on 1x1 maps only
         self.model = model
@@ -75,9 +186,13 @@ class TimmBackbone(nn.Module):
         self.head_per_position = head_channels is not None
         self.num_features = int(model.num_features) if head_channels is None else head_channels
 
+    def image_size_error(self, height: int, width: int) -> str | None:
+        """Why ``height x width`` images are refused (what to change), or None when they are taken."""
+        return _timm_size_error(self.model, height, width)
+
     def grid(self, images: Tensor) -> tuple[int, int]:
         """The patch grid ``(h, w)`` of ``images`` ``[B, 3, H, W]``."""
-        patch_embed = getattr(self.model, "patch_embed", None) or getattr(self.model, "stem", None)
+        patch_embed = _timm_patch_embed(self.model)
         if patch_embed is None or not hasattr(patch_embed, "grid_size"):
             raise ValueError(
                 f"{type(self.model).__name__} returns tokens but has no patch_embed.grid_size (nor stem.grid_size) to give their grid"
@@ -88,6 +203,10 @@ class TimmBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor | PatchTokens:
         """Images ``[B, 3, H, W]`` -> map ``[B, C, h, w]`` or ``PatchTokens``."""
+        if images.dim() == 4:
+            problem = self.image_size_error(int(images.shape[-2]), int(images.shape[-1]))
+            if problem is not None:
+                raise ValueError(problem)
         features = self.model.forward_features(images)
         if features.dim() == 4:
             channels_last = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
@@ -96,9 +215,10 @@ class TimmBackbone(nn.Module):
             return features.permute(0, 3, 1, 2) if channels_last else features  # [B, C, h, w]
         if features.dim() == 3:
             tokens = features[:, self.num_prefix_tokens :]  # [B, h*w, C]
-            fc_norm = getattr(self.model, "fc_norm", None)
-            if fc_norm is not None and not isinstance(fc_norm, nn.Identity):
-                tokens = fc_norm(tokens)
+            for name in ("fc_norm", "head_drop"):
+                layer = getattr(self.model, name, None)
+                if isinstance(layer, nn.Module) and not isinstance(layer, nn.Identity):
+                    tokens = layer(tokens)
             return _checked_tokens(tokens, self.grid(images), type(self.model).__name__)
         raise ValueError(f"{type(self.model).__name__}.forward_features gave shape {tuple(features.shape)}, not a map or tokens")
 
@@ -147,33 +267,104 @@ def _parametric_head_channels(model: nn.Module) -> int | None:
     return pooled.reshape(shape[0], -1).shape[1] if used else None
 
 
+def _torchvision_vit_size_error(model: nn.Module, height: int, width: int) -> str | None:
+    built, patch = int(model.image_size), int(model.patch_size)
+    if (height, width) == (built, built):
+        return None
+    return (
+        f"torchvision's VisionTransformer takes {built}x{built} images only (the image_size it was built with: its "
+        f"position embedding is fixed), got {_size_text(height, width)}: use {built} px images, or build the model for "
+        "the size you want (square, a multiple of the patch size "
+        f"{patch}): torchvision.models.get_model(NAME, image_size=SIZE) or VisionTransformer(image_size=SIZE, ...), "
+        "pretrained weights loaded into it through torchvision.models.vision_transformer.interpolate_embeddings"
+    )
+
+
 class TorchvisionViTBackbone(nn.Module):
-    """torchvision's ``VisionTransformer`` without its heads: the encoder's output tokens
-    after the class token, on the ``image_size // patch_size`` grid."""
+    """torchvision's ``VisionTransformer`` without its classifier: the encoder's output tokens
+    after the class token, on the ``image_size // patch_size`` grid, through the layers of
+    ``heads`` before its final Linear (a ``representation_size`` model's ``pre_logits`` Linear
+    and Tanh) at every token.
+
+    The model is changed in place: ``heads``' final Linear becomes a ``RemovedClassifier``
+    (identity), so the model's forward returns what that Linear read. torchvision has no way to
+    run one model at another size than its ``image_size`` (its position embedding is a fixed
+    parameter): any other size is a ``ValueError`` at the forward, before torchvision's assertion,
+    saying how to build one for that size."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        model.heads = nn.Identity()  # the classifier, unused
+        heads = getattr(model, "heads", None)
+        if isinstance(heads, nn.Linear):
+            model.heads = RemovedClassifier(heads.in_features)
+            channels = heads.in_features
+        elif isinstance(heads, nn.Sequential):
+            channels = _remove_classifier(model, [("heads", heads)], type(model).__name__)[1]
+        else:
+            channels = None
         self.model = model
-        self.num_features = int(model.hidden_dim)
+        self.num_features = int(model.hidden_dim) if channels is None else int(channels)
+
+    def image_size_error(self, height: int, width: int) -> str | None:
+        """Why ``height x width`` images are refused (what to change), or None when they are taken."""
+        return _torchvision_vit_size_error(self.model, height, width)
 
     def forward(self, images: Tensor) -> PatchTokens:
         """Images ``[B, 3, S, S]`` (S = the model's image_size) -> ``PatchTokens``."""
+        if images.dim() == 4:
+            problem = self.image_size_error(int(images.shape[-2]), int(images.shape[-1]))
+            if problem is not None:
+                raise ValueError(problem)
         tokens = self.model._process_input(images)  # [B, h*w, C]; checks the image size
         class_token = self.model.class_token.expand(tokens.shape[0], -1, -1)  # [B, 1, C]
         encoded = self.model.encoder(torch.cat([class_token, tokens], dim=1))  # [B, 1 + h*w, C]
         patch = self.model.patch_size
         grid = (images.shape[-2] // patch, images.shape[-1] // patch)
-        return _checked_tokens(encoded[:, 1:], grid, "VisionTransformer")
+        patch_tokens = encoded[:, 1:]
+        heads = getattr(self.model, "heads", None)
+        if isinstance(heads, nn.Module) and not isinstance(heads, nn.Identity):
+            patch_tokens = heads(patch_tokens)  # the layers before the removed classifier, per token
+        return _checked_tokens(patch_tokens, grid, "VisionTransformer")
 
 
 class SequentialBackbone(nn.Sequential):
     """The children of a torchvision-style CNN before its ``avgpool``, under their own names (so
-    the model's checkpoints load into it): images -> ``[B, C, H, W]``."""
+    the model's checkpoints load into it): images -> ``[B, C, H, W]``.
 
-    def __init__(self, children: list[tuple[str, nn.Module]], num_features: int):
-        super().__init__(OrderedDict(children))
+    ``head``: the layers the model runs between its global pooling and its classifier's final
+    Linear (torchvision ConvNeXt's ``classifier.0`` LayerNorm2d and Flatten, MobileNetV3's
+    ``classifier.0-2`` Linear, Hardswish and Dropout, EfficientNet's Dropout), as ``(name,
+    module)`` under their names in the model (nested in ``nn.Sequential`` containers: ``classifier``
+    holding ``0``, ``1``, ...); they run at every position of the map as on the model's pooled
+    ``[B, C, 1, 1]`` map (flattened to ``[B, C]`` first, as torchvision's forwards do, unless the
+    head has its own ``Flatten``), giving ``[B, C', H, W]``. ``num_features`` is ``C'``."""
+
+    def __init__(self, children: list[tuple[str, nn.Module]], num_features: int, head: list[tuple[str, nn.Module]] | None = None):
+        head = list(head or [])
+        super().__init__(OrderedDict(children + head))
         self.num_features = num_features
+        self.head_names = tuple(name for name, _ in head)
+        self.head_flattens = any(isinstance(module, nn.Flatten) for _, module in _units(head))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` -> ``[B, C, h, w]``."""
+        features = images
+        head = []
+        for name, module in self._modules.items():
+            if name in self.head_names:
+                head.append(module)
+            else:
+                features = module(features)
+        if not head:
+            return features
+        batch, channels, height, width = features.shape
+        # [B*h*w, C, 1, 1]: each position as a pooled map, in a tensor of its own (heads may work in place)
+        pixels = torch.clone(features.permute(0, 2, 3, 1), memory_format=torch.contiguous_format).reshape(-1, channels, 1, 1)
+        if not self.head_flattens:
+            pixels = pixels.flatten(1)  # [B*h*w, C], as the model's forward flattens its pooled map
+        for module in head:
+            pixels = module(pixels)
+        return pixels.reshape(batch, height, width, -1).permute(0, 3, 1, 2)  # [B, C', h, w]
 
 
 def _is_torchvision_vit(model: nn.Module) -> bool:
@@ -184,24 +375,112 @@ def _is_torchvision_vit(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-def _first_linear_in_features(modules: list[nn.Module]) -> int | None:
-    for head in modules:
-        for module in head.modules():
-            if isinstance(module, nn.Linear):
-                return module.in_features
-    return None
+def _units(modules: list[tuple[str, nn.Module]], prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of ``modules`` in the order they run, ``nn.Sequential``
+    containers opened (recursively), any other module whole."""
+    for name, module in modules:
+        if isinstance(module, nn.Sequential) and len(module) > 0:
+            yield from _units(list(module.named_children()), f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", module
+
+
+def _has_linear(module: nn.Module) -> bool:
+    return any(isinstance(inner, (nn.Linear, RemovedClassifier)) for inner in module.modules())
+
+
+def _first_in_features(module: nn.Module) -> int:
+    for inner in module.modules():
+        if isinstance(inner, (nn.Linear, RemovedClassifier)):
+            return int(inner.in_features)
+    raise AssertionError("no Linear")  # pragma: no cover - callers check _has_linear
+
+
+def _set_qualified(root: nn.Module, qualified: str, module: nn.Module) -> None:
+    parent_name, _, child = qualified.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _nest(units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``(top-level name, module)`` holding ``units`` (qualified names) under their own names:
+    dotted names nested in ``nn.Sequential`` containers, in order."""
+    top: OrderedDict[str, nn.Module] = OrderedDict()
+    for qualified, module in units:
+        *path, leaf = qualified.split(".")
+        if not path:
+            top[leaf] = module
+            continue
+        container = top.setdefault(path[0], nn.Sequential())
+        for part in path[1:]:
+            if part not in container._modules:
+                container.add_module(part, nn.Sequential())
+            container = container._modules[part]
+        container.add_module(leaf, module)
+    return list(top.items())
+
+
+def _remove_classifier(model: nn.Module, after_pool: list[tuple[str, nn.Module]], name: str) -> tuple[list[tuple[str, nn.Module]], int | None]:
+    """Find the classifier among ``after_pool`` (what the model runs after its global pooling):
+    its last Linear. Returns the layers before it (to apply at every position, as ``(qualified
+    name, module)``) and its ``in_features``, or ``([], None)`` without a Linear. Changes ``model``
+    in place: the Linear becomes a ``RemovedClassifier``; layers after it (if any) become
+    ``nn.Identity`` and are named in a warning, as is a classifier found inside a module other
+    than a Linear (removed whole)."""
+    units = list(_units(after_pool))
+    positions = [index for index, (_, module) in enumerate(units) if _has_linear(module)]
+    if not positions:
+        return [], None
+    index = positions[-1]
+    qualified, classifier = units[index]
+    channels = _first_in_features(classifier)
+    dropped = [
+        f"{unit_name} ({type(module).__name__})"
+        for unit_name, module in units[index + 1 :]
+        if not isinstance(module, (nn.Identity, nn.Flatten))
+    ]
+    if not isinstance(classifier, (nn.Linear, RemovedClassifier)):
+        dropped.insert(0, f"{qualified} ({type(classifier).__name__}, the classifier, whole)")
+    if dropped:
+        warnings.warn(
+            f"{name}: GSP replaces the classifier {qualified}; these layers of the model's head are not applied: {', '.join(dropped)}",
+            stacklevel=4,
+        )
+    if not isinstance(classifier, RemovedClassifier):
+        _set_qualified(model, qualified, RemovedClassifier(channels))
+    for unit_name, module in units[index + 1 :]:
+        if not isinstance(module, nn.Identity):
+            _set_qualified(model, unit_name, nn.Identity())
+    return units[:index], channels
+
+
+def _applied_head(units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``units`` nested under their names, or nothing when they compute nothing per position
+    (only ``Flatten``/``Identity``)."""
+    if all(isinstance(module, (nn.Flatten, nn.Identity)) for _, module in units):
+        return []
+    return _nest(units)
 
 
 def backbone_from_model(model: nn.Module) -> nn.Module:
-    """The backbone of a classification model (sharing its parameters), its classifier removed.
+    """The backbone of a classification model (sharing its modules), its classifier removed.
 
     Recognized: a timm model (``forward_features``, ``reset_classifier``, ``num_features``),
     torchvision's ``VisionTransformer``, and torchvision-style CNNs whose children run in order
     up to a global ``avgpool`` child (``AdaptiveAvgPool2d(1)``) followed by the classifier
-    (ResNet, ResNeXt, Wide-ResNet, RegNet, EfficientNet, GoogLeNet/Inception without
-    ``transform_input``; auxiliary classifiers, children named ``aux*``, are left out; layers of
-    the classifier before its first Linear, e.g. torchvision ConvNeXt's LayerNorm2d, are dropped).
-    The result has ``num_features`` (C, the channels of its features).
+    (ResNet, ResNeXt, Wide-ResNet, RegNet, ConvNeXt, EfficientNet, MobileNetV2/V3, Swin,
+    GoogLeNet/Inception without ``transform_input``; auxiliary classifiers, children named
+    ``aux*``, are left out). The layers between the global pooling and the classifier's final
+    Linear run at every local feature (timm: ``TimmBackbone``; torchvision ConvNeXt's LayerNorm2d,
+    MobileNetV3's Linear + Hardswish + Dropout, a ViT's ``pre_logits``: ``SequentialBackbone``,
+    ``TorchvisionViTBackbone``); any the backbone cannot apply is named in a warning.
+
+    ``model`` is changed in place, timm's and torchvision's alike, and its modules are the
+    backbone's: its classifier is removed (timm: ``reset_classifier(0)``, transformers'
+    pooling too; torchvision: the final Linear becomes a ``RemovedClassifier``, an identity), so
+    its forward returns the features its classifier read (timm transformers: all tokens); timm
+    ViTs built for one image size take any size their patch size divides from then on
+    (``dynamic_img_size``). The result has ``num_features`` (C, the channels of its features).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -219,11 +498,12 @@ def backbone_from_model(model: nn.Module) -> nn.Module:
             raise ValueError(f"{name}'s 'avgpool' is {pool}, not a global pooling AdaptiveAvgPool2d(1): the classifier reads a map")
         if getattr(model, "transform_input", False):
             raise ValueError(f"{name} transforms its input in forward (transform_input=True), which a backbone of its children would skip")
-        channels = _first_linear_in_features([module for _, module in children[position + 1 :]])
+        after_pool = [(child, module) for child, module in children[position + 1 :] if not child.lower().startswith("aux")]
+        head, channels = _remove_classifier(model, after_pool, name)
         if channels is None:
             raise ValueError(f"{name} has an 'avgpool' child but no Linear classifier after it to give the channels")
         features = [(child, module) for child, module in children[:position] if not child.lower().startswith("aux")]
-        return SequentialBackbone(features, channels)
+        return SequentialBackbone(features, channels, _applied_head(head))
     raise ValueError(
         f"cannot find the global pooling of {type(model).__name__}: looked for a timm model "
         "(forward_features, reset_classifier, num_features), torchvision's VisionTransformer, "
@@ -231,64 +511,32 @@ def backbone_from_model(model: nn.Module) -> nn.Module:
     )
 
 
-def resolve_arch(arch: str) -> tuple[str, str]:
-    """``(library, model name)`` of an ``--arch`` value: ``("smallcnn", "smallcnn")``,
-    ``("torchvision", name)`` for torchvision ResNet/ResNeXt/Wide-ResNet/RegNet/GoogLeNet/ViT
-    names (resnet18, resnet50, regnet_y_400mf, googlenet, vit_b_16, ...), ``("timm", name)``
-    for ``timm:NAME``, ``timm/NAME`` and ``hf-hub:timm/NAME`` (the Hugging Face spellings, read
-    as the local timm name; nothing is fetched) or any other name timm knows (a pretrained tag
-    ``NAME.TAG`` included).
-    torchvision wins for names both libraries have (use ``timm:resnet50`` for timm's)."""
-    if not isinstance(arch, str) or not arch:
-        raise ValueError(f"arch must be a non-empty string, got {arch!r}")
-    if arch == "smallcnn":
-        return "smallcnn", arch
-    for prefix in ("timm:", "timm/", "hf-hub:timm/", "hf_hub:timm/"):
-        if arch.startswith(prefix):
-            return "timm", _known_timm_name(arch[len(prefix) :], arch)
-    import torchvision
+def check_image_size(backbone: nn.Module, image_size: int) -> None:
+    """Raise ``ValueError`` saying what to change when ``backbone`` refuses ``image_size`` x
+    ``image_size`` images; return None when it takes them.
 
-    if arch in torchvision.models.list_models(module=torchvision.models) and arch.startswith(TORCHVISION_PREFIXES):
-        return "torchvision", arch
-    import timm
-
-    if timm.is_model(arch):
-        return "timm", arch
-    raise ValueError(
-        f"unknown arch {arch!r}: expected 'smallcnn', a torchvision ResNet/ViT name (resnet18, resnet50, vit_b_16, ...), "
-        "or a timm model name (timm:NAME, e.g. timm:vit_small_patch16_224)"
-    )
-
-
-def _known_timm_name(name: str, arch: str) -> str:
-    import timm
-
-    if not timm.is_model(name):
-        raise ValueError(f"timm has no model {name!r} (from arch {arch!r}); timm.list_models('PATTERN*') lists its names")
-    return name
-
-
-def create_timm_model(name: str, **kwargs) -> nn.Module:
-    """A randomly initialized timm model; transformers get ``dynamic_img_size=True`` (any image
-    size, position embeddings resampled) when their class takes it."""
-    import timm
-
-    try:
-        return timm.create_model(name, pretrained=False, dynamic_img_size=True, **kwargs)
-    except TypeError as exc:  # CNN classes do not take the argument
-        if "dynamic_img_size" not in str(exc):
-            raise
-    return timm.create_model(name, pretrained=False, **kwargs)
-
-
-def create_classifier(arch: str, **kwargs) -> nn.Module:
-    """The randomly initialized classification model (timm or torchvision) an ``--arch`` names;
-    ``kwargs`` go to ``timm.create_model`` or ``torchvision.models.get_model``."""
-    library, name = resolve_arch(arch)
-    if library == "smallcnn":
-        raise ValueError("smallcnn is not a classification model of timm or torchvision")
-    if library == "timm":
-        return create_timm_model(name, **kwargs)
-    import torchvision
-
-    return torchvision.models.get_model(name, weights=None, **kwargs)
+    ``backbone``: what ``backbone_from_model`` returns (or an ``EmbeddingModel``/``GSPNet``, whose
+    ``trunk`` is checked), or a timm model or torchvision ``VisionTransformer`` as it is. Refused:
+    a timm transformer's size its patch size does not divide (timm ViTs wrapped by
+    ``backbone_from_model`` take any other size), any size but its own for a timm model whose patch
+    embedding is strict (one that could not be switched to ``dynamic_img_size``, e.g. BEiT, Swin)
+    and for torchvision's ``VisionTransformer`` (its ``image_size``). CNNs and anything else take
+    any size: nothing is raised. A non-positive or non-integer ``image_size`` is a ``ValueError``
+    too. The backbones' forwards raise the same message for a batch of a refused size.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer (pixels), got {image_size!r}")
+    size = int(image_size)
+    trunk = getattr(backbone, "trunk", None)
+    module = trunk if isinstance(trunk, nn.Module) else backbone
+    size_error = getattr(module, "image_size_error", None)
+    if callable(size_error):
+        problem = size_error(size, size)
+    elif _is_torchvision_vit(module):
+        problem = _torchvision_vit_size_error(module, size, size)
+    elif all(hasattr(module, name) for name in ("forward_features", "reset_classifier", "num_features")):
+        problem = _timm_size_error(module, size, size)
+    else:
+        problem = None
+    if problem is not None:
+        raise ValueError(problem)

@@ -84,9 +84,21 @@ def replace_global_pool(model: nn.Module, embedding_dim: int, *, in_channels: in
     Supported (``backbones.backbone_from_model``): timm models, CNNs (ResNet, ConvNeXt,
     EfficientNet, ...) and vision transformers (ViT, DeiT, DINO/DINOv2, register tokens: the
     prefix tokens are not pooled, the grid comes from the patch embedding at the images' size),
-    torchvision's ``VisionTransformer``, and torchvision CNNs with an ``avgpool`` child (ResNet).
-    The returned ``GSPNet`` shares the backbone's parameters with ``model``; ``in_channels``
-    defaults to the backbone's ``num_features``; ``gsp_kwargs`` go to ``GSP``.
+    torchvision's ``VisionTransformer``, and torchvision CNNs with an ``avgpool`` child (ResNet,
+    ConvNeXt, EfficientNet, MobileNetV3, ...). The layers the model runs between its pooling and
+    its classifier's final Linear (a ViT's ``fc_norm``, ConvNeXt's head norm, MobileNetV3's
+    Linear + Hardswish) are applied at every local feature; any that cannot be is named in a
+    warning.
+
+    ``model`` is changed in place, timm's and torchvision's alike, and the returned ``GSPNet``'s
+    trunk holds its modules (training one trains the other): its classifier is removed (timm:
+    ``reset_classifier(0)``, for transformers with their pooling; torchvision: the classifier's
+    final Linear becomes an identity, ``backbones.RemovedClassifier``), so its own forward
+    returns the features the classifier read; timm ViTs built for one image size take any size
+    their patch size divides (timm's ``dynamic_img_size``). A size a backbone cannot take
+    (torchvision's ``VisionTransformer`` takes its ``image_size`` only) is a ``ValueError`` at the
+    forward saying what to change; ``backbones.check_image_size`` tells before.
+    ``in_channels`` defaults to the backbone's ``num_features``; ``gsp_kwargs`` go to ``GSP``.
     """
     backbone = backbone_from_model(model)
     gsp = GSP(backbone.num_features if in_channels is None else in_channels, embedding_dim, **gsp_kwargs)

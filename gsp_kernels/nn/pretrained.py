@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .backbones import TimmBackbone, TorchvisionViTBackbone, resolve_arch
+from .arch import resolve_arch
+from .backbones import TimmBackbone, TorchvisionViTBackbone
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the names timm's hub loader tries
 _SHOWN_KEYS = 8
@@ -65,6 +68,33 @@ def _numpy_array_globals() -> list:
     return [numpy.ndarray, numpy.dtype, core.multiarray._reconstruct, *(type(numpy.dtype(code)) for code in "?bBhHiIlLqQefdgFDG")]
 
 
+def load_failure_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused or failed to read a file, in one line: the
+    global a pickle would call (nothing of it runs), or the error of a file in another format
+    or damaged."""
+    text = str(exc)
+    if "weights_only=True blocked loading" in text and isinstance(exc.__cause__, BaseException):
+        return load_failure_reason(exc.__cause__)  # timm's rewording of torch's error: read torch's
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(exc, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+        code = next((line for line in lines if "GLOBAL" in line), None)
+        if code is not None:
+            code = re.split(r" was not an allowed global| Please use", code.split("WeightsUnpickler error:", 1)[-1].strip())[0]
+            return (f"unpickling it would call code ({code.rstrip('.')}), and files are loaded with torch.load(weights_only=True), "
+                    "which runs none: only tensors and plain values")
+        marked = next((index for index, line in enumerate(lines) if "WeightsUnpickler error:" in line), None)
+        detail = lines[marked].split("WeightsUnpickler error:", 1)[1].strip() if marked is not None else ""
+        if not detail and marked is not None and marked + 1 < len(lines):
+            detail = lines[marked + 1]
+        return f"another format, or a damaged file (not a pickle torch.save wrote: {detail or 'unreadable'})"
+    if "Unsupported globals:" in text:
+        detail = text.split("Unsupported globals:", 1)[1].split(". ", 1)[0].strip()
+        return (f"unpickling it would call code (unsupported globals: {detail}), and files are loaded with "
+                "torch.load(weights_only=True), which runs none: only tensors and plain values")
+    first = lines[0] if lines else ""
+    return f"another format, or a damaged file ({type(exc).__name__}{f': {first}' if first else ''})"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file (``.safetensors``, or a ``torch.save`` file loaded with
     ``weights_only=True``), unwrapped and cleaned by ``timm.models.load_state_dict``; of a
@@ -78,7 +108,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals(_numpy_array_globals()):  # a train checkpoint's RNG states
             state = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read {str(path)!r} as a state dict (.pth/.pt/.bin saved by torch.save, or .safetensors): {exc}") from exc
+        raise ValueError(f"cannot read {str(path)!r} as a state dict (.pth/.pt/.bin saved by torch.save, or .safetensors): "
+                         f"{load_failure_reason(exc)}") from exc
     if isinstance(state.get(_TRAIN_CHECKPOINT_KEY), dict):  # a gsp-kernels train checkpoint
         state = state[_TRAIN_CHECKPOINT_KEY]
     tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
