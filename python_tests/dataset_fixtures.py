@@ -14,6 +14,8 @@ in the archive's format, and returns the folder to pass as ``--data-root``:
 - ``write_inshop(root)``: ``root/Eval/list_eval_partition.txt`` (or at ``root`` with
   ``eval_folder=False``) and ``root/img/<GENDER>/<category>/id_<8 digits>/<n>_<view>.jpg``.
 - ``write_imagefolder(root)``: ``root/<class>/<n>.png``.
+- ``edit_line(path, number, text)``: one line of an annotation file changed, to damage it;
+  ``write_cars_classic(root, edit=...)`` and ``write_cars_annos`` do the same for cars_annos.mat.
 
 Class ids are the archives' 1-based ids; the defaults straddle each split's boundary.
 Each writer returns the root; ``EXPECTED`` holds the (train classes, train images) and
@@ -78,15 +80,33 @@ def _car_name(class_id: int) -> str:
 CARS_CLASS_IDS = (1, 2, 98, 99, 100, 196)
 
 
-def write_cars_classic(root, class_ids=CARS_CLASS_IDS, images_per_class: int = 3) -> Path:
-    """Stanford Cars' classic release: car_ims.tgz extracted next to cars_annos.mat (a struct
-    array ``annotations`` with relative_im_path, bbox_x1..bbox_y2, class, test; and
-    ``class_names``). The ``test`` flag alternates within every class, as in the release."""
+CARS_ANNOTATION_FIELDS = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
+
+
+def write_cars_annos(path: Path, records: list[tuple], class_count: int) -> None:
+    """cars_annos.mat with one annotation per record ``(relative_im_path, x1, y1, x2, y2,
+    class, test)``: each value in its own MATLAB cell as the release stores them (ints as
+    uint16 [1, 1], other numbers as they are), and ``class_names`` for ``class_count`` classes."""
     from scipy.io import savemat
 
+    annotations = np.empty((1, len(records)), dtype=[(name, object) for name in CARS_ANNOTATION_FIELDS])
+    for column, record in enumerate(records):
+        numbers = tuple(np.array([[value]], dtype=np.uint16 if isinstance(value, int) else None) for value in record[1:])
+        annotations[0, column] = (np.array([record[0]]), *numbers)
+    class_names = np.empty((1, class_count), dtype=object)
+    for class_id in range(1, class_count + 1):
+        class_names[0, class_id - 1] = _car_name(class_id)
+    savemat(path, {"annotations": annotations, "class_names": class_names})
+
+
+def write_cars_classic(root, class_ids=CARS_CLASS_IDS, images_per_class: int = 3, edit=None) -> Path:
+    """Stanford Cars' classic release: car_ims.tgz extracted next to cars_annos.mat (a struct
+    array ``annotations`` with relative_im_path, bbox_x1..bbox_y2, class, test; and
+    ``class_names``). The ``test`` flag alternates within every class, as in the release.
+    ``edit(records) -> records``, when given, changes the annotations before they are written
+    (``write_cars_annos``'s records), e.g. to damage one."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    fields = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
     records = []
     image_id = 0
     for class_id in class_ids:
@@ -95,14 +115,7 @@ def write_cars_classic(root, class_ids=CARS_CLASS_IDS, images_per_class: int = 3
             relative = f"car_ims/{image_id:06d}.jpg"
             write_image(root / relative, class_id, index)
             records.append((relative, 1, 1, 7, 7, class_id, index % 2))
-    annotations = np.empty((1, len(records)), dtype=[(name, object) for name in fields])
-    for column, record in enumerate(records):
-        numbers = tuple(np.array([[value]], dtype=np.uint16) for value in record[1:])
-        annotations[0, column] = (np.array([record[0]]), *numbers)
-    class_names = np.empty((1, max(class_ids)), dtype=object)
-    for class_id in range(1, max(class_ids) + 1):
-        class_names[0, class_id - 1] = _car_name(class_id)
-    savemat(root / "cars_annos.mat", {"annotations": annotations, "class_names": class_names})
+    write_cars_annos(root / "cars_annos.mat", records if edit is None else edit(records), max(class_ids))
     return root
 
 
@@ -176,6 +189,17 @@ def write_inshop(root, train_items: int = 3, test_items: int = 3, eval_folder: b
     lines = [str(len(rows)), "image_name item_id evaluation_status", *rows]
     (listing / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def edit_line(path: Path, number: int, text: str | None) -> str:
+    """Replace line ``number`` (1-based) of the text file ``path`` by ``text`` (None removes
+    it); returns the line it replaced."""
+    path = Path(path)
+    lines = path.read_text().split("\n")
+    old = lines[number - 1]
+    lines[number - 1:number] = [] if text is None else [text]
+    path.write_text("\n".join(lines))
+    return old
 
 
 def write_imagefolder(root, classes: int = 4, images_per_class: int = 2) -> Path:

@@ -1,6 +1,6 @@
 """Metric learning with GSP, one module a job:
 
-- ``config``: the settings of a run (``TrainConfig``), their choices and checks.
+- ``config``: the settings of a run (``TrainConfig``), their choices and checks, ``RunError``.
 - ``recipes``: the authors' settings per benchmark.
 - ``datasets``: the benchmarks (``load_benchmark``, ``BenchmarkData``, folds, subsets);
   ``datasets.readers`` their archives, ``datasets.images`` image lists and ImageFolder trees,
@@ -8,7 +8,9 @@
 - ``transforms``: the papers' torchvision transforms.
 - ``samplers``: class-balanced batches, and a seed per sample.
 - ``distributed``: torchrun's process group, the device, what the ranks exchange.
-- ``checkpoint``: seeds and RNG states, the checkpoint file and resuming from it.
+- ``checkpoint``: seeds and RNG states, the checkpoint file (loaded without running code from
+  it) and resuming from it, the output folder checked before any data is read.
+- ``files``: files written whole or not at all, and the check that a folder can be written.
 - ``models``: the embedding models (a trunk and a GAP or GSP head).
 - ``loop``: one model's training loop (``fit``).
 - ``embeddings``: embeddings of trained models and their retrieval scores.

@@ -5,29 +5,36 @@ of the parsed args.
 Every TrainConfig field is a flag whose argparse default is None, so a flag given explicitly
 can be told from one left out: the settings are the recipe's (``--recipe``) or the defaults,
 overridden by the explicit flags.
+
+A user's mistake (a setting, a file, a folder, a missing package of the train extra) ends in
+one line on stderr and exit status 2, before any data is read where it can be found then; a
+traceback is a bug. Results files are written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import importlib
 import sys
 from pathlib import Path
 
 from ..nn import POOLING_METHODS
+from ..nn.arch import resolve_arch
 from .config import (
     METRIC_LOSSES,
     OPTIMIZERS,
     PROTOCOLS,
     PROTOTYPE_INITS,
     SCHEDULERS,
+    RunError,
     TrainConfig,
     layer_defaults,
     validate_config,
 )
 from .datasets import DATASETS
 from .datasets.images import ImageReadError, LayoutError
+from .files import check_writable, write_json
 from .recipes import RECIPES, recipe_config
 
 _HELP = {
@@ -71,12 +78,20 @@ _HELP = {
     "compile": "torch.compile the model's forward",
     "num_workers": "DataLoader worker processes (pinned memory on CUDA, persistent workers)",
     "resume": "continue from output_dir/checkpoint.pt if it exists (at the next epoch)",
+    "overwrite": "train anew into an output_dir that holds a run's checkpoint, replacing it (without --resume or "
+    "--overwrite such a folder is refused)",
 }
 _CHOICES = {"pooling": ("gsp", "gap"), "pooling_method": POOLING_METHODS, "metric_loss": METRIC_LOSSES,
             "prototype_init": PROTOTYPE_INITS, "dataset": DATASETS, "optimizer": OPTIMIZERS,
             "scheduler": SCHEDULERS, "protocol": PROTOCOLS, "recipe": tuple(RECIPES)}
 _NOT_FLAGS = {"progress"}
-_DATA_ERRORS = (FileNotFoundError, ImageReadError, LayoutError)  # a dataset's layout or files: reported without a traceback
+# a dataset's layout or files, a checkpoint, a folder, a setting found wrong on the way: reported without a traceback
+_USER_ERRORS = (FileNotFoundError, ImageReadError, LayoutError, RunError)
+# The train extra's modules (and their pip names): what every command needs, and what some settings do.
+_EXTRA = {"pytorch_metric_learning": "pytorch-metric-learning", "sklearn": "scikit-learn", "tqdm": "tqdm",
+          "torchvision": "torchvision", "PIL": "pillow", "timm": "timm", "safetensors": "safetensors", "scipy": "scipy",
+          "matplotlib": "matplotlib"}
+_ALWAYS_NEEDED = ("pytorch_metric_learning", "sklearn", "tqdm")
 _NONE = "none"  # the value of an optional flag that sets the field to None explicitly
 
 
@@ -127,6 +142,34 @@ def _usage_error(args: argparse.Namespace, message: str):
     raise SystemExit(2)
 
 
+def _missing_extra(args: argparse.Namespace, exc: ImportError, module: str | None = None):
+    """The install hint for a module of the train extra that is not installed (exit 2)."""
+    module = module or (exc.name or "").split(".")[0]
+    _usage_error(args, f"needs {module} ({_EXTRA.get(module, module)}), which is not installed ({exc}): install the train "
+                       f"extra, pip install -e \".[train]\" (or pip install 'gsp-kernels[train]')")
+
+
+def _require_extra(args: argparse.Namespace, config: TrainConfig | None = None, extra: tuple[str, ...] = ()) -> None:
+    """Import what the command will need of the train extra now, before any work: the metric
+    learning modules always, torchvision and Pillow for images or a torchvision/timm backbone,
+    timm for a timm backbone or --pretrained weights, and ``extra``."""
+    modules = list(_ALWAYS_NEEDED) + list(extra)
+    if config is not None:
+        if config.dataset != "collage" or config.arch != "smallcnn":
+            modules += ["torchvision", "PIL"]
+        if config.pretrained is not None or (config.arch != "smallcnn" and resolve_arch(config.arch)[0] == "timm"):
+            modules.append("timm")
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            _missing_extra(args, exc, module)
+
+
+def _is_extra(exc: ImportError) -> bool:
+    return isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in _EXTRA
+
+
 def _config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """The run's settings: ``base`` (default: the recipe ``--recipe`` names under the
     protocol given, or TrainConfig()) with the explicit flags on top. A bad setting is a
@@ -147,10 +190,31 @@ def _config_from_args(args: argparse.Namespace, base: TrainConfig | None = None)
     return config
 
 
-def _write_json(output_dir: str, name: str, record: dict) -> None:
+def _write_results(args: argparse.Namespace, output_dir: str, name: str, record: dict, after: str) -> None:
+    """``output_dir/name`` written atomically; a failure is one line saying what was kept."""
     path = Path(output_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
+    try:
+        write_json(path, record)
+    except OSError as exc:
+        _usage_error(args, f"cannot write {path} ({type(exc).__name__}: {exc}); {after}")
+
+
+def _writable_folder(args: argparse.Namespace, folder: Path, flag: str) -> None:
+    try:
+        check_writable(folder)
+    except OSError as exc:
+        _usage_error(args, f"cannot write to {folder} ({type(exc).__name__}: {exc}): pass a folder you can write to in {flag}")
+
+
+def _check_figure(args: argparse.Namespace, path: Path) -> None:
+    """--figure: a format matplotlib writes, in a folder that can be written (before training)."""
+    from matplotlib.figure import Figure
+
+    kinds = Figure().canvas.get_supported_filetypes()
+    if path.suffix and path.suffix.lstrip(".").lower() not in kinds:
+        _usage_error(args, f"--figure {path}: matplotlib writes no {path.suffix!r} files; end the name in one of "
+                           f"{', '.join('.' + kind for kind in sorted(kinds))} (or pass '' for no figure)")
+    _writable_folder(args, path.parent, "--figure")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -161,16 +225,22 @@ def run_train(args: argparse.Namespace) -> int:
     from .run import train
 
     config = _config_from_args(args)
+    _require_extra(args, config)
     try:
         result = train(config)
-    except _DATA_ERRORS as exc:  # the data on disk, not a bug: the message names the file
+    except _USER_ERRORS as exc:  # the data, a file or a folder, not a bug: the message names it
         _usage_error(args, str(exc))
+    except ImportError as exc:
+        if not _is_extra(exc):
+            raise
+        _missing_extra(args, exc)
     shutdown_distributed()  # on success only: a barrier after a failed rank would hang
     if result["metrics"] is None:
         return 0  # not rank 0
     print(summary_table(result))
     if result["config"].output_dir:
-        _write_json(result["config"].output_dir, "results.json", results_record(result))
+        _write_results(args, result["config"].output_dir, "results.json", results_record(result),
+                       "the metrics are printed above, and the checkpoint saved: gsp-kernels evaluate scores it again")
     return 0
 
 
@@ -179,15 +249,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoints
     from .report import evaluation_table
 
+    _require_extra(args)
+    if args.output_dir:
+        _writable_folder(args, Path(args.output_dir), "--output-dir")
     overrides = {name: getattr(args, name) for name in ("dataset", "data_root", "device", "num_workers", "eval_batch_size")
                  if getattr(args, name) is not None}
     try:
         result = evaluate_checkpoints(args.checkpoint, **overrides)
-    except (ValueError, *_DATA_ERRORS) as exc:
+    except (ValueError, *_USER_ERRORS) as exc:
         _usage_error(args, str(exc))
+    except ImportError as exc:
+        if not _is_extra(exc):
+            raise
+        _missing_extra(args, exc)
     print(evaluation_table(result))
     if args.output_dir:
-        _write_json(args.output_dir, "evaluation.json", result)
+        _write_results(args, args.output_dir, "evaluation.json", result, "the metrics are printed above")
     return 0
 
 
@@ -195,12 +272,26 @@ def run_demo_command(args: argparse.Namespace) -> int:
     """GAP vs GSP on the embedded collage data over several seeds."""
     from .demo import DEMO_CONFIG, run_demo
 
+    if args.seeds < 1:
+        _usage_error(args, f"--seeds must be >= 1 (the seeds 0..seeds-1), got {args.seeds}")
+    if args.threads < 0:
+        _usage_error(args, f"--threads must be >= 1 (or 0: torch's default), got {args.threads}")
+    base = _config_from_args(args, DEMO_CONFIG)
+    _require_extra(args, base, ("matplotlib",) if args.figure else ())
+    if args.figure:
+        _check_figure(args, Path(args.figure).expanduser())
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    base = _config_from_args(args, DEMO_CONFIG)
-    run_demo(seeds=args.seeds, figure_path=args.figure or None, progress=base.progress, base_config=base)
+    try:
+        run_demo(seeds=args.seeds, figure_path=args.figure or None, progress=base.progress, base_config=base)
+    except _USER_ERRORS as exc:
+        _usage_error(args, str(exc))
+    except ImportError as exc:
+        if not _is_extra(exc):
+            raise
+        _missing_extra(args, exc)
     return 0
 
 
@@ -244,6 +335,6 @@ def register(subparsers) -> None:
     demo_parser.add_argument("--figure", default="gsp_demo.png", help="PNG path for the weight maps ('' for none)")
     from .demo import DEMO_CONFIG
 
-    _add_config_flags(demo_parser, DEMO_CONFIG, skip={"dataset", "data_root", "pooling", "seed", "resume", "output_dir",
+    _add_config_flags(demo_parser, DEMO_CONFIG, skip={"dataset", "data_root", "pooling", "seed", "resume", "overwrite", "output_dir",
                                                       "recipe", "protocol", "num_folds", "early_stopping_patience"})
     demo_parser.set_defaults(func=run_demo_command)

@@ -1,7 +1,7 @@
 """Settings of a training run: ``TrainConfig`` (the CLI flags mirror its fields), the choices
 its fields take (``POOLINGS``, ``PROTOTYPE_INITS``, ``METRIC_LOSSES``, ...), ``layer_defaults``
 (the layer's sizes for a real backbone), ``validate_config`` (every setting checked before any
-data is read) and ``eval_resize``."""
+data is read), ``eval_resize``, and ``RunError``: what stops a run that is no bug of the code."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..backends import BACKENDS
 from ..nn import POOLING_METHODS
-from ..nn.backbones import resolve_arch
+from ..nn.arch import resolve_arch
 from .datasets import DATASETS
 from .transforms import papers_resize
 
@@ -23,6 +23,12 @@ SCHEDULERS = ("cosine", "plateau", "constant")
 PROTOCOLS = ("standard", "mlrc")
 
 
+class RunError(ValueError):
+    """A run cannot go on for a reason outside the code: a setting, a file or a folder it was
+    given (a checkpoint that is not one, a changed setting on resume, a folder holding a run,
+    a full disk). The message says what to change; the CLI prints it as one line (exit 2)."""
+
+
 @dataclass
 class TrainConfig:
     """Settings of one training run (the CLI flags mirror these names)."""
@@ -30,7 +36,7 @@ class TrainConfig:
     dataset: str = "collage"  # one of datasets.DATASETS; "collage" is embedded, the others read data_root
     data_root: str | None = None
     pooling: str = "gsp"  # "gsp" or "gap"
-    arch: str = "smallcnn"  # "smallcnn", a torchvision ResNet/ViT name, or a timm name ("timm:NAME"); see nn.backbones.resolve_arch
+    arch: str = "smallcnn"  # "smallcnn", a torchvision ResNet/ViT name, or a timm name ("timm:NAME"); see nn.arch.resolve_arch
     pretrained: str | None = None  # backbone weights: a local .pth/.safetensors state dict, or "cache" (the arch's, from the local caches)
     embedding_dim: int = 64
     width: int = 32  # SmallCNN width
@@ -78,6 +84,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     output_dir: str | None = None  # checkpoints go to output_dir/checkpoint.pt after each epoch
     resume: bool = False
+    overwrite: bool = False  # train anew into an output_dir that holds a run's checkpoint(s), replacing them
     progress: bool = True
 
 
@@ -137,6 +144,11 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"num_folds must be >= 2, got {config.num_folds}")
     if config.backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {config.backend!r}")
+    if config.resume and config.overwrite:
+        raise ValueError("resume continues the run in output_dir and overwrite replaces it: choose one")
+    for name in ("resume", "overwrite"):
+        if getattr(config, name) and not config.output_dir:
+            raise ValueError(f"{name} needs output_dir, the folder of the run's checkpoint")
     if config.dataset != "collage" and (config.data_root is None or not Path(config.data_root).expanduser().is_dir()):
         raise ValueError(f"dataset {config.dataset!r} reads data_root, which must be a directory, got {config.data_root!r}")
 

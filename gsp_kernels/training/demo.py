@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ from torch import Tensor
 from ..table import format_table
 from .config import TrainConfig
 from .datasets.collage import TILE_SIZE, CollageDataset
+from .files import atomic_path
 from .run import train
 
 # The demo's GSP settings. The digit tile is a quarter of the map and its strokes less, so
@@ -71,7 +73,9 @@ def save_weight_figure(path: str, dataset: CollageDataset, weights: Tensor, coun
             axes[row, column].axis("off")
     figure.suptitle("Test collages (unseen digits 5-9) and GSP pooling weights; cyan: digit tile", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    kind = Path(path).suffix.lstrip(".").lower()
+    with atomic_path(path if kind else f"{path}.png") as partial:  # the file whole or not at all
+        figure.savefig(partial, dpi=120, format=kind or "png")
     plt.close(figure)
 
 

@@ -1,6 +1,6 @@
 """Where a run computes: the process group of torchrun's ranks (started and torn down),
-this rank's device, and what the ranks exchange (every rank's objects gathered, rank 0's
-decision broadcast).
+this rank's device (and the check that it, and the GSP backend asked for, are here), and what
+the ranks exchange (every rank's objects gathered, rank 0's decision broadcast).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig
+from ..backends import backend_status
+from .config import RunError, TrainConfig
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -34,8 +35,26 @@ def shutdown_distributed() -> None:
 def resolve_device(config: TrainConfig, local_rank: int = 0) -> torch.device:
     """``config.device``, or this rank's GPU when there is one, else the CPU."""
     if config.device != "auto":
-        return torch.device(config.device)
+        try:
+            return torch.device(config.device)
+        except RuntimeError as exc:
+            raise RunError(f"--device {config.device!r} is no device torch knows: use auto, cpu, cuda or cuda:N") from exc
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_device(config: TrainConfig, device: torch.device) -> None:
+    """RunError when ``device`` is not on this machine, or ``config.backend`` does not run on it."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise RunError(f"--device {config.device}: no CUDA device here (torch.cuda.is_available() is False): use --device cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise RunError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if config.backend != "auto":
+        status = backend_status(device)[config.backend]
+        if not status.available:
+            raise RunError(f"--backend {config.backend} does not run on {device}: {status.reason}; use --backend auto (the "
+                           f"fastest that runs there) or another --device")
 
 
 def gather_objects(value, world_size: int) -> list:

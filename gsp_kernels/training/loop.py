@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..losses import ZeroShotPredictionLoss
+from ..nn import local_features
 from .checkpoint import (
     check_resumable,
     load_checkpoint,
@@ -26,10 +27,10 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import METRIC_LOSSES, TrainConfig
+from .config import METRIC_LOSSES, RunError, TrainConfig
 from .distributed import broadcast_float, gather_objects
 from .embeddings import to_device
-from .models import build_model_for
+from .models import build_model_for, input_size, prototypes_warm_up
 from .samplers import ClassBalancedBatchSampler, SeededBatches, SeededSamples
 
 
@@ -72,14 +73,24 @@ def _loader_options(config: TrainConfig, device: torch.device) -> dict:
     return {"num_workers": config.num_workers, "pin_memory": device.type == "cuda", "persistent_workers": config.num_workers > 0}
 
 
-def _kcenter_init(model, dataset, sampler, device) -> None:
-    """Initialize the GSP prototypes by greedy k-center on one training batch's local features."""
+def _kcenter_init(model, dataset, sampler, device, config: TrainConfig) -> None:
+    """Initialize the GSP prototypes by greedy k-center on one training batch's local features
+    (a RunError saying which flags to change when the batch has fewer than the prototypes)."""
     indices = next(iter(sampler))
     images = torch.stack([dataset[i][0] for i in indices]).to(device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model.pooling_head.init_prototypes_kcenter(model.features(images))
+        features = model.features(images)
+        tokens, grid = local_features(features)
+        candidates, wanted = tokens.shape[0] * tokens.shape[1], model.pooling_head.num_prototypes
+        if candidates < wanted:
+            where = f"a {grid[0]}x{grid[1]} feature map" if grid else f"{tokens.shape[1]} tokens"
+            raise RunError(f"--num-prototypes {wanted} needs at least {wanted} local features for its k-center start, and the first "
+                           f"training batch has {candidates} ({tokens.shape[0]} images x {where} at --image-size {input_size(config)}): "
+                           f"lower --num-prototypes to {candidates} or less, or raise --batch-size or --image-size "
+                           f"(or --prototype-init random)")
+        model.pooling_head.init_prototypes_kcenter(features)
     model.train(was_training)
 
 
@@ -215,7 +226,10 @@ def fit(
     the number of DataLoader workers.
 
     -> {"model" (best or last weights), "history" (a dict per epoch), "seconds",
-    "images_per_second", "best_epoch", "best_score"}.
+    "images_per_second", "best_epoch", "best_score", "warm_up" (``models.prototypes_warm_up``:
+    a GSP head that never left its GAP warm-up, else None), "batches" (what a batch held:
+    "classes", "images_per_class"; the "training_classes", and the "short_classes" among them
+    with fewer images, drawn with repetition)}.
     """
     model = build_model_for(config).to(device)
     if config.channels_last:
@@ -223,13 +237,17 @@ def fit(
     sampler = ClassBalancedBatchSampler(train_set.labels, config.batch_size, config.samples_per_class, seed=config.seed,
                                         rank=rank, world_size=world_size, num_batches=config.steps_per_epoch)
     if config.pooling == "gsp" and config.prototype_init == "kcenter":
-        _kcenter_init(model, train_set, sampler, device)
+        _kcenter_init(model, train_set, sampler, device, config)
     zero_shot = None
     if config.pooling == "gsp" and config.zero_shot_weight > 0:
         zero_shot = ZeroShotPredictionLoss(train_set.num_classes, config.class_embedding_dim, weight=config.zero_shot_weight)
     metric_loss = build_metric_loss(config.metric_loss, train_set.num_classes, config.embedding_dim, config.contrastive_neg_margin)
     objective = TrainingObjective(model, metric_loss, zero_shot).to(device)
     if config.pooling == "gsp" and config.prototype_init == "proxies":
+        if train_set.num_classes < config.num_prototypes:
+            raise RunError(f"--prototype-init proxies picks the --num-prototypes {config.num_prototypes} prototypes among the "
+                           f"class proxies, and the training set has {train_set.num_classes} classes: lower --num-prototypes to "
+                           f"{train_set.num_classes} or less, or choose another --prototype-init")
         model.pooling_head.init_prototypes_from_proxies(metric_loss.proxies)  # the authors' PyTorch init
     if config.freeze_bn:
         freeze_batchnorm(model.trunk)
@@ -241,10 +259,15 @@ def fit(
     if config.resume and checkpoint_path is not None and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, device)
         check_resumable(state["config"], config, checkpoint_path)
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
+        try:
+            objective.load_state_dict(state["objective"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunError(f"cannot resume {checkpoint_path}: its state does not fit the model and optimizer these settings "
+                           f"build ({first}); pass --overwrite to train anew, or another --output-dir") from exc
         history, start_epoch, stopped = state["history"], state["epoch"] + 1, state["stopped"]
         early = state["early_stopping"]
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
@@ -303,4 +326,8 @@ def fit(
         "images_per_second": images / seconds if seconds > 0 else None,
         "best_epoch": None if early["epoch"] is None else early["epoch"] + 1,
         "best_score": early["score"],
+        "warm_up": prototypes_warm_up(model),
+        "batches": {"classes": sampler.classes_per_batch, "images_per_class": sampler.samples_per_class,
+                    "training_classes": len(sampler.by_class),
+                    "short_classes": sum(len(members) < sampler.samples_per_class for members in sampler.by_class)},
     }

@@ -5,7 +5,9 @@ describes it (``build_model_for``).
 Every model's forward returns ``GSPOutput``; the GAP head gives ``attributes=None``. The trunk
 is the embedded ``SmallCNN``, or the backbone of a torchvision or timm model
 (``gsp_kernels.nn.backbones``), randomly initialized or loaded from local weights
-(``gsp_kernels.nn.pretrained``: nothing downloads).
+(``gsp_kernels.nn.pretrained``: nothing downloads). ``check_model(config)`` builds a run's
+model once before any data is read, to find what would fail later; ``prototypes_warm_up(model)``
+says whether a GSP head is still in its GAP warm-up.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 from torch import nn
 
 from ..nn import GSP, EmbeddingModel, GlobalAveragePoolHead
-from ..nn.backbones import backbone_from_model, create_classifier
+from ..nn.arch import create_classifier
+from ..nn.backbones import backbone_from_model, check_image_size
 from ..nn.pretrained import LoadReport, cached_weights_path, load_backbone_weights
-from .config import CACHED_WEIGHTS, POOLINGS, TrainConfig
+from .config import CACHED_WEIGHTS, POOLINGS, RunError, TrainConfig
+from .datasets.collage import COLLAGE_SIZE
 
 
 class SmallCNN(nn.Sequential):
@@ -35,7 +39,7 @@ class SmallCNN(nn.Sequential):
 
 
 def build_trunk(arch: str, *, width: int = 32, pretrained: str | Path | bool | None = None, **backbone_kwargs) -> tuple[nn.Module, LoadReport | None]:
-    """The trunk an ``arch`` names (``gsp_kernels.nn.backbones.resolve_arch``) and the report of
+    """The trunk an ``arch`` names (``gsp_kernels.nn.arch.resolve_arch``) and the report of
     the weights loaded into it: ``pretrained`` is None/False (random init), a checkpoint path,
     or True/"cache" (the arch's weights from the local caches, see ``cached_weights_path``).
     ``backbone_kwargs`` go to ``timm.create_model`` / ``torchvision.models.get_model``."""
@@ -122,3 +126,41 @@ def build_model_for(config: TrainConfig, load_pretrained: bool = True) -> nn.Mod
         memory_size=config.prototype_memory if config.prototype_init == "memory" else 0,
         warm_up_steps=config.warm_up_steps,
     )
+
+
+def input_size(config: TrainConfig) -> int:
+    """The side of the images the model gets: ``config.image_size``, or the collages' own."""
+    return COLLAGE_SIZE if config.dataset == "collage" else config.image_size
+
+
+def check_image_fits(model: nn.Module, config: TrainConfig) -> None:
+    """RunError when the model's backbone cannot take the run's images (a torchvision ViT at
+    another size than its own, a patch size that does not divide it)."""
+    try:
+        check_image_size(model.trunk, input_size(config))
+    except ValueError as exc:
+        raise RunError(f"--arch {config.arch} at --image-size {input_size(config)}: {exc}") from exc
+
+
+def check_model(config: TrainConfig) -> None:
+    """Build the model ``config`` describes (on the CPU; then dropped) to find, before any data
+    is read, what would fail once it is: ``--pretrained`` weights that do not load or fit, an
+    image size the backbone refuses. ``RunError`` saying what to change. Draws from torch's
+    RNG: seed after it."""
+    try:
+        model = build_model_for(config)
+    except (ValueError, FileNotFoundError) as exc:
+        if config.pretrained is None:
+            raise
+        raise RunError(f"--pretrained {config.pretrained}: {exc}") from exc
+    check_image_fits(model, config)
+
+
+def prototypes_warm_up(model: nn.Module) -> dict | None:
+    """{"memory_filled", "memory_size"} of a GSP head that never left its warm-up (a prototype
+    memory still filling: it pools by GAP, in training and at test time); None for any other
+    model."""
+    head = getattr(model, "pooling_head", None)
+    if not isinstance(head, GSP) or not head.memory_size or bool(head.prototypes_ready):
+        return None
+    return {"memory_filled": int(head.memory_filled), "memory_size": head.memory_size}

@@ -3,6 +3,8 @@ summaries, and the JSON record of results.json.
 
 - ``run_title(config)``: one line naming the data, the model and the schedule.
 - ``split_note(differences)``: a warning line when the splits are not the papers'.
+- ``notes_lines(result)``: the run's warnings (a GSP model still in its GAP warm-up) and the
+  parts of a recipe the data did not allow.
 - ``summary_table(result)``: everything ``gsp-kernels train`` prints at the end (an mlrc run's
   through ``mlrc_table``: one row per fold, then every model's metrics and the concatenation's).
 - ``evaluation_table(result)``: what ``gsp-kernels evaluate`` prints.
@@ -38,9 +40,22 @@ def split_note(differences: list[str] | None) -> str:
     return f"\nWARNING: not the papers' split, not comparable with their tables: {'; '.join(differences)}"
 
 
-def model_label(config: TrainConfig) -> str:
-    """"gsp resnet50 512-d": the row name of a model in the metrics table."""
-    return f"{config.pooling} {config.arch} {config.embedding_dim}-d"
+def notes_lines(result: dict) -> str:
+    """"\nWARNING: ..." lines: the run's ``warnings`` and its ``recipe_not_followed`` parts
+    (``protocols.run_notes``); "" when there are none."""
+    lines = [f"WARNING: {text}" for text in result.get("warnings") or ()]
+    recipe = result["config"].recipe if "config" in result else None
+    lines += [f"WARNING: recipe {recipe} not followed on this data: {text}" for text in result.get("recipe_not_followed") or ()]
+    return "".join(f"\n{line}" for line in lines)
+
+
+WARM_UP_LABEL = " (GAP warm-up)"  # a GSP model whose prototypes never left their warm-up pools by GAP
+
+
+def model_label(config: TrainConfig, warm_up: dict | None = None) -> str:
+    """"gsp resnet50 512-d": the row name of a model in the metrics table; a GSP model still in
+    its warm-up (``warm_up``, ``models.prototypes_warm_up``) says so."""
+    return f"{config.pooling} {config.arch} {config.embedding_dim}-d{WARM_UP_LABEL if warm_up else ''}"
 
 
 def run_title(config: TrainConfig) -> str:
@@ -79,9 +94,9 @@ def summary_table(result: dict) -> str:
         table += f"\n({first_shown} earlier epochs in results.json)"
     if result["metrics"] is not None:
         table += f"\n{splits_line(result['splits'])}{split_note(result.get('split_differences'))}"
-        table += f"\n{format_metrics_table({model_label(result['config']): result['metrics']})}"
+        table += f"\n{format_metrics_table({model_label(result['config'], result.get('warm_up')): result['metrics']})}"
         table += f"\n({result['seconds']:.1f} s training, {result['images_per_second'] or 0:.1f} images/s)"
-    return table
+    return table + notes_lines(result)
 
 
 def mlrc_table(result: dict) -> str:
@@ -94,24 +109,26 @@ def mlrc_table(result: dict) -> str:
     table = f"{run_title(result['config'])}\n{format_table(header, rows)}"
     if result["metrics"] is not None:
         dim = result["config"].embedding_dim
-        per_model = {f"fold {record['fold']} ({dim}-d)": record["metrics"] for record in result["folds"]}
+        per_model = {f"fold {record['fold']} ({dim}-d){WARM_UP_LABEL if record.get('warm_up') else ''}": record["metrics"]
+                     for record in result["folds"]}
         per_model[f"separated (mean of {len(result['folds'])}, {dim}-d)"] = result["separated_metrics"]
         per_model[f"concatenated ({result['concatenated_dim']}-d)"] = result["metrics"]
         table += f"\n{splits_line(result['splits'])}{split_note(result.get('split_differences'))}"
         table += f"\n{format_metrics_table(per_model)}"
         table += f"\n({result['seconds']:.1f} s training, {result['images_per_second'] or 0:.1f} images/s)"
-    return table
+    return table + notes_lines(result)
 
 
 def evaluation_table(result: dict) -> str:
     """The split sizes and one metrics row per model (and the concatenation)."""
-    rows = {f"{index}. {Path(model['checkpoint']).parent.name} ({model['embedding_dim']}-d)": model["metrics"]
+    rows = {f"{index}. {Path(model['checkpoint']).parent.name} ({model['embedding_dim']}-d)"
+            f"{WARM_UP_LABEL if model.get('warm_up') else ''}": model["metrics"]
             for index, model in enumerate(result["models"], start=1)}
     if "concatenated_dim" in result:
         rows[f"separated (mean of {len(result['models'])})"] = result["separated_metrics"]
         rows[f"concatenated ({result['concatenated_dim']}-d)"] = result["metrics"]
     return (f"{result['dataset']}  {splits_line(result['splits'])}{split_note(result.get('split_differences'))}\n"
-            f"{format_metrics_table(rows)}")
+            f"{format_metrics_table(rows)}{notes_lines(result)}")
 
 
 def format_metrics_table(metrics: Mapping) -> str:

@@ -1,16 +1,21 @@
 """A training run: ``train(config)`` checks the settings, joins torchrun's process group,
-picks the device, seeds, loads the data (``load_data``) and hands over to the protocol
-``config.protocol`` names (``protocols.py``). The settings (``TrainConfig``) live in
-``config.py``, what a run prints and writes in ``report.py``.
+picks the device, checks the output folder and the model before any data is read, seeds,
+loads the data (``load_data``) and hands over to the protocol ``config.protocol`` names
+(``protocols.py``). The settings (``TrainConfig``) live in ``config.py``, what a run prints
+and writes in ``report.py``.
 """
 
 from __future__ import annotations
 
-from .checkpoint import seed_everything
+import dataclasses
+from pathlib import Path
+
+from .checkpoint import discard_run_checkpoints, prepare_output_dir, seed_everything
 from .config import TrainConfig, eval_resize, validate_config
 from .datasets import RECALL_KS, BenchmarkData, load_benchmark
 from .datasets.collage import CollageDataset
-from .distributed import init_distributed, resolve_device
+from .distributed import check_device, init_distributed, resolve_device
+from .models import check_model
 from .protocols import train_mlrc, train_standard
 from .transforms import test_transform, train_transform
 
@@ -39,13 +44,28 @@ def train(config: TrainConfig) -> dict:
     """Train and evaluate as ``config.protocol`` says. Returns {"config", "splits" (classes
     and images per split), "split_differences" (from the papers' split sizes:
     ``BenchmarkData.differences_from_papers``), "epochs" (per-epoch records), "metrics" (test retrieval metrics),
-    "recall_at_1", "map_at_r", "seconds", "images_per_second", "model"}; "mlrc" adds
-    "folds" (``protocols.train_mlrc``). Metrics on rank 0; other ranks get None."""
+    "recall_at_1", "map_at_r", "seconds", "images_per_second", "model", "warm_up", "warnings"
+    (and for a recipe "recipe_not_followed": ``protocols.run_notes``)}; "mlrc" adds "folds"
+    (``protocols.train_mlrc``). Metrics on rank 0; other ranks get None. The run's
+    "config" holds ``data_root`` as an absolute path (so that ``evaluate`` finds the data
+    from any directory).
+
+    Before any data is read: the output folder must be writable and hold no run's checkpoint
+    unless ``resume`` (checked to load and fit these settings) or ``overwrite``; the model is
+    built once (``models.check_model``: the pretrained weights and the image size). Such
+    mistakes raise ``RunError`` saying what to change."""
     validate_config(config)
+    if config.data_root is not None:
+        config = dataclasses.replace(config, data_root=str(Path(config.data_root).expanduser().resolve()))
     rank, world_size, local_rank = init_distributed()
     device = resolve_device(config, local_rank)
+    check_device(config, device)
+    prepare_output_dir(config)
+    check_model(config)
     seed_everything(config.seed)
     data = load_data(config)
+    if config.overwrite and rank == 0:  # the data is there: the replaced run goes now, none of its folds resumed later
+        discard_run_checkpoints(config.output_dir)
     if config.protocol == "mlrc":
         return train_mlrc(config, data, device, rank=rank, world_size=world_size)
     return train_standard(config, data, device, rank=rank, world_size=world_size)

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from .config import RunError
+
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):
     """Batches of ``samples_per_class`` samples from each of ``batch_size // samples_per_class``
@@ -33,7 +35,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.by_class = [torch.nonzero(labels == value).flatten() for value in torch.unique(labels)]
         num_classes = len(self.by_class)
         if num_classes < 2 * world_size:
-            raise ValueError(f"class-balanced batches need at least 2 classes per rank, got {num_classes} classes for {world_size} rank(s)")
+            raise RunError(f"class-balanced batches need at least 2 classes per rank, got {num_classes} classes for {world_size} "
+                           f"rank(s): train on more classes (--num-train-classes, another --num-folds) or in fewer processes")
         self.classes_per_batch = min(num_classes // world_size, max(2, batch_size // samples_per_class))
         self.samples_per_class = batch_size // self.classes_per_batch
         self.batch_size = self.classes_per_batch * self.samples_per_class

@@ -18,9 +18,10 @@ API (``name`` in DATASETS; ``collage`` is built by ``collage.CollageDataset`` in
 Every dataset yields ``(image [3, S, S] float32, label int)``, labels 0-based within the split,
 and has ``paths``, ``labels`` (LongTensor ``[n]``), ``class_names`` and ``num_classes``.
 
-The modules: ``readers`` (the archives of cub, cars196, sop and inshop: their layouts and
-splits), ``images`` (image lists, and ``imagefolder``: ``root/<class>/<image>``, the first half
-of the sorted classes train, or ``num_train_classes``), ``collage`` (the embedded data).
+The modules: ``readers`` (the archives of cub, cars196, sop and inshop: ``LOADERS``, with one
+module each, ``cub``, ``cars``, ``sop``, ``inshop``, and ``annotations``, the line-by-line
+checks they share), ``images`` (image lists, and ``imagefolder``: ``root/<class>/<image>``, the
+first half of the sorted classes train, or ``num_train_classes``), ``collage`` (the embedded data).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def load_benchmark(name: str, root, *, train_transform=None, test_transform=None
     ``root``, split as the papers do. ``num_train_classes`` applies to ImageFolder trees only
     (the others have a fixed split). Missing images, or a folder without the layout, raise
     FileNotFoundError naming the files expected and where they were looked for; a malformed
-    annotation file LayoutError; with ``verify_images``, every image's header is read
+    annotation line, an unknown value, an image listed twice or an image path that leaves the
+    benchmark's folder (absolute, '..', a symbolic link out) LayoutError naming the file and
+    the line (``readers.AnnotationError``); with ``verify_images``, every image's header is read
     (``images.check_images``) and one PIL cannot identify raises ImageReadError naming it."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")

@@ -145,7 +145,12 @@ def split_class_names(class_names: list[str], split: str, num_train_classes: int
     names = sorted(class_names)
     cut = len(names) // 2 if num_train_classes is None else num_train_classes
     if not 0 < cut < len(names):
-        raise ValueError(f"need 0 < num_train_classes < {len(names)} (classes found), got {cut}")
+        what = f"--num-train-classes {cut}" if num_train_classes is not None else f"{len(names)} class folder(s)"
+        raise LayoutError(
+            f"{what}: an ImageFolder tree needs at least one class for training and one for testing; found "
+            f"{len(names)} class folder(s): set --num-train-classes between 1 and {len(names) - 1}"
+            if len(names) > 1 else f"{what}: an ImageFolder tree needs at least two class folders, found {len(names)}"
+        )
     return names[:cut] if split == "train" else names[cut:]
 
 
