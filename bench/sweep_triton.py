@@ -96,7 +96,7 @@ from gsp_kernels.backends.triton import fused as triton_fused  # noqa: E402
 from gsp_kernels.backends.triton import launch as triton_launch  # noqa: E402
 from gsp_kernels.backends.triton import tuning  # noqa: E402
 from gsp_kernels.contract import (  # noqa: E402
-    COST_MODES, NORMALIZE_MODES, PRECISIONS, SOLVERS, GSPOptions, check_options, default_max_iter, default_tol,
+    COST_MODES, KERNEL_SOLVERS, NORMALIZE_MODES, PRECISIONS, GSPOptions, check_options, default_max_iter, default_tol,
 )
 from gsp_kernels.testing import TOLERANCES, Shape, random_inputs, rel_err, shape_argument  # noqa: E402
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport-ratio", type=float, default=0.3)
     p.add_argument("--normalize", default="lipschitz", choices=NORMALIZE_MODES)
     p.add_argument("--cost", default="euclidean", choices=COST_MODES)
-    p.add_argument("--solver", default="newton", choices=SOLVERS)
+    p.add_argument("--solver", default="newton", choices=KERNEL_SOLVERS)
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {', '.join(KERNELS)}")
     p.add_argument("--dtypes", default=None, help=f"comma list of {', '.join(DTYPES)} (features+prototypes; default "
                    f"{DEFAULT_DTYPES}, --smoke: float32)")

@@ -8,6 +8,8 @@ Public names:
     ZeroShotPredictionLoss (alias ZeroShotLoss): the paper's zero-shot prediction regularizer.
     backend_status, available_backends, BackendStatus: which backends run here, and why not.
     build_info: how the native extension ``gsp_kernels._C`` was built (or why it is absent).
+    load_model: a trained run's embedding model from its checkpoint or folder
+        (``gsp_kernels.training.loading``; imported on first use, it needs the train extra).
 """
 
 from .backends import BackendStatus, available_backends, backend_status
@@ -22,6 +24,7 @@ from .nn import (
     replace_global_pool,
 )
 from .ops import gsp_pool
+from .version import __version__  # noqa: F401  (the package version, gsp_kernels.__version__)
 
 __all__ = [
     "gsp_pool",
@@ -37,5 +40,14 @@ __all__ = [
     "available_backends",
     "BackendStatus",
     "build_info",
+    "load_model",
 ]
-__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``load_model`` from the training package, imported when first asked for."""
+    if name == "load_model":
+        from .training.loading import load_model
+
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

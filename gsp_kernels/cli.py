@@ -9,7 +9,6 @@ import sys
 
 import torch
 
-from . import __version__
 from .backends import (
     BACKENDS,
     backend_status,
@@ -20,6 +19,7 @@ from .backends import (
 from .backends.native import build_info
 from .contract import DTYPES
 from .testing import parse_shapes
+from .version import __version__
 
 
 def _csv(text: str) -> list[str]:
@@ -215,7 +215,7 @@ def cmd_info(args) -> int:
 
 
 def _add_training_commands(subparsers) -> None:
-    """`train`, `evaluate` and `demo` from gsp_kernels.training.cli, or stubs that say why they are missing."""
+    """`train`, `evaluate`, `embed`, `export` and `demo` from gsp_kernels.training.cli, or stubs that say why they are missing."""
     try:
         from .training.cli import register
     except ImportError as exc:
@@ -229,6 +229,7 @@ def _add_training_commands(subparsers) -> None:
             return 2
 
         for name, help_text in (("train", "train a metric-learning model with GSP"), ("evaluate", "evaluate saved models"),
+                                ("embed", "embeddings of a trained model"), ("export", "export a trained model to ONNX or pt2"),
                                 ("demo", "end-to-end demo")):
             stub = subparsers.add_parser(name, help=f"{help_text} ({reason})")
             stub.set_defaults(func=unavailable)

@@ -33,7 +33,8 @@ DEFAULT_GAMMA = 5.0  # γ of the authors' TensorFlow configurations
 
 NORMALIZE_MODES = ("lipschitz", "l2", "none")
 COST_MODES = ("euclidean", "sqeuclidean")
-SOLVERS = ("newton", "fixed_point")
+SOLVERS = ("newton", "unrolled", "fixed_point")
+KERNEL_SOLVERS = ("newton", "fixed_point")  # what the kernels run (``kernel_options`` maps the rest)
 PRECISIONS = ("auto", "ieee", "tf32", "tf32x3")
 # The kernels' codes for the modes: Triton constexprs, and the enums of csrc/gsp_math.h.
 NORMALIZE_CODES = {"lipschitz": 0, "l2": 1, "none": 2}
@@ -65,9 +66,16 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-13 if dtype == torch.float64 else 1e-6
 
 
+# The unrolled solve's step count: the fewest with which the float32 solve meets docs/math.md,
+# Accuracy, and has converged (within 1e-5 of Newton's root) over every accepted μ and γ
+# (bench/unrolled_steps.py measures it; docs/math.md, The scalar solve).
+UNROLLED_STEPS = 24
+
+
 def default_max_iter(solver: str) -> int:
-    """Iteration cap: the paper's 100 for fixed_point, a safety cap for Newton."""
-    return 100 if solver == "fixed_point" else 64
+    """Iteration cap or count: the paper's 100 for fixed_point, ``UNROLLED_STEPS`` for unrolled, a
+    safety cap for Newton."""
+    return {"fixed_point": 100, "unrolled": UNROLLED_STEPS}.get(solver, 64)
 
 
 def cost_snap(dtype: torch.dtype) -> float:
@@ -96,6 +104,13 @@ def backward_options(options: GSPOptions) -> GSPOptions:
     their defaults: the backward depends on the root u, not on how it was found)."""
     return GSPOptions(options.transport_ratio, options.gamma, options.normalize, options.cost,
                       precision=options.precision)
+
+
+def kernel_options(options: GSPOptions) -> GSPOptions:
+    """The options a kernel backend takes for a call: ``unrolled`` becomes ``newton`` (the kernels'
+    Newton runs per sample on the device, with no host control flow, capped at the same steps);
+    the others as they are."""
+    return options._replace(solver="newton") if options.solver == "unrolled" else options
 
 
 def check_choice(name: str, value, choices) -> None:

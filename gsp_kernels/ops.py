@@ -34,6 +34,7 @@ from .contract import (
     check_options,
     check_tensor,
     compute_dtype,
+    kernel_options,
 )
 
 
@@ -219,9 +220,13 @@ def gsp_pool(
             limits).
         normalize: "lipschitz" (x / max(1, |x|)), "l2" or "none", applied for the cost only.
         cost: "euclidean" (|ẑ - x̂|) or "sqeuclidean" (its square).
-        solver: "newton" (exact root, stops on ``tol``) or "fixed_point" (the paper's
-            iteration, exactly ``max_iter`` steps, default 100).
-        max_iter: iteration cap (newton, default 64) or count (fixed_point).
+        solver: "newton" (exact root, stops on ``tol``), "unrolled" (the same Newton steps,
+            exactly ``max_iter`` of them with converged samples frozen by ``torch.where``:
+            no data-dependent control flow, for ``torch.export`` and ONNX; the kernel
+            backends run their Newton for it) or "fixed_point" (the paper's iteration,
+            exactly ``max_iter`` steps, default 100).
+        max_iter: iteration cap (newton, default 64) or count (unrolled, default
+            ``contract.UNROLLED_STEPS``; fixed_point, default 100).
         tol: Newton tolerance, relative; default 1e-6 (float32 compute) or 1e-13 (float64).
         precision: arithmetic of the kernel backends' cost products: "auto" (the backend's
             most accurate fast choice), "ieee", "tf32" or "tf32x3". The reference always
@@ -253,7 +258,10 @@ def gsp_pool(
         raise ValueError(f"x is on {x.device} but prototypes is on {prototypes.device}")
     options = check_options(transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision,
                             n=features.shape[1], dtype=compute_dtype(x, prototypes))
-    name = resolve_backend(backend, features, prototypes, options)
+    # The kernels solve by their own Newton, which is what solver="unrolled" asks of them.
+    name = resolve_backend(backend, features, prototypes, kernel_options(options))
+    if name != "reference":
+        options = kernel_options(options)
     pooled, attr, weights, _u = _run_op(features, prototypes, options, name)
     if not return_weights:
         return pooled, attr

@@ -254,7 +254,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_nothing_partial(error,
     assert f"cannot write the checkpoint to {out}" in message and "disk full" in message
     assert f"the previous checkpoint {out / 'checkpoint.pt'} is intact" in message
     assert checkpoint.load_checkpoint(out / "checkpoint.pt")["epoch"] == 0  # the first epoch's
-    assert sorted(path.name for path in out.iterdir()) == ["checkpoint.pt"]  # no .partial, no results.json
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint.pt", "config.yaml"]  # no .partial, no results.json
     monkeypatch.setattr(torch, "save", real_save)
     assert cli.main([*_train_flags(tmp_path, out), "--epochs", "3", "--scheduler", "constant", "--resume"]) == 0  # it goes on
 
@@ -272,7 +272,7 @@ def test_results_files_are_written_atomically(tmp_path, monkeypatch, capsys):
     assert cli.main(_train_flags(tmp_path, out)) == 0
     assert cli.main(["evaluate", "--checkpoint", str(out), "--output-dir", str(tmp_path / "eval")]) == 0
     assert ("results.json.partial", "results.json") in replaced and ("evaluation.json.partial", "evaluation.json") in replaced
-    assert ("checkpoint.pt.partial", "checkpoint.pt") in replaced
+    assert ("checkpoint.pt.partial", "checkpoint.pt") in replaced and ("config.yaml.partial", "config.yaml") in replaced
     capsys.readouterr()
     # a write that fails leaves the previous file and no partial one
     previous = (out / "results.json").read_text()

@@ -77,6 +77,50 @@ def costs_from_squared(sq: Tensor, cost: str) -> Tensor:
     return sq.sqrt() if cost == "euclidean" else sq
 
 
+def _newton_start(ell: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The solve's start u₀ = logit μ − mean_i ℓ_i and its bracket [lo, hi] (docs/math.md, The
+    scalar solve), each ``[B]``: every σ_i <= μ at lo, every σ_i >= μ at hi."""
+    logit_mu = math.log(mu) - math.log1p(-mu)
+    lo = logit_mu - ell.amax(-1)  # [B]
+    hi = logit_mu - ell.amin(-1)  # [B]
+    u = torch.minimum(torch.maximum(logit_mu - ell.mean(-1), lo), hi)  # [B]
+    return u, lo, hi
+
+
+def _newton_step(ell: Tensor, u: Tensor, lo: Tensor, hi: Tensor, target: float, log_target: float):
+    """One bracketed log-Newton step from u ``[B]`` (ell ``[B, N]``): the bracket shrunk to the
+    root's side, then the Newton step of log Σσ = log μN where it stays inside, else the midpoint
+    (a NaN or infinite step is not inside). Returns (u_next, lo, hi, residual Σσ − μN), each ``[B]``."""
+    s = torch.sigmoid(ell + u.unsqueeze(-1))  # [B, N]
+    mass = s.sum(-1)  # [B]
+    residual = mass - target  # [B]
+    slope = mass - (s * s).sum(-1)  # Σ σ(1 − σ)
+    above = residual > 0
+    hi = torch.where(above, u, hi)
+    lo = torch.where(above, lo, u)
+    u_newton = u - (torch.log(mass) - log_target) * mass / slope  # Newton on log Σσ
+    # inside the bracket <=> (u_newton − lo)(hi − u_newton) >= 0; False for NaN steps
+    inside = (u_newton - lo) * (hi - u_newton) >= 0
+    u_next = torch.where(inside, u_newton, 0.5 * (lo + hi))
+    return u_next, lo, hi, residual
+
+
+def _residual_open(residual: Tensor, target: float, tol: float) -> Tensor:
+    """``[B]``: the residual is finite and above tol (relative); False freezes u before the step."""
+    return (residual.abs() > tol * target) & torch.isfinite(residual)
+
+
+def _step_open(u: Tensor, step: Tensor, lo: Tensor, hi: Tensor, tol: float) -> Tensor:
+    """``[B]``: the step and the bracket are above tol (relative to u); False freezes u after the step."""
+    scale = tol * u.abs().clamp_min(1.0)
+    return (step > scale) & (hi - lo > scale)
+
+
+def _gap_root(ell: Tensor) -> Tensor:
+    """u = +∞ ``[B]``: μ = 1 is GAP, σ ≡ 1 exactly."""
+    return torch.full(ell.shape[:-1], math.inf, dtype=ell.dtype, device=ell.device)
+
+
 def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
     """Root u of Σ_i σ(u + ℓ_i) = μN per sample, bracketed Newton. ell [B, N] -> u [B].
 
@@ -91,38 +135,45 @@ def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
     """
     n = ell.shape[-1]
     target = mu * n
-    if mu >= 1.0:  # GAP: σ ≡ 1 exactly
-        return torch.full(ell.shape[:-1], math.inf, dtype=ell.dtype, device=ell.device)
-    logit_mu = math.log(mu) - math.log1p(-mu)
+    if mu >= 1.0:
+        return _gap_root(ell)
     log_target = math.log(target)
-    lo = logit_mu - ell.amax(-1)  # [B]: every σ_i <= μ here
-    hi = logit_mu - ell.amin(-1)  # [B]: every σ_i >= μ here
-    u = torch.minimum(torch.maximum(logit_mu - ell.mean(-1), lo), hi)
+    u, lo, hi = _newton_start(ell, mu)
     active = torch.ones_like(u, dtype=torch.bool)  # [B]: not yet converged
     check_every = 1 if u.device.type == "cpu" else 3  # fewer host syncs on accelerators
     compiling = torch.compiler.is_compiling()
     for it in range(max_iter):
-        s = torch.sigmoid(ell + u.unsqueeze(-1))  # [B, N]
-        mass = s.sum(-1)
-        residual = mass - target  # [B]
+        u_next, lo, hi, residual = _newton_step(ell, u, lo, hi, target, log_target)
         checking = not compiling and (it + 1) % check_every == 0
         if checking:  # a small residual freezes u where it is, before any step
-            active = active & (residual.abs() > tol * target) & torch.isfinite(residual)
-        slope = mass - (s * s).sum(-1)  # Σ σ(1 − σ)
-        above = residual > 0
-        hi = torch.where(above, u, hi)
-        lo = torch.where(above, lo, u)
-        u_newton = u - (torch.log(mass) - log_target) * mass / slope  # Newton on log Σσ
-        # inside the bracket <=> (u_newton − lo)(hi − u_newton) >= 0; False for NaN steps
-        inside = (u_newton - lo) * (hi - u_newton) >= 0
-        u_next = torch.where(inside, u_newton, 0.5 * (lo + hi))
+            active = active & _residual_open(residual, target, tol)
         step = (u_next - u).abs()
         u = torch.where(active, u_next, u)
         if checking:  # a vanishing step or bracket freezes u after the step
-            scale = tol * u.abs().clamp_min(1.0)
-            active = active & (step > scale) & (hi - lo > scale)
+            active = active & _step_open(u, step, lo, hi, tol)
             if not bool(active.any()):
                 break
+    return u
+
+
+def solve_unrolled(ell: Tensor, mu: float, tol: float, steps: int) -> Tensor:
+    """``solve_newton`` run exactly ``steps`` times with no data-dependent control flow: the
+    convergence tests of every iteration freeze a sample through ``torch.where`` and the loop
+    never exits early, so that a trace (``torch.export``, ONNX) records the whole solve as
+    standard tensor operations. ell [B, N] -> u [B]."""
+    n = ell.shape[-1]
+    target = mu * n
+    if mu >= 1.0:
+        return _gap_root(ell)
+    log_target = math.log(target)
+    u, lo, hi = _newton_start(ell, mu)
+    active = torch.ones_like(u, dtype=torch.bool)  # [B]: not yet converged
+    for _ in range(steps):
+        u_next, lo, hi, residual = _newton_step(ell, u, lo, hi, target, log_target)
+        active = active & _residual_open(residual, target, tol)
+        step = (u_next - u).abs()
+        u = torch.where(active, u_next, u)
+        active = active & _step_open(u, step, lo, hi, tol)
     return u
 
 
@@ -133,7 +184,7 @@ def solve_fixed_point(ell: Tensor, mu: float, max_iter: int) -> Tensor:
     """
     n = ell.shape[-1]
     if mu >= 1.0:
-        return torch.full(ell.shape[:-1], math.inf, dtype=ell.dtype, device=ell.device)
+        return _gap_root(ell)
     log_target = math.log(mu * n)
     u = torch.full(ell.shape[:-1], math.log(mu), dtype=ell.dtype, device=ell.device)
     for _ in range(max_iter):
@@ -172,6 +223,8 @@ def gsp_forward(
     _, _, _, _, _, ell, assign = _plan_terms(x, prototypes, gamma, normalize, cost)
     if solver == "newton":
         u = solve_newton(ell, mu, tol, max_iter)
+    elif solver == "unrolled":
+        u = solve_unrolled(ell, mu, tol, max_iter)
     else:
         u = solve_fixed_point(ell, mu, max_iter)
     sigma = torch.sigmoid(u.unsqueeze(-1) + ell)  # [B, N]

@@ -107,9 +107,10 @@ class GSP(nn.Module):
         gamma: inverse temperature of the transport plan.
         normalize, cost: as in ``gsp_pool`` (cost-side normalization, distance).
         backend: ``gsp_pool`` backend ("auto", "reference", "triton", "cuda").
-        solver, max_iter: as in ``gsp_pool``: "newton" (default, the exact root) or, for parity
-            with the authors' layers, "fixed_point" with their ``optimization_steps``
-            (``max_iter``, default 100).
+        solver, max_iter: as in ``gsp_pool``: "newton" (default, the exact root), "unrolled" (its
+            steps, a fixed count with no data-dependent control flow: what ``gsp_kernels.export``
+            traces) or, for parity with the authors' layers, "fixed_point" with their
+            ``optimization_steps`` (``max_iter``, default 100).
         pooling_method: how the transport weights w (summing to 1) pool, with the authors' mixing
             weights N·w_i: "sum" (default): Σ_i w_i P(x_i), the paper's layer (their 'gap');
             "gem": P(GeM), GeM_c = (mean_i max(N·w_i·x_ic, 1e-6)^p)^(1/p): the mixing weights

@@ -1,6 +1,7 @@
 """Metric learning with GSP, one module a job:
 
 - ``config``: the settings of a run (``TrainConfig``), their choices and checks, ``RunError``.
+- ``config_files``: settings read from YAML or TOML files, and the run's own written into its folder.
 - ``recipes``: the authors' settings per benchmark.
 - ``datasets``: the benchmarks (``load_benchmark``, ``BenchmarkData``, folds, subsets);
   ``datasets.readers`` their archives, ``datasets.images`` image lists and ImageFolder trees,
@@ -18,6 +19,8 @@
 - ``protocols``: the standard protocol and the MLRC protocol (one model per fold).
 - ``run``: ``train(config)``: setup, data, and the protocol.
 - ``report``: every table a run prints, and the record of results.json.
+- ``provenance``: where a result came from (versions, git commit, device, command line).
+- ``tensorboard_log``: ``--log tensorboard``'s event files; ``figures`` the weight-map figure.
 - ``evaluate``: saved models evaluated without training.
 - ``demo``: GAP vs GSP on the embedded data.
 - ``cli``: ``gsp-kernels train``, ``evaluate`` and ``demo``.

@@ -24,15 +24,19 @@ from .config import RunError, TrainConfig
 from .files import atomic_path, check_writable
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"  # beside a checkpoint: the weights of the best validation epoch
+BEST_KIND = "best"
+BEST_KEYS = ("model", "epoch", "val_map_at_r", "config")
+MODEL_CHOICES = ("best", "last")  # which weights of a run a loader takes
 # What fit writes; a file without these keys is not one of its checkpoints.
 CHECKPOINT_KEYS = ("objective", "optimizer", "scheduler", "history", "epoch", "stopped", "early_stopping", "rng", "config")
 _CONFIG_KEYS = ("dataset", "pooling", "arch", "embedding_dim", "epochs")  # settings every version of fit has saved
 _FOLD_FOLDER = re.compile(r"fold([1-9][0-9]*)")
 
-# Settings a run may change when it resumes: where and how fast it runs, and how long (not
-# under the cosine schedule, which spans the epochs the run started with).
+# Settings a run may change when it resumes: where and how fast it runs, what it logs, and how
+# long (not under the cosine schedule, which spans the epochs the run started with).
 RESUMABLE_CHANGES = ("epochs", "resume", "overwrite", "progress", "output_dir", "device", "num_workers", "eval_batch_size",
-                     "compile", "backend")
+                     "compile", "backend", "log")
 
 
 def seed_everything(seed: int) -> None:
@@ -89,6 +93,36 @@ def save_checkpoint(path: Path, state: dict) -> None:
                        f"free space there, or pass another --output-dir (--resume continues from the last checkpoint)") from exc
 
 
+def _load_safely(path: Path, device, mmap: bool, what: str):
+    """``torch.load(weights_only=True)`` of ``path`` (no code from the file runs; the NumPy
+    globals of a plain array allowed for older checkpoints): ``FileNotFoundError`` for no file,
+    ``RunError`` for a file that cannot be loaded so."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {str(path)!r}")
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # torch.load's errors have no common type: unpickling, zip, EOF, legacy-format KeyError
+        raise RunError(f"refused to load {path} as a {what}: {load_failure_reason(exc)}") from exc
+
+
+def _missing_keys(state, keys: tuple[str, ...]) -> list[str]:
+    """The keys of ``keys`` (and of ``_CONFIG_KEYS`` in its "config") that ``state`` lacks."""
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else list(keys)
+    if not missing:
+        config = state["config"]
+        missing = [f"config[{key!r}]" for key in _CONFIG_KEYS if key not in config] if isinstance(config, dict) else ["a config dict"]
+    return missing
+
+
+def _held(state) -> str:
+    if not isinstance(state, dict):
+        return type(state).__name__
+    return f"keys {', '.join(map(str, list(state)[:6]))}{', ...' if len(state) > 6 else ''}"
+
+
 def load_checkpoint(path, device: torch.device | str = "cpu", *, mmap: bool = False) -> dict:
     """A checkpoint written by ``fit``, loaded with ``torch.load(weights_only=True)`` (no code
     from the file runs; a file written before the RNG states were stored as tensors needs,
@@ -96,32 +130,57 @@ def load_checkpoint(path, device: torch.device | str = "cpu", *, mmap: bool = Fa
     reading them. ``FileNotFoundError`` for no file; ``RunError`` for a file that cannot be
     loaded so, or is not such a checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
-            state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except (MemoryError, torch.OutOfMemoryError):
-        raise
-    except Exception as exc:  # torch.load's errors have no common type: unpickling, zip, EOF, legacy-format KeyError
-        raise RunError(f"refused to load {path} as a checkpoint: {load_failure_reason(exc)}") from exc
-    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
-    if not missing:
-        config = state["config"]
-        missing = [f"config[{key!r}]" for key in _CONFIG_KEYS if key not in config] if isinstance(config, dict) else ["a config dict"]
+    state = _load_safely(path, device, mmap, "checkpoint")
+    missing = _missing_keys(state, CHECKPOINT_KEYS)
     if missing:
-        held = f"keys {', '.join(map(str, list(state)[:6]))}{', ...' if len(state) > 6 else ''}" if isinstance(state, dict) else type(state).__name__
         raise RunError(f"{path} is not a checkpoint written by gsp-kernels train: it lacks {', '.join(missing)} "
-                       f"(it holds {held}); backbone weights go to --pretrained")
+                       f"(it holds {_held(state)}); backbone weights go to --pretrained")
     return state
 
 
-def model_state(checkpoint: dict) -> dict:
-    """The model weights a checkpoint stands for: the early-stopping best when it kept one,
-    else the last epoch's."""
-    best = checkpoint.get("early_stopping") or {}
+def save_best(path: Path, model: dict, epoch: int, score: float, config: TrainConfig) -> None:
+    """``best.pt``: the weights of the epoch with the best validation MAP@R so far (atomically)."""
+    save_checkpoint(path, {"kind": BEST_KIND, "model": model, "epoch": epoch, "val_map_at_r": score,
+                           "config": dataclasses.asdict(config)})
+
+
+def load_trained_weights(path, which: str = "best", device: torch.device | str = "cpu") -> dict:
+    """The trained weights a file or a run folder stands for, loaded safely: {"path" (the file
+    read), "config" (the settings dict), "epoch" (0-based), "model" (state dict), "which"
+    ("best": the epoch of the best validation MAP@R; "last": the last epoch trained)}.
+
+    A folder: ``which="best"`` reads its best.pt when the run kept one (``--validation-classes``,
+    mlrc folds), else the checkpoint (its early-stopping best, or its last epoch);
+    ``which="last"`` reads the checkpoint's last epoch. A checkpoint file: as its folder would,
+    without best.pt. A best.pt file: its weights (``which="last"`` then is a RunError).
+    ``FileNotFoundError`` for nothing there, ``RunError`` for a file that is neither."""
+    if which not in MODEL_CHOICES:
+        raise ValueError(f"which must be one of {MODEL_CHOICES}, got {which!r}")
+    path = Path(path)
+    if path.is_dir():
+        best = path / BEST_NAME
+        path = best if which == "best" and best.is_file() else path / CHECKPOINT_NAME
+    state = _load_safely(path, device, False, "checkpoint")
+    if isinstance(state, dict) and state.get("kind") == BEST_KIND:
+        missing = _missing_keys(state, BEST_KEYS)
+        if missing:
+            raise RunError(f"{path} is not a best-validation file written by gsp-kernels train: it lacks {', '.join(missing)}")
+        if which == "last":
+            raise RunError(f"{path} holds the best validation epoch's weights; the last epoch's are in "
+                           f"{path.with_name(CHECKPOINT_NAME)} (pass that file, or the run folder)")
+        return {"path": path, "config": state["config"], "epoch": state["epoch"], "model": state["model"], "which": "best"}
+    missing = _missing_keys(state, CHECKPOINT_KEYS)
+    if missing:
+        raise RunError(f"{path} is not a checkpoint written by gsp-kernels train: it lacks {', '.join(missing)} "
+                       f"(it holds {_held(state)}); backbone weights go to --pretrained")
+    best = (state.get("early_stopping") or {}) if which == "best" else {}
     if best.get("model") is not None:
-        return best["model"]
+        return {"path": path, "config": state["config"], "epoch": best["epoch"], "model": best["model"], "which": "best"}
+    return {"path": path, "config": state["config"], "epoch": state["epoch"], "model": last_epoch_state(state), "which": "last"}
+
+
+def last_epoch_state(checkpoint: dict) -> dict:
+    """The model weights of a checkpoint's last epoch."""
     prefix = "model."
     return {key[len(prefix):]: value for key, value in checkpoint["objective"].items() if key.startswith(prefix)}
 
@@ -222,7 +281,9 @@ def prepare_output_dir(config: TrainConfig) -> None:
 
 
 def discard_run_checkpoints(folder: str | Path) -> None:
-    """Remove the checkpoints of the run in ``folder`` (``overwrite``: a fold left from the
-    replaced run must not be resumed as part of the new one)."""
+    """Remove the checkpoints of the run in ``folder`` and their best.pt files (``overwrite``: a
+    fold left from the replaced run must not be resumed, nor its best weights loaded, as part
+    of the new one)."""
     for path in run_checkpoints(folder):
         path.unlink(missing_ok=True)
+        path.with_name(BEST_NAME).unlink(missing_ok=True)

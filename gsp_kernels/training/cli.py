@@ -1,10 +1,11 @@
-"""`gsp-kernels train`, `gsp-kernels evaluate` and `gsp-kernels demo`: ``register(subparsers)``
-adds the subcommands to the main CLI's argparse subparsers; each sets ``func`` to a function
+"""`gsp-kernels train`, `gsp-kernels evaluate`, `gsp-kernels embed`, `gsp-kernels export` and `gsp-kernels demo`:
+``register(subparsers)`` adds the subcommands to the main CLI's argparse subparsers; each sets ``func`` to a function
 of the parsed args.
 
 Every TrainConfig field is a flag whose argparse default is None, so a flag given explicitly
-can be told from one left out: the settings are the recipe's (``--recipe``) or the defaults,
-overridden by the explicit flags.
+can be told from one left out: the settings are the recipe's (``--recipe``, in the file or on
+the command line) or the defaults, overridden by those of a settings file (``train --config
+FILE``, YAML or TOML: ``config_files``), overridden by the explicit flags.
 
 A user's mistake (a setting, a file, a folder, a missing package of the train extra) ends in
 one line on stderr and exit status 2, before any data is read where it can be found then; a
@@ -21,7 +22,9 @@ from pathlib import Path
 
 from ..nn import POOLING_METHODS
 from ..nn.arch import resolve_arch
+from .checkpoint import MODEL_CHOICES
 from .config import (
+    LOGS,
     METRIC_LOSSES,
     OPTIMIZERS,
     PROTOCOLS,
@@ -32,8 +35,10 @@ from .config import (
     layer_defaults,
     validate_config,
 )
+from .config_files import config_format, read_config_file
 from .datasets import DATASETS
 from .datasets.images import ImageReadError, LayoutError
+from .embed import SPLITS
 from .files import check_writable, write_json
 from .recipes import RECIPES, recipe_config
 
@@ -70,6 +75,9 @@ _HELP = {
     "early stopping on the held-out fold's MAP@R, reported per model and concatenated)",
     "num_folds": "mlrc: folds of the training classes",
     "early_stopping_patience": "mlrc: epochs without a better validation MAP@R before a model stops",
+    "validation_classes": "standard protocol: hold out this share of the training classes (0 < share < 1), measure their "
+    "MAP@R after every epoch and keep the best epoch's weights as output_dir/best.pt (the model tested); 0: none, the "
+    "last epoch is tested",
     "recipe": f"the authors' settings for one of {', '.join(RECIPES)} (explicit flags override them; see the README)",
     "backend": "gsp_pool backend: auto, reference, triton or cuda",
     "output_dir": "write output_dir/checkpoint.pt after every epoch (and results.json at the end)",
@@ -80,17 +88,19 @@ _HELP = {
     "resume": "continue from output_dir/checkpoint.pt if it exists (at the next epoch)",
     "overwrite": "train anew into an output_dir that holds a run's checkpoint, replacing it (without --resume or "
     "--overwrite such a folder is refused)",
+    "log": "tensorboard: event files under output_dir/tensorboard (mlrc: output_dir/fold<k>/tensorboard): losses, learning "
+    "rate, images/s, validation and test metrics, GSP weight spread and weight maps; none: no log",
 }
 _CHOICES = {"pooling": ("gsp", "gap"), "pooling_method": POOLING_METHODS, "metric_loss": METRIC_LOSSES,
             "prototype_init": PROTOTYPE_INITS, "dataset": DATASETS, "optimizer": OPTIMIZERS,
-            "scheduler": SCHEDULERS, "protocol": PROTOCOLS, "recipe": tuple(RECIPES)}
+            "scheduler": SCHEDULERS, "protocol": PROTOCOLS, "recipe": tuple(RECIPES), "log": LOGS}
 _NOT_FLAGS = {"progress"}
 # a dataset's layout or files, a checkpoint, a folder, a setting found wrong on the way: reported without a traceback
 _USER_ERRORS = (FileNotFoundError, ImageReadError, LayoutError, RunError)
 # The train extra's modules (and their pip names): what every command needs, and what some settings do.
 _EXTRA = {"pytorch_metric_learning": "pytorch-metric-learning", "sklearn": "scikit-learn", "tqdm": "tqdm",
           "torchvision": "torchvision", "PIL": "pillow", "timm": "timm", "safetensors": "safetensors", "scipy": "scipy",
-          "matplotlib": "matplotlib"}
+          "matplotlib": "matplotlib", "yaml": "PyYAML", "tomli": "tomli", "tensorboard": "tensorboard"}
 _ALWAYS_NEEDED = ("pytorch_metric_learning", "sklearn", "tqdm")
 _NONE = "none"  # the value of an optional flag that sets the field to None explicitly
 
@@ -152,13 +162,16 @@ def _missing_extra(args: argparse.Namespace, exc: ImportError, module: str | Non
 def _require_extra(args: argparse.Namespace, config: TrainConfig | None = None, extra: tuple[str, ...] = ()) -> None:
     """Import what the command will need of the train extra now, before any work: the metric
     learning modules always, torchvision and Pillow for images or a torchvision/timm backbone,
-    timm for a timm backbone or --pretrained weights, and ``extra``."""
+    timm for a timm backbone or --pretrained weights, tensorboard and matplotlib for --log
+    tensorboard, and ``extra``."""
     modules = list(_ALWAYS_NEEDED) + list(extra)
     if config is not None:
         if config.dataset != "collage" or config.arch != "smallcnn":
             modules += ["torchvision", "PIL"]
         if config.pretrained is not None or (config.arch != "smallcnn" and resolve_arch(config.arch)[0] == "timm"):
             modules.append("timm")
+        if config.log == "tensorboard":
+            modules += ["tensorboard", "matplotlib"]
     for module in modules:
         try:
             importlib.import_module(module)
@@ -170,20 +183,35 @@ def _is_extra(exc: ImportError) -> bool:
     return isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in _EXTRA
 
 
+def _file_values(args: argparse.Namespace) -> dict:
+    """The settings of ``--config FILE`` ({} without one); a bad file is a usage error."""
+    path = getattr(args, "config", None)
+    if path is None:
+        return {}
+    try:
+        return read_config_file(path, _CHOICES)
+    except RunError as exc:
+        _usage_error(args, str(exc))
+    except ImportError as exc:
+        _missing_extra(args, exc)
+
+
 def _config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """The run's settings: ``base`` (default: the recipe ``--recipe`` names under the
-    protocol given, or TrainConfig()) with the explicit flags on top. A bad setting is a
-    usage error (exit 2) before any data is loaded."""
-    explicit = _explicit_values(args)
+    """The run's settings: ``base`` (default: the recipe the flags or the ``--config`` file
+    name, under the protocol given, or TrainConfig()) with the file's settings on top, and the
+    explicit flags on top of those. A bad setting is a usage error (exit 2) before any data
+    is loaded."""
+    settings = {**_file_values(args), **_explicit_values(args)}
     try:
         if base is None:
-            recipe = explicit.get("recipe")
-            protocol = explicit.get("protocol", "standard")
+            recipe = settings.get("recipe")
+            protocol = settings.get("protocol", "standard")
             if recipe:
                 base = recipe_config(recipe, protocol)
             else:  # without a recipe, a real backbone gets the paper's layer sizes unless flags say otherwise
-                base = TrainConfig(**layer_defaults(explicit.get("arch", TrainConfig.arch)))
-        config = dataclasses.replace(base, **explicit, progress=not args.no_progress)
+                base = TrainConfig(**layer_defaults(settings.get("arch", TrainConfig.arch)))
+        settings["progress"] = not args.no_progress and settings.get("progress", True)
+        config = dataclasses.replace(base, **settings)
         validate_config(config)
     except ValueError as exc:
         _usage_error(args, str(exc))
@@ -221,13 +249,15 @@ def run_train(args: argparse.Namespace) -> int:
     """Train as configured and print the summary (rank 0 under torchrun); results.json in
     --output-dir."""
     from .distributed import shutdown_distributed
+    from .provenance import provenance
     from .report import results_record, summary_table
     from .run import train
 
     config = _config_from_args(args)
-    _require_extra(args, config)
+    kind = config_format(args.config) if args.config else "yaml"  # the run's config.yaml or config.toml
+    _require_extra(args, config, ("yaml",) if config.output_dir and kind == "yaml" else ())
     try:
-        result = train(config)
+        result = train(config, config_format=kind)
     except _USER_ERRORS as exc:  # the data, a file or a folder, not a bug: the message names it
         _usage_error(args, str(exc))
     except ImportError as exc:
@@ -239,7 +269,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 0  # not rank 0
     print(summary_table(result))
     if result["config"].output_dir:
-        _write_results(args, result["config"].output_dir, "results.json", results_record(result),
+        _write_results(args, result["config"].output_dir, "results.json",
+                       {**results_record(result), "provenance": provenance(result["device"])},
                        "the metrics are printed above, and the checkpoint saved: gsp-kernels evaluate scores it again")
     return 0
 
@@ -247,6 +278,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate saved models on a benchmark's test split without training."""
     from .evaluate import evaluate_checkpoints
+    from .provenance import provenance
     from .report import evaluation_table
 
     _require_extra(args)
@@ -255,7 +287,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in ("dataset", "data_root", "device", "num_workers", "eval_batch_size")
                  if getattr(args, name) is not None}
     try:
-        result = evaluate_checkpoints(args.checkpoint, **overrides)
+        result = evaluate_checkpoints(args.checkpoint, which=args.which, **overrides)
     except (ValueError, *_USER_ERRORS) as exc:
         _usage_error(args, str(exc))
     except ImportError as exc:
@@ -264,7 +296,114 @@ def run_evaluate(args: argparse.Namespace) -> int:
         _missing_extra(args, exc)
     print(evaluation_table(result))
     if args.output_dir:
-        _write_results(args, args.output_dir, "evaluation.json", result, "the metrics are printed above")
+        _write_results(args, args.output_dir, "evaluation.json", {**result, "provenance": provenance(result["device"])},
+                       "the metrics are printed above")
+    return 0
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """Embeddings of a benchmark split or a folder of images by a trained model, to a file."""
+    import torch
+
+    from .embed import (
+        benchmark_split,
+        check_output,
+        embed_images,
+        image_folder,
+        model_transform,
+        write_embeddings,
+    )
+    from .loading import load_model
+
+    _require_extra(args, extra=("torchvision", "PIL") + (("safetensors",) if str(args.output).endswith(".safetensors") else ()))
+    if (args.images is None) == (args.dataset is None and args.data_root is None):
+        _usage_error(args, "pass --images DIR (a folder of images), or --dataset NAME and --data-root DIR (a benchmark split)")
+    if args.images is not None and args.split is not None:
+        _usage_error(args, "--split applies to a benchmark (--dataset, --data-root), not to --images")
+    if args.batch_size < 1:
+        _usage_error(args, f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        output = check_output(args.output)
+        _writable_folder(args, output.parent, "--output")
+        model = load_model(args.checkpoint, which=args.which)
+        config, transform = model.config, model_transform(model.config)  # the images as the model was tested on
+        if args.images is not None:
+            dataset, paths = image_folder(args.images, transform)
+        else:
+            overrides = {"dataset": args.dataset or config.dataset, "data_root": args.data_root or config.data_root}
+            if overrides["dataset"] != "collage" and overrides["data_root"] is None:
+                _usage_error(args, f"--dataset {overrides['dataset']} needs --data-root DIR")
+            config = dataclasses.replace(config, **overrides)
+            dataset, paths = benchmark_split(config, args.split or "test", transform)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = model.to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        embeddings = embed_images(model, dataset, device, batch_size=args.batch_size, amp=args.amp, channels_last=args.channels_last,
+                                  num_workers=args.num_workers, progress=not args.no_progress)
+        write_embeddings(output, embeddings, dataset.labels, paths)
+    except (ValueError, *_USER_ERRORS) as exc:
+        _usage_error(args, str(exc))
+    except OSError as exc:
+        _usage_error(args, f"cannot write {args.output} ({type(exc).__name__}: {exc})")
+    except ImportError as exc:
+        if not _is_extra(exc):
+            raise
+        _missing_extra(args, exc)
+    print(f"{embeddings.shape[0]} embeddings of {embeddings.shape[1]} dimensions -> {output}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """A trained model as an ONNX or pt2 file that runs without this package (``gsp_kernels.export``)."""
+    from ..export import FORMATS, check_opset, export_onnx, export_pt2
+    from .files import atomic_path
+    from .loading import load_model
+    from .models import input_size
+
+    if args.format not in FORMATS:
+        _usage_error(args, f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    if args.opset is not None and args.format != "onnx":
+        _usage_error(args, f"--opset applies to --format onnx, not {args.format}")
+    if args.image_size is not None and args.image_size < 1:
+        _usage_error(args, f"--image-size must be >= 1, got {args.image_size}")
+    opset = None
+    if args.format == "onnx":
+        for module in ("onnx", "onnxscript"):
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                _usage_error(args, f"--format onnx needs {module}, which is not installed ({exc}): install the export extra, "
+                                   f"pip install -e \".[export]\" (or pip install 'gsp-kernels[export]')")
+        try:
+            opset = None if args.opset is None else int(args.opset)
+        except ValueError:
+            _usage_error(args, f"--opset must be an integer, got {args.opset!r}")
+        try:
+            check_opset(opset)
+        except ValueError as exc:
+            _usage_error(args, f"--opset {args.opset}: {exc}")
+    output = Path(args.output).expanduser()
+    if output.is_dir():
+        _usage_error(args, f"--output {output} is a folder: name the file to write")
+    _writable_folder(args, output.parent, "--output")
+    try:
+        model = load_model(args.checkpoint, which=args.which)
+        image_size = args.image_size or input_size(model.config)
+        with atomic_path(output) as partial:
+            if args.format == "onnx":
+                export_onnx(model, partial, image_size=image_size, opset=opset)
+            else:
+                export_pt2(model, partial, image_size=image_size)
+    except (ValueError, *_USER_ERRORS) as exc:
+        _usage_error(args, str(exc))
+    except OSError as exc:
+        _usage_error(args, f"cannot write {output} ({type(exc).__name__}: {exc})")
+    except ImportError as exc:
+        if not _is_extra(exc):
+            raise
+        _missing_extra(args, exc)
+    print(f"{args.format}: images [batch, 3, {image_size}, {image_size}] -> embedding, written to {output}")
     return 0
 
 
@@ -296,13 +435,16 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add the ``train``, ``evaluate`` and ``demo`` subcommands to an argparse subparsers object."""
+    """Add the ``train``, ``evaluate``, ``embed``, ``export`` and ``demo`` subcommands to an argparse subparsers object."""
     train_parser = subparsers.add_parser(
         "train",
         help="metric learning with GSP or the GAP baseline (torchrun-ready)",
         description="Train an embedding with GSP (+ zero-shot loss) or GAP and report Recall@K, MAP@R and "
         "R-Precision on the test classes; --recipe sets the authors' settings for a benchmark.",
     )
+    train_parser.add_argument("--config", metavar="FILE",
+                              help="settings from a YAML or TOML file (keys: the flags' names, e.g. batch_size: 32); "
+                              "flags given here override it, and it overrides the recipe; RUN/config.yaml repeats a run")
     _add_config_flags(train_parser, TrainConfig())
     train_parser.set_defaults(func=run_train)
 
@@ -320,7 +462,47 @@ def register(subparsers) -> None:
     evaluate_parser.add_argument("--device", help="default: a GPU when there is one")
     evaluate_parser.add_argument("--num-workers", type=int, help="DataLoader workers (default: the checkpoint's)")
     evaluate_parser.add_argument("--eval-batch-size", type=int, help="images per batch (default: the checkpoint's)")
+    evaluate_parser.add_argument("--which", choices=MODEL_CHOICES, default="best",
+                                 help="a run's weights: best (its best validation epoch when it kept one, else its last) or last")
     evaluate_parser.set_defaults(func=run_evaluate)
+
+    embed_parser = subparsers.add_parser(
+        "embed",
+        help="embeddings of a benchmark split or a folder of images, to .npz or .safetensors",
+        description="Embed a benchmark split (--dataset, --data-root, --split) or every image under a folder (--images) "
+        "with a trained model and write embeddings [n, E] float32, labels [n] (-1: unlabelled) and paths [n] "
+        "(relative to the root) to FILE.npz or FILE.safetensors.",
+    )
+    embed_parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt or best.pt file, or a run folder (mlrc: its folds concatenated)")
+    embed_parser.add_argument("--which", choices=MODEL_CHOICES, default="best", help="a run's weights: best or last (see evaluate)")
+    embed_parser.add_argument("--images", help="a folder of images (searched recursively; unlabelled)")
+    embed_parser.add_argument("--dataset", choices=DATASETS, help="a benchmark (default: the checkpoint's)")
+    embed_parser.add_argument("--data-root", help="the benchmark's folder (default: the checkpoint's)")
+    embed_parser.add_argument("--split", choices=SPLITS, help="test (default), train, or In-Shop's query or gallery")
+    embed_parser.add_argument("--output", required=True, help="FILE.npz or FILE.safetensors")
+    embed_parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    embed_parser.add_argument("--device", help="default: a GPU when there is one")
+    embed_parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
+    embed_parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                              help="channels-last memory format for the model and the images")
+    embed_parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    embed_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    embed_parser.set_defaults(func=run_embed)
+
+    export_parser = subparsers.add_parser(
+        "export",
+        help="a trained model as an ONNX or pt2 file that runs without gsp_kernels",
+        description="Write a trained model as an ONNX file of standard operators (onnxruntime) or a torch.export pt2 file "
+        "(torch.export.load), images [batch, 3, S, S] -> embedding [batch, E] with a dynamic batch; GSP layers solve in a "
+        "fixed number of Newton steps (docs/export.md).",
+    )
+    export_parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt or best.pt file, or a run folder (mlrc: its folds concatenated)")
+    export_parser.add_argument("--format", required=True, metavar="{onnx,pt2}", help="onnx or pt2")
+    export_parser.add_argument("--output", required=True, help="the file to write (FILE.onnx or FILE.pt2)")
+    export_parser.add_argument("--image-size", type=int, help="side S of the images (default: the size the run was tested at)")
+    export_parser.add_argument("--opset", help="onnx: the ONNX opset (default: the exporter's, 20; 18 or newer)")
+    export_parser.add_argument("--which", choices=MODEL_CHOICES, default="best", help="a run's weights: best or last (see evaluate)")
+    export_parser.set_defaults(func=run_export)
 
     demo_parser = subparsers.add_parser(
         "demo",
@@ -336,5 +518,5 @@ def register(subparsers) -> None:
     from .demo import DEMO_CONFIG
 
     _add_config_flags(demo_parser, DEMO_CONFIG, skip={"dataset", "data_root", "pooling", "seed", "resume", "overwrite", "output_dir",
-                                                      "recipe", "protocol", "num_folds", "early_stopping_patience"})
+                                                      "recipe", "protocol", "num_folds", "early_stopping_patience", "log"})
     demo_parser.set_defaults(func=run_demo_command)

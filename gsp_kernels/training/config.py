@@ -21,6 +21,7 @@ METRIC_LOSSES = ("multisimilarity", "contrastive", "proxyanchor")
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULERS = ("cosine", "plateau", "constant")
 PROTOCOLS = ("standard", "mlrc")
+LOGS = ("none", "tensorboard")
 
 
 class RunError(ValueError):
@@ -74,6 +75,7 @@ class TrainConfig:
     protocol: str = "standard"  # "standard" (one model) or "mlrc" (one model per class-disjoint fold)
     num_folds: int = 4  # mlrc
     early_stopping_patience: int = 15  # mlrc: epochs without a better validation MAP@R before stopping
+    validation_classes: float = 0.0  # standard: share of the training classes held out to pick best.pt (0: none)
     recipe: str | None = None  # the recipe the settings came from (recorded only; see recipes.py)
     backend: str = "auto"
     amp: bool = False  # bf16 autocast (CUDA, or CPU when asked)
@@ -82,6 +84,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     eval_batch_size: int = 256
+    log: str = "none"  # "tensorboard": event files under output_dir (see tensorboard_log.py)
     output_dir: str | None = None  # checkpoints go to output_dir/checkpoint.pt after each epoch
     resume: bool = False
     overwrite: bool = False  # train anew into an output_dir that holds a run's checkpoint(s), replacing them
@@ -104,7 +107,8 @@ def layer_defaults(arch: str) -> dict:
 def validate_config(config: TrainConfig) -> None:
     """Fail early, before data loading, on settings that would fail later."""
     choices = {"pooling": POOLINGS, "metric_loss": METRIC_LOSSES, "prototype_init": PROTOTYPE_INITS, "pooling_method": POOLING_METHODS,
-               "dataset": DATASETS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "protocol": PROTOCOLS}
+               "dataset": DATASETS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "protocol": PROTOCOLS,
+               "log": LOGS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
@@ -140,6 +144,10 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"transport_ratio must be in (0, 1], got {config.transport_ratio}")
     if not config.gamma > 0:
         raise ValueError(f"gamma must be > 0, got {config.gamma}")
+    if not 0.0 <= config.validation_classes < 1.0:
+        raise ValueError(f"validation_classes must be a share of the training classes in [0, 1), got {config.validation_classes}")
+    if config.validation_classes > 0 and config.protocol == "mlrc":
+        raise ValueError("validation_classes applies to the standard protocol; mlrc validates on its folds (num_folds)")
     if config.num_folds < 2:
         raise ValueError(f"num_folds must be >= 2, got {config.num_folds}")
     if config.backend not in ("auto", *BACKENDS):

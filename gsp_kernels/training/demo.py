@@ -18,6 +18,7 @@ from torch import Tensor
 from ..table import format_table
 from .config import TrainConfig
 from .datasets.collage import TILE_SIZE, CollageDataset
+from .figures import draw_weight_maps
 from .files import atomic_path
 from .run import train
 
@@ -48,35 +49,24 @@ def class_tile_weight_share(model, dataset: CollageDataset, device: torch.device
 
 def save_weight_figure(path: str, dataset: CollageDataset, weights: Tensor, count: int = 8) -> None:
     """PNG: ``count`` test collages (top row) and their GSP weight maps over them (bottom row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     count = min(count, len(dataset))
-    figure, axes = plt.subplots(2, count, figsize=(1.6 * count, 4.0), squeeze=False)
-    size = dataset.images.shape[-1]
+    figure, axes = draw_weight_maps(dataset.images[:count], weights[:count])
     for column in range(count):
-        image = dataset.images[column].permute(1, 2, 0).numpy()
         weight_map = weights[column]
         share = float(weight_map.reshape(2, weight_map.shape[0] // 2, 2, -1).sum(dim=(1, 3)).flatten()[dataset.class_tiles[column]])
-        axes[0, column].imshow(image, interpolation="nearest")
         axes[0, column].set_title(f"digit {int(dataset.digits[column])}", fontsize=8)
-        axes[1, column].imshow(image.mean(axis=2), cmap="gray", interpolation="nearest")
-        axes[1, column].imshow(weight_map.numpy(), cmap="inferno", alpha=0.6, extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="nearest")
         axes[1, column].set_title(f"{share:.0%} on digit", fontsize=8)
         tile_row, tile_col = divmod(int(dataset.class_tiles[column]), 2)
         axes[1, column].add_patch(
-            plt.Rectangle((tile_col * TILE_SIZE - 0.5, tile_row * TILE_SIZE - 0.5), TILE_SIZE, TILE_SIZE, fill=False, edgecolor="cyan", linewidth=1)
+            Rectangle((tile_col * TILE_SIZE - 0.5, tile_row * TILE_SIZE - 0.5), TILE_SIZE, TILE_SIZE, fill=False, edgecolor="cyan", linewidth=1)
         )
-        for row in range(2):
-            axes[row, column].axis("off")
     figure.suptitle("Test collages (unseen digits 5-9) and GSP pooling weights; cyan: digit tile", fontsize=9)
     figure.tight_layout()
     kind = Path(path).suffix.lstrip(".").lower()
     with atomic_path(path if kind else f"{path}.png") as partial:  # the file whole or not at all
         figure.savefig(partial, dpi=120, format=kind or "png")
-    plt.close(figure)
 
 
 def _mean_std(values: list[float]) -> str:

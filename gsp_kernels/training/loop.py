@@ -21,9 +21,11 @@ from torch.utils.data import DataLoader
 from ..losses import ZeroShotPredictionLoss
 from ..nn import local_features
 from .checkpoint import (
+    BEST_NAME,
     check_resumable,
     load_checkpoint,
     rng_state,
+    save_best,
     save_checkpoint,
     set_rng_state,
 )
@@ -32,6 +34,7 @@ from .distributed import broadcast_float, gather_objects
 from .embeddings import to_device
 from .models import build_model_for, input_size, prototypes_warm_up
 from .samplers import ClassBalancedBatchSampler, SeededBatches, SeededSamples
+from .tensorboard_log import TensorBoardLog
 
 
 def build_metric_loss(name: str, num_classes: int, embedding_dim: int, contrastive_neg_margin: float = 0.5) -> nn.Module:
@@ -139,13 +142,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train_epoch(trainer, objective, optimizer, scheduler, loader, config: TrainConfig, device, description: str, show: bool) -> dict:
+def _train_epoch(trainer, objective, optimizer, scheduler, loader, config: TrainConfig, device, description: str, show: bool,
+                 log: TensorBoardLog | None = None, done_steps: int = 0) -> dict:
     """One epoch over ``loader``. -> {"loss", "metric", "zero_shot" (means over the steps and
     the ranks), "lr" (at the epoch's end, before a plateau step), "images_per_second", "seconds"}.
 
     images/s counts the images of steps 2..N over the time from the end of step 1 to the end
     of step N: DataLoader start-up, cuDNN autotuning and compilation fall in step 1 (an
-    epoch of one step is timed whole). Under DDP it is the total over the ranks."""
+    epoch of one step is timed whole). Under DDP it is the total over the ranks. ``log`` gets
+    each step's losses and learning rate (steps counted from ``done_steps``)."""
     objective.train()
     if config.freeze_bn:
         freeze_batchnorm(objective.model.trunk)
@@ -168,6 +173,8 @@ def _train_epoch(trainer, objective, optimizer, scheduler, loader, config: Train
         if config.scheduler == "cosine":
             scheduler.step()
         zero_shot_value = no_zero_shot if zero_shot_value is None else zero_shot_value
+        if log is not None:
+            log.step(done_steps + step, loss.detach(), metric, zero_shot_value, optimizer.param_groups[0]["lr"])
         sums += torch.stack([loss.detach().float(), metric.float(), zero_shot_value.float()])
         steps = step
         if step == 1:
@@ -212,18 +219,22 @@ def fit(
     world_size: int = 1,
     checkpoint_path: Path | None = None,
     validate: Callable[[nn.Module], float] | None = None,
+    stop_early: bool = True,
     description: str = "",
+    log: TensorBoardLog | None = None,
 ) -> dict:
     """Train one model on ``train_set`` for ``config.epochs`` epochs of class-balanced batches.
 
     ``validate(model) -> score`` (higher is better), when given, runs on rank 0 after every
-    epoch: the best epoch's weights are kept and training stops after
-    ``config.early_stopping_patience`` epochs without a better score. With ``checkpoint_path``
+    epoch: the best epoch's weights are kept (and written to best.pt beside ``checkpoint_path``)
+    and, with ``stop_early``, training stops after ``config.early_stopping_patience`` epochs
+    without a better score. With ``checkpoint_path``
     the full state (model, losses, optimizer, scheduler, epoch, early stopping, every rank's
     RNG states) is written after every epoch; ``config.resume`` continues from it at the
     next epoch boundary, exactly as an uninterrupted run would: the batches are a function of
     seed and epoch, and each sample's augmentation of (seed, epoch, step, position), whatever
-    the number of DataLoader workers.
+    the number of DataLoader workers. ``log`` (``tensorboard_log.TensorBoardLog``, rank 0) gets
+    every step's losses and every epoch's record and pooling weights.
 
     -> {"model" (best or last weights), "history" (a dict per epoch), "seconds",
     "images_per_second", "best_epoch", "best_score", "warm_up" (``models.prototypes_warm_up``:
@@ -271,6 +282,8 @@ def fit(
         history, start_epoch, stopped = state["history"], state["epoch"] + 1, state["stopped"]
         early = state["early_stopping"]
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    if log is not None:
+        log.open(start_epoch * len(sampler))
     if config.compile:
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
     trainer = objective
@@ -284,7 +297,7 @@ def fit(
             break
         loader.batch_sampler.set_epoch(epoch)
         label = f"{description}{config.pooling} epoch {epoch + 1}/{config.epochs}"
-        record = _train_epoch(trainer, objective, optimizer, scheduler, loader, config, device, label, show)
+        record = _train_epoch(trainer, objective, optimizer, scheduler, loader, config, device, label, show, log, epoch * len(sampler))
         if config.scheduler == "plateau":
             scheduler.step(record["loss"])
         if validate is not None:
@@ -293,10 +306,14 @@ def fit(
             if early["score"] is None or score > early["score"]:
                 early = {"score": score, "epoch": epoch, "bad_epochs": 0,
                          "model": {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}}
+                if checkpoint_path is not None and rank == 0:
+                    save_best(checkpoint_path.with_name(BEST_NAME), early["model"], epoch, score, config)
             else:
                 early["bad_epochs"] += 1
-            stopped = early["bad_epochs"] >= config.early_stopping_patience
+            stopped = stop_early and early["bad_epochs"] >= config.early_stopping_patience
         history.append(record)
+        if log is not None:
+            log.epoch((epoch + 1) * len(sampler), epoch + 1, record, model, config, device)
         if show:
             print(_epoch_line(label, record), file=sys.stderr, flush=True)
         # every rank's RNG states (rank order), so each resumes its own augmentation stream

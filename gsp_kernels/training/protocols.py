@@ -23,7 +23,7 @@ from torch import nn
 
 from .checkpoint import CHECKPOINT_NAME, fold_checkpoint, fold_config, seed_everything
 from .config import RunError, TrainConfig, eval_resize
-from .datasets import BenchmarkData, class_folds, subset
+from .datasets import BenchmarkData, class_folds, held_out_classes, subset
 from .embeddings import (
     compute_embeddings,
     concatenated_metrics,
@@ -33,6 +33,7 @@ from .embeddings import (
 )
 from .loop import fit
 from .metrics import retrieval_metrics, separated_metrics
+from .tensorboard_log import training_log
 from .transforms import test_transform
 
 
@@ -81,17 +82,39 @@ def metrics_entries(metrics: dict) -> dict:
 
 def train_standard(config: TrainConfig, data: BenchmarkData, device: torch.device, *, rank: int = 0, world_size: int = 1) -> dict:
     """Train one model on ``data.train`` (checkpoints to ``output_dir/checkpoint.pt``) and
-    evaluate it on the test split: the ``train`` result (metrics on rank 0; other ranks get None)."""
+    evaluate it on the test split: the ``train`` result (metrics on rank 0; other ranks get None).
+
+    With ``config.validation_classes``, that share of the training classes (drawn by the seed) is
+    held out: the model trains on the rest for every epoch, its validation MAP@R is measured
+    after each, and the best epoch's weights are kept (``output_dir/best.pt``) and tested; the
+    result adds "best_epoch", "best_val_map_at_r" and "validation" (its classes and images)."""
     checkpoint_path = Path(config.output_dir) / CHECKPOINT_NAME if config.output_dir else None
-    run = fit(config, data.train, device, rank=rank, world_size=world_size, checkpoint_path=checkpoint_path)
+    train_set, validate, validation = data.train, None, None
+    if config.validation_classes > 0:
+        try:
+            train_indices, val_indices = held_out_classes(data.train.labels, config.validation_classes, seed=config.seed)
+        except ValueError as exc:
+            raise RunError(f"--validation-classes {config.validation_classes}: {exc}; lower it, or train on more classes") from exc
+        train_set = subset(data.train, train_indices)
+        val_set = subset(data.train, val_indices, transform=_validation_transform(config))
+        validation = {"classes": val_set.num_classes, "images": len(val_set),
+                      "class_ids": torch.unique(data.train.labels[val_indices]).tolist()}  # labels of data.train
+        validate = lambda model: validation_map_at_r(model, val_set, config, device)  # noqa: E731
+    log = training_log(config, config.output_dir, data, rank)
+    run = fit(config, train_set, device, rank=rank, world_size=world_size, checkpoint_path=checkpoint_path,
+              validate=validate, stop_early=False, log=log)
     notes = run_notes(config, run, world_size)
     _log_notes(notes, config.recipe, rank)
     result = {"config": config, "splits": data.describe(), "split_differences": data.differences_from_papers(),
               "epochs": run["history"], "seconds": run["seconds"],
               "images_per_second": run["images_per_second"], "model": run["model"], "metrics": None,
               "recall_at_1": None, "map_at_r": None, "warm_up": run["warm_up"], **notes}
+    if validation is not None:
+        result.update(validation=validation, best_epoch=run["best_epoch"], best_val_map_at_r=run["best_score"])
     if rank == 0:
         result.update(metrics_entries(retrieval_scores(data, *embed_test_splits(run["model"], data, config, device))))
+    if log is not None:
+        log.finish(result["metrics"])
     return result
 
 
@@ -128,9 +151,10 @@ def train_mlrc(config: TrainConfig, data: BenchmarkData, device: torch.device, *
         train_set = subset(data.train, train_indices)
         val_set = subset(data.train, val_indices, transform=val_transform)
         checkpoint = fold_checkpoint(config.output_dir, index) if config.output_dir else None
+        log = training_log(fold_settings, checkpoint.parent if checkpoint else None, data, rank)
         run = fit(fold_settings, train_set, device, rank=rank, world_size=world_size, checkpoint_path=checkpoint,
                   validate=lambda model, val_set=val_set, settings=fold_settings: validation_map_at_r(model, val_set, settings, device),
-                  description=f"fold {index}/{len(folds)} ")
+                  description=f"fold {index}/{len(folds)} ", log=log)
         notes = run_notes(fold_settings, run, world_size)
         _log_notes(notes, config.recipe, rank, prefix=f"fold {index}: ")
         models.append(run["model"])
@@ -154,6 +178,8 @@ def train_mlrc(config: TrainConfig, data: BenchmarkData, device: torch.device, *
             record["metrics"] = retrieval_scores(data, query, gallery)
             query_parts.append(query)
             gallery_parts.append(gallery)
+        if log is not None:
+            log.finish(record["metrics"])
         records.append(record)
     seconds = sum(record["seconds"] for record in records)
     images = sum(record["seconds"] * (record["images_per_second"] or 0) for record in records)

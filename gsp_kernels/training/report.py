@@ -84,18 +84,24 @@ def summary_table(result: dict) -> str:
         return mlrc_table(result)
     history = result["epochs"]
     first_shown = max(0, len(history) - SUMMARY_EPOCHS)
+    validated = "best_epoch" in result
     rows = [
         [str(index + 1), f"{epoch['loss']:.4f}", f"{epoch['metric']:.4f}", f"{epoch['zero_shot']:.4f}", f"{epoch['lr']:.3g}",
-         f"{epoch['images_per_second']:.1f}"]
+         f"{epoch['images_per_second']:.1f}", *([f"{epoch['val_map_at_r']:.4f}"] if validated else [])]
         for index, epoch in enumerate(history[first_shown:], start=first_shown)
     ]
-    table = f"{run_title(result['config'])}\n" + format_table(["epoch", "loss", "metric", "zero-shot", "lr", "images/s"], rows)
+    header = ["epoch", "loss", "metric", "zero-shot", "lr", "images/s", *(["val MAP@R"] if validated else [])]
+    table = f"{run_title(result['config'])}\n" + format_table(header, rows)
     if first_shown:
         table += f"\n({first_shown} earlier epochs in results.json)"
     if result["metrics"] is not None:
         table += f"\n{splits_line(result['splits'])}{split_note(result.get('split_differences'))}"
         table += f"\n{format_metrics_table({model_label(result['config'], result.get('warm_up')): result['metrics']})}"
         table += f"\n({result['seconds']:.1f} s training, {result['images_per_second'] or 0:.1f} images/s)"
+        if validated:
+            validation = result["validation"]
+            table += (f"\n(tested: epoch {result['best_epoch']}, the best validation MAP@R {result['best_val_map_at_r']:.4f} on "
+                      f"{validation['classes']} held-out training classes, {validation['images']} images; kept as best.pt)")
     return table + notes_lines(result)
 
 

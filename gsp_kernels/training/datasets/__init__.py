@@ -137,6 +137,21 @@ def class_folds(labels: Tensor, num_folds: int = 4, seed: int | None = 0) -> lis
     return folds
 
 
+def held_out_classes(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(train_indices, held_out_indices) into ``labels``: round(fraction x classes) classes (at
+    least 1), drawn by ``seed``, held out whole; ValueError when that leaves fewer than 2
+    classes to train on."""
+    labels = torch.as_tensor(labels)
+    classes = torch.unique(labels)
+    count = max(1, round(fraction * len(classes)))
+    if len(classes) - count < 2:
+        raise ValueError(f"holding out {count} of the {len(classes)} training classes leaves {len(classes) - count} to train on "
+                         f"(at least 2 are needed)")
+    order = torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed))
+    held_out = torch.isin(labels, classes[order[:count]])  # [n]
+    return torch.nonzero(~held_out).flatten(), torch.nonzero(held_out).flatten()
+
+
 class LabelledSubset(Dataset):
     """Some samples of a dataset without paths (e.g. CollageDataset), classes renumbered
     0-based, images optionally passed through ``transform``."""
