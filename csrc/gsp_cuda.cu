@@ -363,12 +363,24 @@ __device__ void compute_dots(const Params& p, const T* xb, float* dots, GemmSmem
   __syncthreads();
 }
 
-// Turns row_sq[i] = ‖x_i‖² into ‖x̂_i‖² and fills row_div[i] = d_x.
-__device__ void normalize_rows(const Params& p, float* row_sq, float* row_div) {
+// Turns row_sq[i] = ‖x_i‖² into ‖x̂_i‖² and fills row_div[i] = d_x. A row whose float32 sum of
+// squares overflowed is summed again by its thread as x_i·2⁻⁷⁰ (kRowScale): ‖x̂_i‖² then comes from
+// the scaled sum, never from ‖x_i‖².
+template <typename T>
+__device__ void normalize_rows(const Params& p, const T* xb, float* row_sq, float* row_div) {
   for (int i = threadIdx.x; i < p.n; i += kThreads) {
-    const float div = norm_divisor(row_sq[i], p.normalize);
-    row_div[i] = div;
-    row_sq[i] = (row_sq[i] / div) / div;
+    float sq = row_sq[i], scale = 1.0f;
+    if (sq == INFINITY) {
+      sq = 0.0f;
+      scale = kRowScale;
+      for (int d = 0; d < p.dim; ++d) {
+        const float v = to_float<T>(xb[i * p.x_stride_n + d * p.x_stride_d]) * kInvRowScale;
+        sq = fmaf(v, v, sq);
+      }
+    }
+    const float scaled_div = scaled_norm_divisor(sq, scale, p.normalize);  // d_x / scale
+    row_div[i] = scaled_div * scale;
+    row_sq[i] = (sq / scaled_div) / scaled_div;
   }
   __syncthreads();
 }
@@ -420,14 +432,18 @@ __global__ void __launch_bounds__(kThreads, 2) prepare_prototypes_kernel(const T
   __shared__ float red[2 * kWarps];
   const int k = blockIdx.x;
   const T* row = z + k * stride_m;
-  float sq = 0.0f, unused = 0.0f;
+  // ‖z_k‖² in float32, and as the squares of z_k·2⁻⁷⁰ (kRowScale) where that overflows.
+  float sq = 0.0f, scaled_sq = 0.0f;
   for (int d = threadIdx.x; d < dim; d += kThreads) {
     const float v = to_float<T>(row[d * stride_d]);
     sq = fmaf(v, v, sq);
+    scaled_sq = fmaf(v * kInvRowScale, v * kInvRowScale, scaled_sq);
   }
-  block_sum2(sq, unused, red);
-  const float div = norm_divisor(sq, normalize);
-  float sq_hat = 0.0f;
+  block_sum2(sq, scaled_sq, red);
+  const float scale = sq == INFINITY ? kRowScale : 1.0f;
+  const float scaled_div = scaled_norm_divisor(sq == INFINITY ? scaled_sq : sq, scale, normalize);
+  const float div = scaled_div * scale;
+  float sq_hat = 0.0f, unused = 0.0f;
   for (int d = threadIdx.x; d < dim; d += kThreads) {
     const float v = to_float<T>(row[d * stride_d]) / div;
     z_hat[static_cast<int64_t>(k) * dim + d] = v;
@@ -453,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const Params p) {
   float* costs = p.scratch + static_cast<int64_t>(b) * p.n * p.m;
 
   compute_dots<T, kProducts>(p, xb, costs, gemm, row_sq);
-  normalize_rows(p, row_sq, row_div);
+  normalize_rows<T>(p, xb, row_sq, row_div);
   for (int i = warp; i < p.n; i += kWarps) {
     const float ell = row_logsumexp<true>(p, costs + static_cast<int64_t>(i) * p.m, row_sq[i], row_div[i]);
     if (lane == 0) row_ell[i] = ell;
@@ -505,9 +521,9 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
   __shared__ float row_sq[kMaxFeatures];   // ‖x_i‖², then ‖x̂_i‖²
   __shared__ float row_div[kMaxFeatures];  // d_x
   __shared__ float row_ell[kMaxFeatures];  // ℓ_i
-  __shared__ float row_aga[kMaxFeatures];  // ā_i = Σ_k A_ki ga_k
+  __shared__ float row_aga[kMaxFeatures];  // ā_i = Σ_k A_ki ga_k, then 1/p_i
   __shared__ float row_sig[kMaxFeatures];  // σ_i, then w_i
-  __shared__ float row_e[kMaxFeatures];    // e_i, then β_i (grad_x = β_i x_i − Σ_k coef_ki ẑ_k + w_i gy)
+  __shared__ float row_e[kMaxFeatures];    // e_i, then β_i p_i (grad_x = (x_i/p_i)(β_i p_i) − Σ_k coef_ki ẑ_k + w_i gy)
   __shared__ float red[3 * kWarps];
   const int b = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -519,7 +535,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
   const float u = p.gap ? INFINITY : p.u_saved[b];
 
   compute_dots<T, kProducts>(p, xb, dots, gemm, row_sq);
-  normalize_rows(p, row_sq, row_div);
+  normalize_rows<T>(p, xb, row_sq, row_div);
 
   // Per feature (a warp each): ℓ_i, ā_i, x_i·gy, σ_i and e_i.
   for (int i = warp; i < p.n; i += kWarps) {
@@ -588,11 +604,13 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
     }
     w_sum = warp_sum(w_sum);
     q = warp_sum(q);
-    __syncwarp();  // every lane has read row_e[i] and row_sig[i] before lane 0 overwrites them
+    __syncwarp();  // every lane has read row_e[i], row_sig[i] and row_aga[i] before lane 0 overwrites them
     if (lane == 0) {
       const float radial = xx_hat * w_sum - q;
       const float along_x = norm_projects(div, p.normalize) ? w_sum - radial : w_sum;
-      row_e[i] = (along_x / div) / div;
+      const float power = gradient_power(div);  // β = along_x / d², formed as β p (1 for ordinary rows)
+      row_e[i] = (along_x / div) / (div / power);
+      row_aga[i] = 1.0f / power;
       row_sig[i] = w;
     }
   }
@@ -606,7 +624,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
     colsum[k] = s;
   }
 
-  // grad_x_id = β_i x_id − Σ_k coef_ki ẑ_kd + w_i gy_d: GEMM [N, M] × [M, D] with that epilogue
+  // grad_x_id = (β_i p_i)(x_id / p_i) − Σ_k coef_ki ẑ_kd + w_i gy_d: GEMM [N, M] × [M, D] with that epilogue
   // (same arithmetic as the cost GEMM).
   const float* z_hat = p.z_hat;
   const int m = p.m, dim = p.dim;
@@ -617,7 +635,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
   auto store_grad = [&](int i, int d, float coef_z) {
     if (i >= p.n || d >= dim) return;
     const float x_id = to_float<T>(xb[i * p.x_stride_n + d * p.x_stride_d]);
-    const float g = fmaf(row_e[i], x_id, fmaf(row_sig[i], gy[d], -coef_z));
+    const float g = fmaf(row_e[i], x_id * row_aga[i], fmaf(row_sig[i], gy[d], -coef_z));
     gxb[i * p.gx_stride_n + d * p.gx_stride_d] = from_float<T>(g);
   };
   const int row_tiles = (p.n + kTile - 1) / kTile, col_tiles = (dim + kTile - 1) / kTile;

@@ -30,12 +30,30 @@ GSP_HD float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
 GSP_HD float sigmoid(float t) { return 1.0f / (1.0f + expf(-t)); }
 
-// Row divisor of the cost normalization from the row's squared norm.
-GSP_HD float norm_divisor(float squared_norm, int normalize) {
-  const float norm = sqrtf(squared_norm);
-  if (normalize == kLipschitz) return fmaxf(norm, 1.0f);
-  if (normalize == kL2) return fmaxf(norm, kL2Eps);
-  return 1.0f;
+// Rows whose float32 sum of squares overflows (norms above √max, 1.8e19) are summed again as
+// v·2⁻⁷⁰, exact for every normal element: a norm up to float32's max then squares to at most
+// 2¹¹⁶ (the Triton kernels' ROW_SCALE, gsp_kernels/backends/triton/jit_math.py).
+constexpr float kRowScale = 0x1p70f;
+constexpr float kInvRowScale = 0x1p-70f;
+
+// d / scale of the cost normalization for a row v = scale·v′ with ‖v′‖² = scaled_squared_norm,
+// scale a power of two (1 where the plain sum of squares is finite: then it is d itself, bit
+// for bit). d = max(1, ‖v‖) (lipschitz), max(‖v‖, eps) (l2) or 1 (none).
+GSP_HD float scaled_norm_divisor(float scaled_squared_norm, float scale, int normalize) {
+  const float norm = sqrtf(scaled_squared_norm);
+  if (normalize == kLipschitz) return fmaxf(norm, 1.0f / scale);
+  if (normalize == kL2) return fmaxf(norm, kL2Eps / scale);
+  return 1.0f / scale;
+}
+
+// The power of two p with which the feature gradient forms β x as (x/p)·(β p): near d for rows of
+// divisor at least 2³², where β ~ 1/d² would underflow; 1 below (those rows are unchanged); at
+// most 2¹²⁶, so that 1/p is normal.
+GSP_HD float gradient_power(float divisor) {
+  if (!(divisor >= 0x1p32f)) return 1.0f;
+  int exponent;
+  frexpf(divisor, &exponent);  // divisor = m·2^exponent, m in [0.5, 1)
+  return ldexpf(1.0f, exponent - 1 < 126 ? exponent - 1 : 126);
 }
 
 // Whether the normalization backward projects out the radial part for this divisor.

@@ -3,7 +3,7 @@ ValueError at the call (docs/math.md, Dtypes and their limits): hypothesis over 
 the scales of the features and of the prototypes across the dtype's range, and the whole range of
 μ and γ. "Right" is the accuracy contract (docs/math.md, Accuracy): within its tolerance of the
 float64 reference on the same rounded inputs, finite, and weights summing to 1 within the bound of
-the same page. The kernels' norm limit (docs/limitations.md) bounds the scales they are given."""
+the same page."""
 
 import math
 import re
@@ -28,8 +28,6 @@ KERNEL_ERROR_RATIO = 10.0
 # square and its error grows faster than the linear γ scaling of the contract's cases.
 REFERENCE_BOUND = 1e-3
 REFERENCE_MARGIN = 4.0
-# The kernels sum squares of raw float32 elements: row norms up to ~1.8e19 (docs/limitations.md).
-KERNEL_SCALE_LIMIT = 2.0**56
 # Rows scaled below this keep their squared costs above float32's smallest normal (docs/math.md).
 SMALLEST_SCALE = 2.0**-24
 
@@ -40,15 +38,13 @@ def smallest_scale(dtype: torch.dtype) -> float:
     return max(SMALLEST_SCALE, torch.finfo(dtype).tiny * 2.0**12)
 
 
-def largest_scale(dtype: torch.dtype, normalize: str, d: int, backend: str) -> float:
+def largest_scale(dtype: torch.dtype, normalize: str, d: int) -> float:
     """The largest power of two the random rows (norms up to 3) may be scaled by: their norms within
-    the dtype's range (with normalization) or within √(max/4) (without), and the kernels' limit."""
+    the dtype's range (with normalization) or within √(max/4) (without)."""
     limit = torch.finfo(dtype).max / (4 * math.sqrt(d))
     if normalize == "none":
         compute = contract.compute_dtype(torch.empty(0, dtype=dtype))
         limit = min(limit, math.sqrt(torch.finfo(compute).max / 4) / (4 * math.sqrt(d)))
-    if backend != "reference":
-        limit = min(limit, KERNEL_SCALE_LIMIT)
     return 2.0 ** math.floor(math.log2(limit))
 
 
@@ -60,7 +56,7 @@ def cases(draw):
     batch, n, m, d = draw(st.integers(1, 2)), draw(st.integers(1, 13)), draw(st.integers(1, 7)), draw(st.integers(1, 11))
     normalize = draw(st.sampled_from(contract.NORMALIZE_MODES))
     cost = draw(st.sampled_from(contract.COST_MODES))
-    top = math.log2(largest_scale(dtype, normalize, d, backend))
+    top = math.log2(largest_scale(dtype, normalize, d))
     exponent = st.integers(int(math.log2(smallest_scale(dtype))), int(top))
     scale_x, scale_z = 2.0 ** draw(exponent), 2.0 ** draw(exponent)
     tiny = torch.finfo(contract.compute_dtype(torch.empty(0, dtype=dtype))).tiny

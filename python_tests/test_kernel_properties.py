@@ -102,3 +102,40 @@ def test_cuda_matches_reference(shape, params, precision, seed, near_fraction):
     if "cuda" not in available_backends("cuda"):
         pytest.skip("the CUDA backend is not built")
     check_backend("cuda", "cuda", shape, params, precision, seed, near_fraction)
+
+
+@pytest.mark.parametrize("strategy", _triton.STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", ["lipschitz", "l2"])
+def test_triton_rows_of_norm_1e30(strategy, dtype, normalize):
+    """Rows of norm ~1e30, far past √max (1.8e19), where a plain float32 sum of squares is inf:
+    normalized, the features are the prototypes' directions e0, e1, so the costs are 0 and √2 by
+    hand; at μ = 1 pooled is the mean of the features, weights 1/2 and attr 1/2 (the two features
+    mirror each other). At μ = 0.3 with random rows of that size too, every output and gradient
+    matches the float64 reference within the dtype's tolerance (docs/math.md, Accuracy)."""
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("triton is not available here")
+    x = torch.tensor([[[1e30, 0.0, 0.0], [0.0, 1e30, 0.0]]], dtype=torch.float64)  # [1, 2, 3]
+    prototypes = torch.tensor([[3e30, 0.0, 0.0], [0.0, 2e29, 0.0]], dtype=torch.float64)  # [2, 3]
+    x, prototypes = x.to(dtype), prototypes.to(dtype)
+    options = {"transport_ratio": 1.0, "gamma": 5.0, "normalize": normalize}
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with _triton.use_strategy(strategy):
+        got = outputs_and_grads(x, prototypes, "triton", **options)
+        pooled, attr, weights = got[:3]
+        torch.testing.assert_close(pooled.double(), x.double().mean(1), rtol=tol, atol=0.0)
+        torch.testing.assert_close(weights.double(), torch.full((1, 2), 0.5, dtype=torch.float64), rtol=tol, atol=0.0)
+        torch.testing.assert_close(attr.double(), torch.full((1, 2), 0.5, dtype=torch.float64), rtol=tol, atol=0.0)
+        generator = torch.Generator().manual_seed(3)
+        x = (torch.randn(2, 5, 7, generator=generator, dtype=torch.float64) * 1e30).to(dtype)
+        prototypes = (torch.randn(3, 7, generator=generator, dtype=torch.float64) * 1e30).to(dtype)
+        prototypes[0] *= 1e-30  # one prototype of ordinary length next to the long ones
+        for case in (options, {**options, "transport_ratio": 0.3}):
+            got = outputs_and_grads(x, prototypes, "triton", **case)
+            want = outputs_and_grads(x.double(), prototypes.double(), "reference", cotangent_dtype=dtype, **case)
+            gradient_scale = max(want[3].norm().item(), want[4].norm().item())
+            for index, (name, out, ref) in enumerate(zip(OUTPUT_NAMES, got, want)):
+                assert torch.isfinite(out).all(), name
+                error, norm = (out.double() - ref).norm().item(), ref.norm().item()
+                floor = tol * gradient_scale if index >= 3 else 0.0
+                assert error <= tol * norm + floor, f"{name}: error {error:.3e} vs norm {norm:.3e}"

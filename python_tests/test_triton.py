@@ -533,18 +533,21 @@ def test_gpu_torch_compile_fullgraph(strategy):
 def test_prototype_gradient_epilogue(normalize, dtype):
     """The epilogue kernel against the same formula in torch (reference helpers), with more
     samples and columns than one block, prototype rows inside and outside the unit ball (and
-    one zero row), and a strided prototype view."""
+    one zero row, and one of norm ~1e30), prepared (``launch.row_norms``) from a strided
+    prototype view: the kernel reads z′ = z / z_scale and partials of V′ = V·z_scale."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    splits, batch, m, d = 3, 300, 5, 530  # batch > BLOCK_B (256), d > BLOCK_D (512)
+    splits, batch, m, d = 3, 300, 6, 530  # batch > BLOCK_B (256), d > BLOCK_D (512)
     generator = torch.Generator().manual_seed(7)
     partials = torch.randn(splits, m, d, generator=generator).to(device)
     col_sum = torch.randn(batch, m, generator=generator).to(device)
-    storage = torch.randn(d, m, generator=generator) * torch.tensor([2.0, 0.01, 1.0, 0.0, 5.0])  # |z| vs 1
+    storage = torch.randn(d, m, generator=generator) * torch.tensor([2.0, 0.01, 1.0, 0.0, 5.0, 1e29])  # |z| vs 1
     prototypes = storage.to(device=device, dtype=dtype).t()  # [M, D], strides (1, M)
+    _, (prepared, z_scale, _) = triton_launch.row_norms(prototypes[None], prototypes, normalize, features=False)
     grad_z = torch.empty(m, d, dtype=dtype, device=device)
     unused = torch.zeros(1, 1, 1, dtype=dtype, device=device)  # grad_x operands: no grad_x programs
     triton_kernels._gsp_backward_finish_kernel[(m,)](
-        partials, splits, col_sum, batch, partials, partials, prototypes, *prototypes.stride(), grad_z,
+        partials * z_scale[:, None], splits, col_sum, batch, partials, partials, prepared, *prepared.stride(), z_scale,
+        grad_z,
         unused, *unused.stride(), unused, unused, *unused.stride(),
         0, 1, m, d, 1,
         BLOCK_ZD=512, BLOCK_B=256, NORMALIZE=NORMALIZE_CODES[normalize],
@@ -682,7 +685,8 @@ def _compile_kernels_for_sm90() -> list[str]:
                 BLOCK_ZD=512, BLOCK_B=256, NORMALIZE=1, stride_xd=1, stride_zd=1, stride_gd=1,
             )
             lines.append(compile_one(
-                triton_kernels._gsp_backward_finish_kernel, dtype, {"partial_ptr", "col_sum_ptr", "coef_ptr", "row_coefs_ptr"},
+                triton_kernels._gsp_backward_finish_kernel, dtype,
+                {"partial_ptr", "col_sum_ptr", "coef_ptr", "row_coefs_ptr", "z_scale_ptr"},
                 constexprs, 4, launch["num_stages"],
             ))
             block_k, block_m, block_d, _, _ = triton_fused.split_k_config(256 * n, m, d, 264)
@@ -696,10 +700,10 @@ def _compile_kernels_for_sm90() -> list[str]:
 
 DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                (torch.bfloat16, torch.float32))
-FORWARD_F32_POINTERS = {"u_ptr", "logits_ptr", "ell_ptr", "x_sq_ptr", "z_sq_ptr"}
+FORWARD_F32_POINTERS = {"z_scale_ptr", "u_ptr", "logits_ptr", "ell_ptr", "x_sq_ptr", "x_scale_ptr", "z_sq_ptr"}
 BACKWARD_F32_POINTERS = {
-    "u_ptr", "coef_ptr", "row_coefs_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr", "tile_sums_ptr",
-    "x_sq_ptr", "x_gy_ptr", "z_sq_in_ptr",
+    "z_scale_ptr", "u_ptr", "coef_ptr", "row_coefs_ptr", "rows_ptr", "z_sq_ptr", "col_sum_ptr", "tile_sums_ptr",
+    "x_sq_ptr", "x_scale_ptr", "x_gy_ptr", "z_sq_in_ptr",
 }
 
 
@@ -733,16 +737,16 @@ def _compile_gemm_strategy(dtype, precision) -> list[str]:
         lines.append(compile_one(triton_kernels._gsp_backward_kernel, dtype, BACKWARD_F32_POINTERS, constexprs, **launch))
     for with_gy in (False, True):
         constexprs = {
-            "BLOCK_R": _triton_gemm._ROWS_BLOCK, "BLOCK_D": _triton_gemm._COLS_BLOCK, "WITH_GY": with_gy,
-            "stride_xd": 1, "stride_zd": 1,
+            "BLOCK_R": triton_launch.ROWS_BLOCK, "BLOCK_D": triton_launch.COLS_BLOCK, "WITH_GY": with_gy,
+            "SCALE_ABOVE": triton_launch.SCALE_ABOVE["default"], "stride_xd": 1, "stride_zd": 1,
         }
-        f32_pointers = {"x_sq_ptr", "x_gy_ptr", "z_sq_ptr"}
-        lines.append(compile_one(triton_kernels._gsp_gemm_norms_kernel, dtype, f32_pointers, constexprs, 4, 3))
+        f32_pointers = {"x_sq_ptr", "x_scale_ptr", "x_gy_ptr", "z_scale_ptr", "z_sq_ptr"}
+        lines.append(compile_one(triton_kernels._gsp_norms_kernel, dtype, f32_pointers, constexprs, 4, 3))
     constexprs = {
-        "BLOCK_ZD": 512, "BLOCK_B": 256, "NORMALIZE": 1, "BLOCK_R": _triton_gemm._ROWS_BLOCK,
-        "BLOCK_D": _triton_gemm._COLS_BLOCK, "stride_xd": 1, "stride_zd": 1, "stride_gd": 1, "stride_vd": 1,
+        "BLOCK_ZD": 512, "BLOCK_B": 256, "NORMALIZE": 1, "BLOCK_R": triton_launch.ROWS_BLOCK,
+        "BLOCK_D": triton_launch.COLS_BLOCK, "stride_xd": 1, "stride_gd": 1, "stride_vd": 1,
     }
-    f32_pointers = {"partial_ptr", "col_sum_ptr", "row_coefs_ptr", "coef_z_ptr"}
+    f32_pointers = {"partial_ptr", "col_sum_ptr", "row_coefs_ptr", "z_scale_ptr", "coef_z_ptr"}
     lines.append(compile_one(triton_kernels._gsp_gemm_backward_finish_kernel, dtype, f32_pointers, constexprs, 4, 3))
     return lines
 

@@ -1,12 +1,15 @@
 """The `triton` backend's fused strategy: the cost products computed in its own kernels
 (``kernels``; their shared math in ``jit_math``), forward in one launch, backward in two launches
-plus one GEMM. Math and symbols: docs/math.md. Layout of the work:
+plus one GEMM, each after the prototypes' preparation (``launch.row_norms``: z′ = z / z_scale, a
+power of two that keeps the products x·z′ within |x|, docs/math.md, Dtypes and their limits).
+Math and symbols: docs/math.md. Layout of the work:
 
 - Forward (``_gsp_forward_kernel``), one program per (sample, tile of at most BLOCK_N
   features): B·⌈N/BLOCK_N⌉ programs, so that small batches still fill the GPU.
-  1. for its features and each tile of prototypes, the raw products x·z over D tiles
-     (``tl.dot``, the loop that ``num_stages`` software-pipelines), with |x|² and |z|² from the
-     same loaded tiles. Normalization is a per-row scale, so x̂·ẑ = (x·z) / (d_x d_z) and
+  1. for its features and each tile of prototypes, the products x·z′ over D tiles
+     (``tl.dot``, the loop that ``num_stages`` software-pipelines), with |x|² and |z′|² from the
+     same loaded tiles (a block of rows whose |x|² overflowed sums them again, scaled).
+     Normalization is a per-row scale, so x̂·ẑ = (x·z′) z_scale / (d_x d_z) and
      |x̂|² = |x|² / d_x²: no normalized copy is made. Snapped costs give logits −γc, written to
      a per-sample scratch [N, M], and ℓ by an online logsumexp over prototype tiles (scratch
      [N]). Then the program takes a ticket from the sample's arrival counter
@@ -29,10 +32,10 @@ plus one GEMM. Math and symbols: docs/math.md. Layout of the work:
   saving [B, N, M] in the forward, which the op's contract does not allow anyway), ℓ and ā
   (online, together), x·gy, and its tile's sums for ē; the sample's last program (same
   arrival counter) adds the tiles' sums in tile order and runs pass 2 for all its features:
-  it forms W per tile, overwrites the scratch with V = W / (d_x d_z), and writes per
-  feature β and w of grad_x = β x − V z + w gy: β = (S − r·[projects]) / d_x² with
-  S = Σ_k W and r = x̂·gx̂ = |x̂|² S − Σ_k W (x̂·ẑ), so the normalization backward needs no
-  extra pass over D.
+  it forms W per tile, overwrites the scratch with V′ = W z_scale / (d_x d_z) (V′ z′ = V z), and
+  writes per feature β p, w and 1/p of grad_x = (x/p)(β p) − V z + w gy: β = (S − r·[projects]) / d_x²
+  with S = Σ_k W and r = x̂·gx̂ = |x̂|² S − Σ_k W (x̂·ẑ), so the normalization backward needs no
+  extra pass over D (p: a power of two near d_x for long rows, 1 for the others).
   The prototype gradient's batch reduction Σ_b Σ_i W_ki x̂_i = d_z (Vᵀ x) is one GEMM over
   all B·N features, ``_gsp_coef_x_kernel``: a split-K Triton GEMM rather than torch.matmul,
   because it reads x through its strides (a channels-first map needs no copy), keeps half
@@ -45,9 +48,9 @@ plus one GEMM. Math and symbols: docs/math.md. Layout of the work:
   prototypes with that epilogue, on [BLOCK_N, BLOCK_D] tiles of all B·N features. As a
   per-sample loop over D inside the first kernel, that product waited on every V and z tile
   in turn (~100 dependent round trips per sample); as thousands of programs whose loads feed
-  tl.dot it is pipelined and latency-hidden. Launches: the per-sample kernel, the GEMM and
-  the finishing launch; the only torch op is the memset of the arrival counters (also one in
-  the forward).
+  tl.dot it is pipelined and latency-hidden. Launches: the prototypes' preparation, the
+  per-sample kernel, the GEMM and the finishing launch; the only torch op is the memset of the
+  arrival counters (also one in the forward).
 
 Precision of the products (``precision``), measured as in docs/math.md, Accuracy
 (‖out − ref‖ / ‖ref‖):
@@ -92,6 +95,7 @@ from .launch import (
     prototype_block_b,
     prototype_block_d,
     resolve_precision,
+    row_norms,
     with_overrides,
 )
 
@@ -181,8 +185,9 @@ def forward(x, prototypes, options: GSPOptions, tuned: dict | None = None):
     ``tuned``: the tuned entry (None for none), whose "forward" tiles replace the tile table's."""
     config = launch_config(x.shape[1], prototypes.shape[0], x.shape[2], half_products(x, prototypes),
                            tuned=(tuned or {}).get("forward"))
+    _, (prepared, z_scale, _) = row_norms(x, prototypes, options.normalize, features=False)
     logits = x.new_empty((x.shape[0], x.shape[1], prototypes.shape[0]), dtype=torch.float32)  # [B, N, M]
-    return per_sample_forward(x, prototypes, options, config, logits, logits.stride())
+    return per_sample_forward(x, prepared, z_scale, options, config, logits, logits.stride())
 
 
 def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GSPOptions, tuned: dict | None = None):
@@ -197,11 +202,12 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GS
     _, _, f32_precision, _ = resolve_precision(x, prototypes, options.precision)
     config = launch_config(n, m, d, half_products(x, prototypes), backward=True, tuned=tuned.get("backward"))
     native_half_dot = not INTERPRETED  # the interpreter's tl.dot misreads bfloat16 operands
-    coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # raw x·z, then V
+    _, (prepared, z_scale, _) = row_norms(x, prototypes, options.normalize, features=False)
+    coef = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)  # x·z′, then V′
     row_coefs, col_sum = per_sample_backward(
-        grad_pooled, grad_attr, grad_weights, x, prototypes, u, options, config, coef, coef.stride(),
+        grad_pooled, grad_attr, grad_weights, x, prepared, z_scale, u, options, config, coef, coef.stride(),
     )
-    # Σ_b Σ_i W_ki x̂_i = d_z,k Σ_b Σ_i V_ki x_i: one split-K GEMM over all B·N features.
+    # Σ_b Σ_i W_ki x̂_i = d_z,k Σ_b Σ_i V_ki x_i (as V′ = V·z_scale): one split-K GEMM over all B·N features.
     gemm = gemm_config(batch * n, m, d, x.device, tuned=tuned.get("coef_x"))
     splits = gemm["splits"]
     partials = torch.empty((splits, m, d), dtype=torch.float32, device=x.device)
@@ -220,13 +226,13 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GS
     col_tiles = cdiv(d, block_d)
     _gsp_backward_finish_kernel[(m + col_tiles * cdiv(batch * n, block_r),)](
         partials, splits, col_sum, batch, coef, row_coefs,
-        prototypes, *prototypes.stride(), grad_z,
+        prepared, *prepared.stride(), z_scale, grad_z,
         x, *x.stride(), grad_pooled, grad_x, *grad_x.stride(),
         batch * n, n, m, d, col_tiles,
         BLOCK_ZD=prototype_block_d(d), BLOCK_B=prototype_block_b(batch),
         NORMALIZE=NORMALIZE_CODES[options.normalize],
         BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d,
-        SPLIT_BF16=prototypes.dtype == torch.bfloat16, NATIVE_HALF_DOT=native_half_dot, PRECISION=f32_precision,
+        SPLIT_BF16=prepared.dtype == torch.bfloat16, NATIVE_HALF_DOT=native_half_dot, PRECISION=f32_precision,
         num_warps=4, num_stages=config["num_stages"],
     )
     return grad_x, grad_z

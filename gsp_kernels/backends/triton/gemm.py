@@ -12,8 +12,8 @@ what a second read of x does, and the products themselves run at the vendor libr
 any GPU (the pattern of Liger-Kernel's fused linear cross-entropy: torch.matmul for the logits,
 Triton around it).
 
-- Forward: ``_gsp_gemm_norms_kernel`` (|x|² per feature, |z|² per prototype: one read of x), the
-  products P = x·zᵀ as one GEMM over all B·N features ([B·N, M]; a channels-first map, which
+- Forward: the norms kernel ``_gsp_norms_kernel`` (|x|² per feature; the prepared prototypes
+  z′ = z / z_scale and |z′|², ``launch.row_norms``: one read of x), the products P = x·z′ᵀ as one GEMM over all B·N features ([B·N, M]; a channels-first map, which
   does not fold to a matrix, as a batched GEMM [B, M, N] with x's transpose as the contiguous
   operand: no copy of x), then the fused strategy's own forward kernel with ``PARTS`` > 0: it
   reads P instead of computing it and writes the logits over it (no [B, N, M] tensor beyond P);
@@ -63,8 +63,10 @@ import os
 import torch
 
 from ...contract import HALF_DTYPES, NORMALIZE_CODES, GSPOptions, autocast_off
-from .kernels import _gsp_gemm_backward_finish_kernel, _gsp_gemm_norms_kernel
+from .kernels import _gsp_gemm_backward_finish_kernel
 from .launch import (
+    COLS_BLOCK,
+    ROWS_BLOCK,
     cdiv,
     next_pow2,
     per_sample_backward,
@@ -72,14 +74,11 @@ from .launch import (
     prototype_block_b,
     prototype_block_d,
     resolve_precision,
+    row_norms,
     with_overrides,
 )
 
 # ----------------------------------------------------------------------------- host glue
-
-# The elementwise kernels' tiles: rows (features or prototypes) by columns of D.
-_ROWS_BLOCK = 32
-_COLS_BLOCK = 128
 
 
 def _half_gemm_with_float32_result() -> bool:
@@ -195,24 +194,6 @@ def _products(x: torch.Tensor, columns: torch.Tensor, precision: str) -> tuple[t
     return products, (products.stride(0), products.stride(2), products.stride(1))
 
 
-def _norms(x: torch.Tensor, prototypes: torch.Tensor, grad_pooled: torch.Tensor | None = None):
-    """(|x|² [B·N], x·gy [B·N] or None, |z|² [M]) in float32, in one launch."""
-    batch, n, d = x.shape
-    m = prototypes.shape[0]
-    x_sq = torch.empty((batch * n,), dtype=torch.float32, device=x.device)
-    x_gy = None if grad_pooled is None else torch.empty_like(x_sq)
-    z_sq = torch.empty((m,), dtype=torch.float32, device=x.device)
-    x_programs = cdiv(batch * n, _ROWS_BLOCK)
-    _gsp_gemm_norms_kernel[(x_programs + cdiv(m, _ROWS_BLOCK),)](
-        x, *x.stride(), prototypes, *prototypes.stride(), x if grad_pooled is None else grad_pooled,
-        x_sq, x_sq if x_gy is None else x_gy, z_sq,
-        batch * n, n, m, d, x_programs,
-        BLOCK_R=_ROWS_BLOCK, BLOCK_D=min(next_pow2(d), _COLS_BLOCK), WITH_GY=grad_pooled is not None,
-        num_warps=4,
-    )
-    return x_sq, x_gy, z_sq
-
-
 @functools.lru_cache(maxsize=256)
 def tile_config(n: int, m: int, d: int, half: bool, backward: bool, rows_layout: bool = True) -> dict:
     """The per-sample kernels' tiles for a (N, M, D) bucket (powers of two) when the products are
@@ -249,10 +230,10 @@ def forward(x, prototypes, options: GSPOptions):
     """pooled [B, D], attr [B, M], weights [B, N] in x's dtype, u [B] float32 (x's device current)."""
     _, _, f32_precision, _ = resolve_precision(x, prototypes, options.precision)
     config = launch_config(x.shape[1], prototypes.shape[0], x.shape[2], x.dtype in HALF_DTYPES)
-    x_sq, _, z_sq = _norms(x, prototypes)
-    columns, parts = _prototype_columns(x, prototypes)
-    products, strides = _products(x, columns, f32_precision)  # then the logits, in place
-    return per_sample_forward(x, prototypes, options, config, products, strides, x_sq, z_sq, parts)
+    x_rows, (prepared, z_scale, z_sq) = row_norms(x, prototypes, options.normalize)
+    columns, parts = _prototype_columns(x, prepared)
+    products, strides = _products(x, columns, f32_precision)  # x·z′, then the logits, in place
+    return per_sample_forward(x, prepared, z_scale, options, config, products, strides, x_rows, z_sq, parts)
 
 
 def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GSPOptions):
@@ -261,9 +242,9 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GS
     m = prototypes.shape[0]
     _, _, f32_precision, _ = resolve_precision(x, prototypes, options.precision)
     config = launch_config(n, m, d, x.dtype in HALF_DTYPES, backward=True, rows_layout=_folds(x))
-    x_sq, x_gy, z_sq = _norms(x, prototypes, grad_pooled)
-    columns, parts = _prototype_columns(x, prototypes)
-    products, strides = _products(x, columns, f32_precision)  # then V (float32) over its first block
+    x_rows, (prepared, z_scale, z_sq) = row_norms(x, prototypes, options.normalize, grad_pooled)
+    columns, parts = _prototype_columns(x, prepared)
+    products, strides = _products(x, columns, f32_precision)  # x·z′, then V′ (float32) over its first block
     folds = _folds(x)
     pair = None  # bfloat16 x: V as hi + lo, [B·N, 2M] or [B, 2M, N] like the products
     if x.dtype == torch.bfloat16:
@@ -272,14 +253,14 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GS
         (n * pair.stride(0), pair.stride(0), 1) if folds else (pair.stride(0), 1, pair.stride(1))
     )
     row_coefs, col_sum = per_sample_backward(
-        grad_pooled, grad_attr, grad_weights, x, prototypes, u, options, config,
-        products, strides, x_sq, x_gy, z_sq, parts, pair, pair_strides,
+        grad_pooled, grad_attr, grad_weights, x, prepared, z_scale, u, options, config,
+        products, strides, x_rows, z_sq, parts, pair, pair_strides,
     )
     v = products[:, :m] if folds else products[:, :m, :]  # [B·N, M] or [B, M, N] float32
     v_x = pair if pair is not None else v
     features = x.float() if x.dtype == torch.float16 else x
-    v_z, z_columns = (pair, torch.cat([prototypes, prototypes])) if (
-        pair is not None and prototypes.dtype == torch.bfloat16) else (v, prototypes.float())
+    v_z, z_columns = (pair, torch.cat([prepared, prepared])) if (
+        pair is not None and prepared.dtype == torch.bfloat16) else (v, prepared.float())
     if folds:
         partials = _product(torch.mm, v_x.t(), features.reshape(batch * n, d), f32_precision)  # [S·M, D]
         coef_z = _product(torch.mm, v_z, z_columns, f32_precision)  # [B·N, D]
@@ -291,14 +272,14 @@ def backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GS
         coef_z_strides = (coef_z.stride(0), coef_z.stride(2), coef_z.stride(1))
     grad_z = torch.empty((m, d), dtype=prototypes.dtype, device=x.device)
     grad_x = torch.empty_like(x)
-    col_tiles = cdiv(d, _COLS_BLOCK)
-    _gsp_gemm_backward_finish_kernel[(m + col_tiles * cdiv(batch * n, _ROWS_BLOCK),)](
+    col_tiles = cdiv(d, COLS_BLOCK)
+    _gsp_gemm_backward_finish_kernel[(m + col_tiles * cdiv(batch * n, ROWS_BLOCK),)](
         partials, partials.shape[0] // m, col_sum, batch, row_coefs,
-        prototypes, *prototypes.stride(), grad_z,
+        prepared, z_scale, grad_z,
         coef_z, *coef_z_strides,
         x, *x.stride(), grad_pooled, grad_x, *grad_x.stride(),
         batch * n, n, m, d, col_tiles,
         BLOCK_ZD=prototype_block_d(d), BLOCK_B=prototype_block_b(batch),
-        NORMALIZE=NORMALIZE_CODES[options.normalize], BLOCK_R=_ROWS_BLOCK, BLOCK_D=_COLS_BLOCK, num_warps=4,
+        NORMALIZE=NORMALIZE_CODES[options.normalize], BLOCK_R=ROWS_BLOCK, BLOCK_D=COLS_BLOCK, num_warps=4,
     )
     return grad_x, grad_z

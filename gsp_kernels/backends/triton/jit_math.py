@@ -19,15 +19,59 @@ L2 = tl.constexpr(NORMALIZE_CODES["l2"])
 NO_NORMALIZE = tl.constexpr(NORMALIZE_CODES["none"])
 
 
+# Rows whose float32 sum of squares overflows (norms above √max, 1.8e19) are summed again as
+# v·2⁻⁷⁰, exact for every normal element: a norm up to float32's max then squares to at most 2¹¹⁶.
+ROW_SCALE = tl.constexpr(2.0**70)
+INV_ROW_SCALE = tl.constexpr(2.0**-70)
+# Rows of a divisor above this (a power of two) give grad_x's β·x as (x/p)·(β p), p ≈ d_x: β ~ 1/d_x²
+# would underflow (``_grad_x_epilogue``); p is at most ROW_POWER_CAP, so that 1/p stays normal.
+ROW_POWER_FROM = tl.constexpr(2.0**32)
+ROW_POWER_CAP = tl.constexpr(2.0**126)
+
+
 @triton.jit
-def _row_divisor(sum_sq, NORMALIZE: tl.constexpr):
-    """d = max(1, |v|) (lipschitz), max(|v|, eps) (l2) or 1 (none), from |v|²."""
+def _overflow_safe_squares(sum_sq, row_ptrs, ok, stride_d, D, BLOCK_D: tl.constexpr):
+    """(s, scale) of rows [R] with |v|² = s·scale², from their float32 sums of squares sum_sq [R]: s =
+    sum_sq and scale = 1 where that is finite; where it overflowed, the squares of v·2⁻⁷⁰ summed again
+    and scale 2⁷⁰. The second pass over D (rows at row_ptrs [R], columns at stride_d) runs only in
+    blocks of rows that hold such a row."""
+    overflowed = sum_sq == float("inf")
+    scale = tl.where(overflowed, ROW_SCALE, 1.0)
+    if tl.max(overflowed.to(tl.int32), 0) > 0:
+        scaled = tl.zeros(sum_sq.shape, tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            v = tl.load(row_ptrs[:, None] + cols[None, :] * stride_d, mask=ok[:, None] & (cols < D)[None, :], other=0.0)
+            v = v.to(tl.float32) * INV_ROW_SCALE
+            scaled += tl.sum(v * v, 1)
+        sum_sq = tl.where(overflowed, scaled, sum_sq)
+    return sum_sq, scale
+
+
+@triton.jit
+def _power_of_two_floor(v):
+    """The largest power of two <= v, for normal v > 0 (its exponent bits)."""
+    return (v.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row_divisor(sum_sq, scale, NORMALIZE: tl.constexpr):
+    """d / scale of rows v = scale·v′ with |v′|² = sum_sq, scale a power of two: d = max(1, |v|)
+    (lipschitz), max(|v|, eps) (l2) or 1 (none). Exact scalings: with scale 1 it is the plain d."""
     if NORMALIZE == LIPSCHITZ:
-        return tl.maximum(tl.sqrt(sum_sq), 1.0)
+        return tl.maximum(tl.sqrt(sum_sq), 1.0 / scale)
     elif NORMALIZE == L2:
-        return tl.maximum(tl.sqrt(sum_sq), L2_EPS_CONST)
+        return tl.maximum(tl.sqrt(sum_sq), (1.0 / scale) * L2_EPS_CONST)
     else:
-        return tl.full(sum_sq.shape, 1.0, tl.float32)
+        return 1.0 / scale
+
+
+@triton.jit
+def _row_factors(sum_sq, scale, NORMALIZE: tl.constexpr):
+    """(scale / d, |v̂|²) of rows given as (s, scale) (``_overflow_safe_squares``): v̂ = v′·(scale / d),
+    |v̂|² = s·(scale / d)², neither formed from |v|² (which may overflow)."""
+    unit = 1.0 / _row_divisor(sum_sq, scale, NORMALIZE)
+    return unit, sum_sq * unit * unit
 
 
 @triton.jit
@@ -73,46 +117,52 @@ def _raw_products(
 
 @triton.jit
 def _tile_products(
-    x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, gy_sample,
-    products_sample, stride_pn, stride_pm, x_sq_sample, x_gy_sample, z_sq_ptr,
+    x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, z_scale_ptr, gy_sample,
+    products_sample, stride_pn, stride_pm, x_sq_sample, x_scale_sample, x_gy_sample, z_sq_ptr,
     rows, protos, N, M, D,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr, WITH_GY: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """``_raw_products``'s four results for a tile: computed from x and z (PARTS == 0, the fused
-    strategy), or read (the gemm strategy): x·z from the products [N, PARTS·M] through their
-    strides, as the sum of PARTS column blocks (the prototypes split into PARTS half-precision
-    parts), and |x|², x·gy [N], |z|² [M] from their rows."""
+    """For a tile: x·z′ [BLOCK_N, BLOCK_M] with the prepared prototypes z′ = z / z_scale
+    (``_prepare_prototypes``), |x|² as (s, scale) and x·gy [BLOCK_N], |z′|² and z_scale [BLOCK_M].
+    Computed from x and z′ (PARTS == 0, the fused strategy; ``_raw_products``, then
+    ``_overflow_safe_squares``), or read (the gemm strategy): x·z′ from the products [N, PARTS·M]
+    through their strides, as the sum of PARTS column blocks (the prototypes split into PARTS
+    half-precision parts), and the rest from their rows."""
+    row_ok = rows < N
+    proto_ok = protos < M
     if PARTS == 0:
         dots, x_sq, z_sq, x_gy = _raw_products(
             x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, gy_sample,
             rows, protos, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, WITH_GY,
         )
+        x_sq, x_scale = _overflow_safe_squares(x_sq, x_sample + rows * stride_xn, row_ok, stride_xd, D, BLOCK_D)
     else:
-        row_ok = rows < N
-        proto_ok = protos < M
         tile_ok = row_ok[:, None] & proto_ok[None, :]
         tile_ptrs = products_sample + rows[:, None] * stride_pn + protos[None, :] * stride_pm
         dots = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         for part in tl.static_range(PARTS):
             dots += tl.load(tile_ptrs + part * M * stride_pm, mask=tile_ok, other=0.0)
         x_sq = tl.load(x_sq_sample + rows, mask=row_ok, other=0.0)
+        x_scale = tl.load(x_scale_sample + rows, mask=row_ok, other=1.0)
         z_sq = tl.load(z_sq_ptr + protos, mask=proto_ok, other=0.0)
         if WITH_GY:
             x_gy = tl.load(x_gy_sample + rows, mask=row_ok, other=0.0)
         else:
             x_gy = tl.zeros((BLOCK_N,), tl.float32)
-    return dots, x_sq, z_sq, x_gy
+    z_scale = tl.load(z_scale_ptr + protos, mask=proto_ok, other=1.0)
+    return dots, x_sq, x_scale, z_sq, z_scale, x_gy
 
 
 @triton.jit
-def _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr):
-    """Costs c and x̂·ẑ [BLOCK_N, BLOCK_M], and 1/d_z, from raw products and squared norms."""
-    inv_dx = 1.0 / _row_divisor(x_sq, NORMALIZE)  # [BLOCK_N]
-    inv_dz = 1.0 / _row_divisor(z_sq, NORMALIZE)  # [BLOCK_M]
-    xh_sq = x_sq * inv_dx * inv_dx
-    zh_sq = z_sq * inv_dz * inv_dz
-    xz = dots * inv_dx[:, None] * inv_dz[None, :]
+def _snapped_costs(dots, x_sq, x_scale, z_sq, z_scale, snap, NORMALIZE: tl.constexpr, EUCLIDEAN: tl.constexpr):
+    """Costs c and x̂·ẑ [BLOCK_N, BLOCK_M], and z_scale / d_z [BLOCK_M], from the products x·z′ and the
+    rows' (s, scale) (``_tile_products``). x̂·ẑ = (x·z′ / x_scale)·(x_scale / d_x)·(z_scale / d_z):
+    |x·z′| <= |x|, and no factor over- or underflows; powers of two, so with scales of 1 it is the
+    plain (x·z)/(d_x d_z), bit for bit."""
+    x_unit, xh_sq = _row_factors(x_sq, x_scale, NORMALIZE)  # [BLOCK_N]
+    z_unit, zh_sq = _row_factors(z_sq, z_scale, NORMALIZE)  # [BLOCK_M]
+    xz = dots * (1.0 / x_scale)[:, None] * x_unit[:, None] * z_unit[None, :]
     norms = xh_sq[:, None] + zh_sq[None, :]
     sq = norms - 2.0 * xz
     sq = tl.where(sq <= snap * norms, 0.0, sq)  # NaN stays NaN
@@ -120,7 +170,50 @@ def _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE: tl.constexpr, EUCLIDEAN: t
         cost = tl.sqrt(sq)
     else:
         cost = sq
-    return cost, xz, inv_dz
+    return cost, xz, z_unit
+
+
+@triton.jit
+def _prepare_prototypes(z_rows, ok, stride_zd, out_rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                        SCALE_ABOVE: tl.constexpr):
+    """z′ = z / z_scale into out_rows [BLOCK_R] (contiguous rows of D), and (|z′|², z_scale) [BLOCK_R]:
+    z_scale = 2^k with |z′| < 1 for prototypes whose norm reaches 2^SCALE_ABOVE (k at most 127),
+    1 for the others (their z′ is z). A power of two: z′ is exact in z's dtype (or float32), and
+    the cost products x·z′ stay within |x|. |z′|² is summed in ``_row_sums``'s order, so it is
+    |z|²/z_scale² bit for bit where that does not overflow."""
+    sq, _ = _row_sums(z_rows, ok, stride_zd, z_rows, D, BLOCK_R, BLOCK_D, False)
+    sq, pre_scale = _overflow_safe_squares(sq, z_rows, ok, stride_zd, D, BLOCK_D)
+    # |z| = √sq·pre_scale = m·2^e, m in [1, 2): k = e + 1.
+    exponent = ((tl.sqrt(sq).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+    exponent += tl.where(pre_scale > 1.0, 70, 0)
+    exponent = tl.where(exponent > SCALE_ABOVE, tl.minimum(exponent, 127), 0)
+    z_scale = ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+    half_step = 2.0 / z_scale  # >= 2⁻¹²⁶, normal: z / z_scale as (z · 2 / z_scale) · 0.5
+    z_sq = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tile_ok = ok[:, None] & (cols < D)[None, :]
+        v = tl.load(z_rows[:, None] + cols[None, :] * stride_zd, mask=tile_ok, other=0.0).to(tl.float32)
+        v = v * half_step[:, None] * 0.5
+        tl.store(out_rows[:, None] + cols[None, :], v.to(out_rows.dtype.element_ty), mask=tile_ok)
+        z_sq += tl.sum(v * v, 1)
+    return z_sq, z_scale
+
+
+@triton.jit
+def _row_sums(row_ptrs, ok, stride_d, gy_ptrs, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr):
+    """Σ_d v², and Σ_d v·gy (WITH_GY; gy rows contiguous), of the rows at row_ptrs [BLOCK_R], in float32."""
+    sq = tl.zeros((BLOCK_R,), tl.float32)
+    dot = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tile_ok = ok[:, None] & (cols < D)[None, :]
+        v = tl.load(row_ptrs[:, None] + cols[None, :] * stride_d, mask=tile_ok, other=0.0).to(tl.float32)
+        sq += tl.sum(v * v, 1)
+        if WITH_GY:
+            gy = tl.load(gy_ptrs[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            dot += tl.sum(v * gy, 1)
+    return sq, dot
 
 
 @triton.jit
@@ -249,9 +342,10 @@ def _last_to_arrive(arrivals_ptr, sample, tiles_per_sample):
 
 
 @triton.jit
-def _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, divisor, w_total):
-    """ẑ_k and gẑ_k = ẑ_k Σ W − d_z Σ_s partial_s,k on the columns `cols` [BLOCK_D]."""
-    z_hat = tl.load(z_row + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32) / divisor
+def _prototype_grad_tile(partial_ptr, splits, z_row, k, cols, M, D, divisor, w_total):
+    """ẑ_k and gẑ_k = ẑ_k Σ W − d_z Σ_s partial_s,k on the columns `cols` [BLOCK_D], from the prepared
+    row z′ (contiguous) and divisor = d_z / z_scale: the partials hold Σ V′ x with V′ = V·z_scale."""
+    z_hat = tl.load(z_row + cols, mask=cols < D, other=0.0).to(tl.float32) / divisor
     coef_x = tl.zeros(cols.shape, tl.float32)
     for split in range(splits):
         coef_x += tl.load(partial_ptr + (split * M + k) * D + cols, mask=cols < D, other=0.0)
@@ -260,28 +354,31 @@ def _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, d
 
 @triton.jit
 def _prototype_grad_program(
-    k, partial_ptr, splits, col_sum_ptr, batch, z_ptr, stride_zm, stride_zd, grad_z_ptr, M, D,
+    k, partial_ptr, splits, col_sum_ptr, batch, z_ptr, z_scale_ptr, grad_z_ptr, M, D,
     BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     """Prototype k (int64): gẑ_k = ẑ_k Σ_b Σ_i W_ki − d_z Σ_s partial_s,k (= Σ W x̂), then the
-    normalization backward (gẑ − (ẑ·gẑ) ẑ [projects]) / d_z; every sum in a fixed order."""
+    normalization backward (gẑ − (ẑ·gẑ) ẑ [projects]) / d_z; every sum in a fixed order. z_ptr: the
+    prepared prototypes z′ = z / z_scale [M, D] (``_prepare_prototypes``)."""
     col_total = tl.zeros((BLOCK_B,), tl.float32)
     for b0 in range(0, batch, BLOCK_B):
         samples = b0 + tl.arange(0, BLOCK_B)
         col_total += tl.load(col_sum_ptr + samples.to(tl.int64) * M + k, mask=samples < batch, other=0.0)
     w_total = tl.sum(col_total, 0)
-    z_row = z_ptr + k * stride_zm
+    z_row = z_ptr + k * D
+    z_scale = tl.load(z_scale_ptr + k)
     z_sq = tl.zeros((BLOCK_D,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        z = tl.load(z_row + cols * stride_zd, mask=cols < D, other=0.0).to(tl.float32)
+        z = tl.load(z_row + cols, mask=cols < D, other=0.0).to(tl.float32)
         z_sq += z * z
-    divisor = _row_divisor(tl.sum(z_sq, 0), NORMALIZE)
+    scaled_divisor = _row_divisor(tl.sum(z_sq, 0), z_scale, NORMALIZE)  # d_z / z_scale
+    divisor = scaled_divisor * z_scale  # d_z, exactly
     # Pass 1: the radial part ẑ·gẑ; pass 2 recomputes gẑ (cheaper than a scratch row) and writes.
     radial = tl.zeros((BLOCK_D,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        z_hat, grad_z_hat = _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, divisor, w_total)
+        z_hat, grad_z_hat = _prototype_grad_tile(partial_ptr, splits, z_row, k, cols, M, D, scaled_divisor, w_total)
         radial += z_hat * grad_z_hat
     if NORMALIZE == LIPSCHITZ:
         radial_sum = tl.where(divisor > 1.0, tl.sum(radial, 0), 0.0)
@@ -291,9 +388,27 @@ def _prototype_grad_program(
         radial_sum = 0.0
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        z_hat, grad_z_hat = _prototype_grad_tile(partial_ptr, splits, z_row, stride_zd, k, cols, M, D, divisor, w_total)
+        z_hat, grad_z_hat = _prototype_grad_tile(partial_ptr, splits, z_row, k, cols, M, D, scaled_divisor, w_total)
         grad_z = (grad_z_hat - radial_sum * z_hat) / divisor
         tl.store(grad_z_ptr + k * D + cols, grad_z.to(grad_z_ptr.dtype.element_ty), mask=cols < D)
+
+
+@triton.jit
+def _grad_x_row_coefs(coef_sum, coef_dot, x_sq, x_scale, NORMALIZE: tl.constexpr):
+    """(β p, 1/p) [rows] of grad_x = β x − V z + w gy, from S = Σ_k W and Σ_k W x̂·ẑ: r = x̂·gx̂ =
+    |x̂|² S − Σ_k W x̂·ẑ, β = (S − r·[projects]) / d_x². β x is formed as (x/p)·(β p) with p a power of
+    two near d_x for long rows (d_x >= ``ROW_POWER_FROM``), 1 for the others: β alone, ~S / d_x²,
+    would underflow."""
+    x_unit, xh_sq = _row_factors(x_sq, x_scale, NORMALIZE)
+    inv_dx = x_unit / x_scale
+    radial = xh_sq * coef_sum - coef_dot
+    if NORMALIZE == LIPSCHITZ:
+        radial = tl.where(inv_dx < 1.0, radial, 0.0)
+    elif NORMALIZE == NO_NORMALIZE:
+        radial = radial * 0.0
+    power = tl.minimum(_power_of_two_floor(1.0 / x_unit) * x_scale, ROW_POWER_CAP)  # ~ d_x
+    power = tl.where(inv_dx * ROW_POWER_FROM <= 1.0, power, 1.0)
+    return (coef_sum - radial) * inv_dx * (x_unit * (power / x_scale)), 1.0 / power
 
 
 @triton.jit
@@ -301,18 +416,19 @@ def _grad_x_epilogue(
     coef_z, feature, feature_ok, cols, col_ok, row_coefs_ptr,
     x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd, N, D,
 ):
-    """grad_x = β x − V z + w gy on a [rows, cols] tile of all B·N features (feature r = b·N + i),
-    from V z [rows, cols] (coef_z) and β, w of the per-sample kernel (row_coefs [B, 2, N])."""
+    """grad_x = (x/p)(β p) − V z + w gy on a [rows, cols] tile of all B·N features (feature r = b·N + i),
+    from V z [rows, cols] (coef_z) and β p, w, 1/p of the per-sample kernel (row_coefs [B, 3, N])."""
     sample = (feature // N).to(tl.int64)
     row = feature % N
     tile_ok = feature_ok[:, None] & col_ok[None, :]
-    beta = tl.load(row_coefs_ptr + sample * 2 * N + row, mask=feature_ok, other=0.0)  # [rows]
-    w = tl.load(row_coefs_ptr + (sample * 2 + 1) * N + row, mask=feature_ok, other=0.0)
+    beta = tl.load(row_coefs_ptr + sample * 3 * N + row, mask=feature_ok, other=0.0)  # [rows]: β p
+    w = tl.load(row_coefs_ptr + (sample * 3 + 1) * N + row, mask=feature_ok, other=0.0)
+    inv_power = tl.load(row_coefs_ptr + (sample * 3 + 2) * N + row, mask=feature_ok, other=1.0)  # 1/p
     x_tile = tl.load(
         x_ptr + (sample * stride_xb + row * stride_xn)[:, None] + cols[None, :] * stride_xd, mask=tile_ok, other=0.0
     ).to(tl.float32)
     gy = tl.load(grad_pooled_ptr + sample[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    grad_x = x_tile * beta[:, None] - coef_z + w[:, None] * gy
+    grad_x = (x_tile * inv_power[:, None]) * beta[:, None] - coef_z + w[:, None] * gy
     tl.store(
         grad_x_ptr + (sample * stride_gb + row * stride_gn)[:, None] + cols[None, :] * stride_gd,
         grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_ok,

@@ -1,8 +1,8 @@
 """Every @triton.jit kernel of the `triton` backend: the per-sample forward and backward kernels
 that both strategies launch (``launch``), the fused strategy's split-K GEMM and finishing kernel
-(``fused``, whose docstring holds the design, launch layout and precision rules), and the gemm
-strategy's norms and finishing kernels (``gemm``). The @triton.jit math they share is in
-``jit_math``."""
+(``fused``, whose docstring holds the design, launch layout and precision rules), the norms
+kernel (the gemm strategy's row norms; both strategies' prepared prototypes) and the gemm
+strategy's finishing kernel (``gemm``). The @triton.jit math they share is in ``jit_math``."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import triton
 import triton.language as tl
 
 from .jit_math import (
-    LIPSCHITZ,
-    NO_NORMALIZE,
     _coef_product,
     _grad_x_epilogue,
+    _grad_x_row_coefs,
     _last_to_arrive,
+    _overflow_safe_squares,
     _plan_sigma,
+    _prepare_prototypes,
     _prototype_grad_program,
-    _row_divisor,
+    _row_factors,
+    _row_sums,
     _sample_tile,
     _snapped_costs,
     _solve_fixed_point,
@@ -32,10 +34,11 @@ from .jit_math import (
 @triton.jit(do_not_specialize=["max_iter"])
 def _gsp_forward_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
-    z_ptr, stride_zm, stride_zd,
+    z_ptr, stride_zm, stride_zd, z_scale_ptr,  # the prepared prototypes z′ = z / z_scale [M, D], z_scale [M]
     pooled_ptr, attr_ptr, weights_ptr, u_ptr,
     logits_ptr, ell_ptr, arrivals_ptr,  # scratch: [B, N, M], [B, N] float32; [B] int32 zeros
-    stride_lb, stride_ln, stride_lm, x_sq_ptr, z_sq_ptr,  # the logits' strides; PARTS > 0: |x|² [B·N], |z|² [M]
+    stride_lb, stride_ln, stride_lm,  # the logits' strides
+    x_sq_ptr, x_scale_ptr, z_sq_ptr,  # PARTS > 0: |x|² as (s, scale) [B·N] each, |z′|² [M]
     N, M, D, rows_per_tile, tiles_per_sample,
     gamma, snap, inv_total, target, logit_mu, log_mu, log_target, tol, max_iter,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ALL_N: tl.constexpr,
@@ -62,12 +65,12 @@ def _gsp_forward_kernel(
         for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
             protos = m0 + tl.arange(0, BLOCK_M)
             proto_ok = protos < M
-            dots, x_sq, z_sq, _ = _tile_products(
-                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, x_sample,
-                logits_sample, stride_ln, stride_lm, x_sq_ptr + sample * N, x_sq_ptr, z_sq_ptr,
-                rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False, PARTS,
+            dots, x_sq, x_scale, z_sq, z_scale, _ = _tile_products(
+                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, z_scale_ptr, x_sample,
+                logits_sample, stride_ln, stride_lm, x_sq_ptr + sample * N, x_scale_ptr + sample * N, x_sq_ptr,
+                z_sq_ptr, rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, False, PARTS,
             )
-            cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+            cost, _, _ = _snapped_costs(dots, x_sq, x_scale, z_sq, z_scale, snap, NORMALIZE, EUCLIDEAN)
             logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))  # [BLOCK_N, BLOCK_M]
             tl.store(
                 logits_sample + rows[:, None] * stride_ln + protos[None, :] * stride_lm, logits,
@@ -142,13 +145,13 @@ def _gsp_forward_kernel(
 @triton.jit
 def _gsp_backward_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd,
-    z_ptr, stride_zm, stride_zd,
+    z_ptr, stride_zm, stride_zd, z_scale_ptr,  # the prepared prototypes z′ = z / z_scale [M, D], z_scale [M]
     u_ptr, grad_pooled_ptr, grad_attr_ptr, grad_weights_ptr,  # [B], [B, D], [B, M], [B, N] contiguous
-    coef_ptr, row_coefs_ptr,  # out: V [B, N, M] (raw x·z until pass 2), (β, w) [B, 2, N] float32
-    rows_ptr, z_sq_ptr, col_sum_ptr,  # scratch [B, 4, N]; out: |z|² [B, M], Σ_i W_ki [B, M] float32
+    coef_ptr, row_coefs_ptr,  # out: V′ = V·z_scale [B, N, M] (x·z′ until pass 2), (β p, w, 1/p) [B, 3, N]
+    rows_ptr, z_sq_ptr, col_sum_ptr,  # scratch [B, 5, N]; out: |z′|² [B, M], Σ_i W_ki [B, M] float32
     tile_sums_ptr, arrivals_ptr,  # scratch: Σ h, Σ h e per tile [B, tiles, 2] float32; [B] int32 zeros
     stride_cb, stride_cn, stride_cm,  # V's strides
-    x_sq_ptr, x_gy_ptr, z_sq_in_ptr,  # PARTS > 0: |x|², x·gy [B·N], |z|² [M] float32
+    x_sq_ptr, x_scale_ptr, x_gy_ptr, z_sq_in_ptr,  # PARTS > 0: |x|² as (s, scale), x·gy [B·N], |z′|² [M]
     pair_ptr, stride_vb, stride_vn, stride_vm,  # V_PAIR: V as hi, lo [B, N, 2M] in x's dtype (strided)
     N, M, D, rows_per_tile, tiles_per_sample,
     gamma, snap, inv_total,
@@ -157,19 +160,22 @@ def _gsp_backward_kernel(
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr, PARTS: tl.constexpr, V_PAIR: tl.constexpr,
 ):
     """A program per (sample, tile of at most BLOCK_N features) for pass 1; the sample's last
-    program to finish it runs pass 2: V = W / (d_x d_z) [N, M], the column sums of W [M], and
-    per feature the coefficients of grad_x = β x − V z + w gy (``_grad_x_tile``). PARTS > 0
+    program to finish it runs pass 2: V′ = W z_scale / (d_x d_z) [N, M] (V′ z′ = V z), the column
+    sums of W [M], and per feature the coefficients of grad_x = β x − V z + w gy
+    (``_grad_x_row_coefs``, ``_grad_x_tile``). PARTS > 0
     (the gemm strategy): V's buffer holds the products x·z on entry, as PARTS column blocks of
     M (``_tile_products``), and V is written over the first block."""
     sample, tile, row_start, row_end = _sample_tile(tiles_per_sample, rows_per_tile, N)
     x_sample = x_ptr + sample * stride_xb
     coef_sample = coef_ptr + sample * stride_cb
-    ell_row = rows_ptr + sample * 4 * N  # rows scratch: ℓ, ā, e, |x|²
+    ell_row = rows_ptr + sample * 5 * N  # rows scratch: ℓ, ā, e, |x|² as (s, scale)
     abar_row = ell_row + N
     e_row = ell_row + 2 * N
     x_sq_row = ell_row + 3 * N
-    beta_row = row_coefs_ptr + sample * 2 * N
+    x_scale_row = ell_row + 4 * N
+    beta_row = row_coefs_ptr + sample * 3 * N
     w_row = beta_row + N
+    inv_power_row = beta_row + 2 * N
     z_sq_sample = z_sq_ptr + sample * M
     col_sum_sample = col_sum_ptr + sample * M
     tile_sums_sample = tile_sums_ptr + sample * tiles_per_sample * 2
@@ -187,13 +193,15 @@ def _gsp_backward_kernel(
         running_sum = tl.zeros((BLOCK_N,), tl.float32)
         running_ga = tl.zeros((BLOCK_N,), tl.float32)
         x_sq = tl.zeros((BLOCK_N,), tl.float32)
+        x_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
         x_gy = tl.zeros((BLOCK_N,), tl.float32)
         for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
             protos = m0 + tl.arange(0, BLOCK_M)
             proto_ok = protos < M
-            dots, x_sq, z_sq, x_gy = _tile_products(
-                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_sample,
-                coef_sample, stride_cn, stride_cm, x_sq_ptr + sample * N, x_gy_ptr + sample * N, z_sq_in_ptr,
+            dots, x_sq, x_scale, z_sq, z_scale, x_gy = _tile_products(
+                x_sample, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, z_scale_ptr, grad_pooled_sample,
+                coef_sample, stride_cn, stride_cm, x_sq_ptr + sample * N, x_scale_ptr + sample * N,
+                x_gy_ptr + sample * N, z_sq_in_ptr,
                 rows, protos, row_end, M, D, BLOCK_N, BLOCK_M, BLOCK_D, CAST_F32, PRECISION, True, PARTS,
             )
             if PARTS != 1:  # one block of given products is in place already
@@ -203,7 +211,7 @@ def _gsp_backward_kernel(
                 )
             if n0 == 0:
                 tl.store(z_sq_sample + protos, z_sq, mask=proto_ok)
-            cost, _, _ = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+            cost, _, _ = _snapped_costs(dots, x_sq, x_scale, z_sq, z_scale, snap, NORMALIZE, EUCLIDEAN)
             logits = tl.where(proto_ok[None, :], -gamma * cost, -float("inf"))
             ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)  # [BLOCK_M]
             new_max = tl.maximum(running_max, tl.max(logits, 1))
@@ -222,6 +230,7 @@ def _gsp_backward_kernel(
         tl.store(abar_row + rows, abar, mask=row_ok)
         tl.store(e_row + rows, e, mask=row_ok)
         tl.store(x_sq_row + rows, x_sq, mask=row_ok)
+        tl.store(x_scale_row + rows, x_scale, mask=row_ok)
         h_sum += tl.sum(h, 0)
         he_sum += tl.sum(h * e, 0)
     tl.store(tile_sums_sample + 2 * tile, h_sum)
@@ -256,12 +265,14 @@ def _gsp_backward_kernel(
             abar = tl.load(abar_row + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
             e = tl.load(e_row + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
             x_sq = tl.load(x_sq_row + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            x_scale = tl.load(x_scale_row + rows, mask=row_ok, other=1.0, cache_modifier=".cg")
             sigma = _plan_sigma(u, ell, GAP)
             w = tl.where(row_ok, sigma * inv_total, 0.0)
             grad_ell = w * (1.0 - sigma) * ((e - e_bar) - e_bar_rounding)  # σ(1 − σ)(e − ē)/(Nμ)
             coef_sum = tl.zeros((BLOCK_N,), tl.float32)  # S_i = Σ_k W_ki
             coef_dot = tl.zeros((BLOCK_N,), tl.float32)  # Σ_k W_ki x̂_i·ẑ_k
-            inv_dx = 1.0 / _row_divisor(x_sq, NORMALIZE)
+            x_unit, _ = _row_factors(x_sq, x_scale, NORMALIZE)
+            inv_dx = x_unit / x_scale
             for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
                 protos = m0 + tl.arange(0, BLOCK_M)
                 proto_ok = protos < M
@@ -269,7 +280,8 @@ def _gsp_backward_kernel(
                 tile_ptrs = coef_sample + rows[:, None] * stride_cn + protos[None, :] * stride_cm
                 dots = tl.load(tile_ptrs, mask=tile_ok, other=0.0, cache_modifier=".cg")
                 z_sq = tl.load(z_sq_sample + protos, mask=proto_ok, other=0.0, cache_modifier=".cg")
-                cost, xz, inv_dz = _snapped_costs(dots, x_sq, z_sq, snap, NORMALIZE, EUCLIDEAN)
+                z_scale = tl.load(z_scale_ptr + protos, mask=proto_ok, other=1.0)
+                cost, xz, z_unit = _snapped_costs(dots, x_sq, x_scale, z_sq, z_scale, snap, NORMALIZE, EUCLIDEAN)
                 ga = tl.load(grad_attr_sample + protos, mask=proto_ok, other=0.0).to(tl.float32)
                 assign = tl.where(tile_ok, tl.exp(-gamma * cost - ell[:, None]), 0.0)
                 grad_cost = -gamma * assign * (grad_ell[:, None] + w[:, None] * (ga[None, :] - abar[:, None]))
@@ -282,7 +294,7 @@ def _gsp_backward_kernel(
                 previous = tl.load(col_sum_sample + protos, mask=proto_ok & (n0 > 0), other=0.0)
                 tl.debug_barrier()  # every thread has read the products and column sums it overwrites
                 tl.store(col_sum_sample + protos, previous + tl.sum(coef, 0), mask=proto_ok)
-                coef_v = coef * inv_dx[:, None] * inv_dz[None, :]
+                coef_v = coef * inv_dx[:, None] * z_unit[None, :]
                 tl.store(tile_ptrs, coef_v, mask=tile_ok)
                 if V_PAIR:
                     v_hi, v_lo = _split_half(coef_v, pair_ptr.dtype.element_ty)
@@ -291,14 +303,10 @@ def _gsp_backward_kernel(
                     tl.store(pair_ptrs + M * stride_vm, v_lo, mask=tile_ok)
             tl.debug_barrier()  # the column sums, read back by the next feature tile
 
-            # r_i = x̂·gx̂; grad_x = x (S − r·[projects]) / d_x² − V z + w gy = β x − V z + w gy.
-            radial = x_sq * inv_dx * inv_dx * coef_sum - coef_dot
-            if NORMALIZE == LIPSCHITZ:
-                radial = tl.where(inv_dx < 1.0, radial, 0.0)
-            elif NORMALIZE == NO_NORMALIZE:
-                radial = radial * 0.0
-            tl.store(beta_row + rows, (coef_sum - radial) * inv_dx * inv_dx, mask=row_ok)
+            beta, inv_power = _grad_x_row_coefs(coef_sum, coef_dot, x_sq, x_scale, NORMALIZE)
+            tl.store(beta_row + rows, beta, mask=row_ok)
             tl.store(w_row + rows, w, mask=row_ok)
+            tl.store(inv_power_row + rows, inv_power, mask=row_ok)
 
 
 @triton.jit
@@ -379,8 +387,8 @@ def _gsp_coef_x_kernel(
 @triton.jit
 def _gsp_backward_finish_kernel(
     partial_ptr, splits, col_sum_ptr, batch,  # prototype gradient: [S, M, D], [B, M] float32
-    coef_ptr, row_coefs_ptr,  # grad_x: V [B·N, M], (β, w) [B, 2, N] float32
-    z_ptr, stride_zm, stride_zd, grad_z_ptr,  # prototypes [M, D]; grad_z [M, D] contiguous
+    coef_ptr, row_coefs_ptr,  # grad_x: V′ [B·N, M], (β p, w, 1/p) [B, 3, N] float32
+    z_ptr, stride_zm, stride_zd, z_scale_ptr, grad_z_ptr,  # z′ [M, D] contiguous, z_scale [M]; grad_z [M, D] contiguous
     x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
     total_rows, N, M, D, col_tiles,
     BLOCK_ZD: tl.constexpr, BLOCK_B: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -393,7 +401,7 @@ def _gsp_backward_finish_kernel(
     program = tl.program_id(0)
     if program < M:
         _prototype_grad_program(
-            program.to(tl.int64), partial_ptr, splits, col_sum_ptr, batch, z_ptr, stride_zm, stride_zd, grad_z_ptr,
+            program.to(tl.int64), partial_ptr, splits, col_sum_ptr, batch, z_ptr, z_scale_ptr, grad_z_ptr,
             M, D, BLOCK_ZD, BLOCK_B, NORMALIZE,
         )
     else:
@@ -409,53 +417,43 @@ def _gsp_backward_finish_kernel(
 
 
 @triton.jit
-def _row_sums(ptr, offsets, ok, stride_d, gy_ptr, gy_offsets, D,
-              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr):
-    """Σ_d v², and Σ_d v·gy (WITH_GY), of the rows at `offsets` [BLOCK_R], in float32."""
-    sq = tl.zeros((BLOCK_R,), tl.float32)
-    dot = tl.zeros((BLOCK_R,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        tile_ok = ok[:, None] & (cols < D)[None, :]
-        v = tl.load(ptr + offsets[:, None] + cols[None, :] * stride_d, mask=tile_ok, other=0.0).to(tl.float32)
-        sq += tl.sum(v * v, 1)
-        if WITH_GY:
-            gy = tl.load(gy_ptr + gy_offsets[:, None] + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            dot += tl.sum(v * gy, 1)
-    return sq, dot
-
-
-@triton.jit
-def _gsp_gemm_norms_kernel(
+def _gsp_norms_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd, z_ptr, stride_zm, stride_zd, grad_pooled_ptr,  # gy [B, D]
-    x_sq_ptr, x_gy_ptr, z_sq_ptr,  # out: |x|², x·gy [B·N], |z|² [M] float32
+    x_sq_ptr, x_scale_ptr, x_gy_ptr,  # out: |x|² as (s, scale), x·gy [B·N] float32
+    prepared_ptr, z_scale_ptr, z_sq_ptr,  # out: z′ = z / z_scale [M, D] contiguous, z_scale, |z′|² [M] float32
     total_rows, N, M, D, x_programs,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GY: tl.constexpr, SCALE_ABOVE: tl.constexpr,
 ):
-    """Programs below x_programs: BLOCK_R features each (feature r = b·N + i, read through x's
-    strides); the rest: BLOCK_R prototypes each."""
+    """Programs below x_programs (the gemm strategy; none in the fused one): BLOCK_R features each
+    (feature r = b·N + i, read through x's strides); the rest: BLOCK_R prototypes each, prepared
+    (``_prepare_prototypes``)."""
     program = tl.program_id(0)
     if program < x_programs:
         feature = program * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = feature < total_rows
         sample = (feature // N).to(tl.int64)
-        offsets = sample * stride_xb + (feature % N) * stride_xn
-        x_sq, x_gy = _row_sums(x_ptr, offsets, ok, stride_xd, grad_pooled_ptr, sample * D, D, BLOCK_R, BLOCK_D, WITH_GY)
+        rows = x_ptr + sample * stride_xb + (feature % N) * stride_xn
+        x_sq, x_gy = _row_sums(rows, ok, stride_xd, grad_pooled_ptr + sample * D, D, BLOCK_R, BLOCK_D, WITH_GY)
+        x_sq, x_scale = _overflow_safe_squares(x_sq, rows, ok, stride_xd, D, BLOCK_D)
         tl.store(x_sq_ptr + feature, x_sq, mask=ok)
+        tl.store(x_scale_ptr + feature, x_scale, mask=ok)
         if WITH_GY:
             tl.store(x_gy_ptr + feature, x_gy, mask=ok)
     else:
         protos = (program - x_programs) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = protos < M
-        offsets = protos.to(tl.int64) * stride_zm
-        z_sq, _ = _row_sums(z_ptr, offsets, ok, stride_zd, z_ptr, offsets, D, BLOCK_R, BLOCK_D, False)
+        z_sq, z_scale = _prepare_prototypes(
+            z_ptr + protos.to(tl.int64) * stride_zm, ok, stride_zd, prepared_ptr + protos.to(tl.int64) * D, D,
+            BLOCK_R, BLOCK_D, SCALE_ABOVE,
+        )
         tl.store(z_sq_ptr + protos, z_sq, mask=ok)
+        tl.store(z_scale_ptr + protos, z_scale, mask=ok)
 
 
 @triton.jit
 def _gsp_gemm_backward_finish_kernel(
-    partial_ptr, splits, col_sum_ptr, batch, row_coefs_ptr,  # [S, M, D], [B, M], (β, w) [B, 2, N] float32
-    z_ptr, stride_zm, stride_zd, grad_z_ptr,  # prototypes [M, D]; grad_z [M, D] contiguous
+    partial_ptr, splits, col_sum_ptr, batch, row_coefs_ptr,  # [S, M, D], [B, M], (β p, w, 1/p) [B, 3, N] float32
+    z_ptr, z_scale_ptr, grad_z_ptr,  # z′ [M, D] contiguous, z_scale [M]; grad_z [M, D] contiguous
     coef_z_ptr, stride_vb, stride_vn, stride_vd,  # V z [B, N, D] float32, strided
     x_ptr, stride_xb, stride_xn, stride_xd, grad_pooled_ptr, grad_x_ptr, stride_gb, stride_gn, stride_gd,
     total_rows, N, M, D, col_tiles,
@@ -467,7 +465,7 @@ def _gsp_gemm_backward_finish_kernel(
     program = tl.program_id(0)
     if program < M:
         _prototype_grad_program(
-            program.to(tl.int64), partial_ptr, splits, col_sum_ptr, batch, z_ptr, stride_zm, stride_zd, grad_z_ptr,
+            program.to(tl.int64), partial_ptr, splits, col_sum_ptr, batch, z_ptr, z_scale_ptr, grad_z_ptr,
             M, D, BLOCK_ZD, BLOCK_B, NORMALIZE,
         )
     else:

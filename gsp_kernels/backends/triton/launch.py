@@ -13,7 +13,7 @@ import os
 import torch
 
 from ...contract import COST_SNAP, HALF_DTYPES, NORMALIZE_CODES, GSPOptions
-from .kernels import _gsp_backward_kernel, _gsp_forward_kernel
+from .kernels import _gsp_backward_kernel, _gsp_forward_kernel, _gsp_norms_kernel
 
 # How the kernels were built: triton.jit picks the interpreter at decoration time.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -30,6 +30,13 @@ BLOCK_OVERRIDE: dict | None = None
 # its features: the comparison point for benchmarks, and a
 # fallback, also chosen at import by the environment variable GSP_TRITON_SPLIT=0.
 SPLIT_SAMPLES = os.environ.get("GSP_TRITON_SPLIT", "1") != "0"
+# The norms kernel's tiles (``row_norms``): rows (features or prototypes) by columns of D.
+ROWS_BLOCK = 32
+COLS_BLOCK = 128
+# ``_prepare_prototypes`` scales a prototype whose norm reaches 2^SCALE_ABOVE: every norm from 1
+# where a feature can be as long as float32's max; float16 features are shorter than 2³⁶ (65504·√D),
+# so their products overflow only past 2⁶⁴; never without normalization (its norms are bounded).
+SCALE_ABOVE = {"default": 0, "float16": 64, "none": 255}
 
 
 def cdiv(a: int, b: int) -> int:
@@ -99,11 +106,38 @@ def prototype_block_b(batch: int) -> int:
     return min(next_pow2(batch), 256)
 
 
-def per_sample_forward(x, prototypes, options: GSPOptions, config: dict, logits, logits_strides,
-                       x_sq=None, z_sq=None, parts=0):
-    """The per-sample forward kernel of both strategies: logits scratch [B, N, M] (strides
-    ``logits_strides``), computing the products itself (parts = 0) or reading them from the
-    scratch, as ``parts`` column blocks of M, with |x|² [B·N] and |z|² [M] (the gemm strategy).
+def row_norms(x: torch.Tensor, prototypes: torch.Tensor, normalize: str, grad_pooled: torch.Tensor | None = None,
+              features: bool = True):
+    """One launch of the norms kernel: ((|x|² as (s, scale), x·gy or None) [B·N] float32, or None
+    without ``features``; (z′, z_scale [M], |z′|² [M])): the prepared prototypes z′ = z / z_scale
+    [M, D] (``jit_math._prepare_prototypes``) in z's dtype, float32 for float16 prototypes next to
+    longer features."""
+    batch, n, d = x.shape
+    m = prototypes.shape[0]
+    prepared_dtype = torch.float32 if prototypes.dtype == torch.float16 != x.dtype else prototypes.dtype
+    prepared = torch.empty((m, d), dtype=prepared_dtype, device=x.device)
+    z_rows = torch.empty((2, m), dtype=torch.float32, device=x.device)  # z_scale, |z′|²
+    rows = torch.empty((3 if grad_pooled is not None else 2, batch * n) if features else (3, 1),
+                       dtype=torch.float32, device=x.device)  # |x|² as (s, scale), x·gy
+    x_programs = cdiv(batch * n, ROWS_BLOCK) if features else 0
+    scale_above = SCALE_ABOVE["none" if normalize == "none" else "float16" if x.dtype == torch.float16 else "default"]
+    _gsp_norms_kernel[(x_programs + cdiv(m, ROWS_BLOCK),)](
+        x, *x.stride(), prototypes, *prototypes.stride(), x if grad_pooled is None else grad_pooled,
+        rows[0], rows[1], rows[-1], prepared, z_rows[0], z_rows[1],
+        batch * n, n, m, d, x_programs,
+        BLOCK_R=ROWS_BLOCK, BLOCK_D=min(next_pow2(d), COLS_BLOCK), WITH_GY=grad_pooled is not None,
+        SCALE_ABOVE=scale_above, num_warps=4,
+    )
+    x_rows = (rows[0], rows[1], rows[2] if grad_pooled is not None else None) if features else None
+    return x_rows, (prepared, z_rows[0], z_rows[1])
+
+
+def per_sample_forward(x, prototypes, z_scale, options: GSPOptions, config: dict, logits, logits_strides,
+                       x_rows=None, z_sq=None, parts=0):
+    """The per-sample forward kernel of both strategies, on the prepared prototypes and their
+    z_scale [M] (``row_norms``): logits scratch [B, N, M] (strides ``logits_strides``), computing
+    the products itself (parts = 0) or reading them from the scratch, as ``parts`` column blocks
+    of M, with |x|² as (s, scale) [B·N] each (x_rows) and |z′|² [M] (the gemm strategy).
     -> pooled [B, D], attr [B, M], weights [B, N] in x's dtype, u [B] float32."""
     batch, n, d = x.shape
     m = prototypes.shape[0]
@@ -119,9 +153,9 @@ def per_sample_forward(x, prototypes, options: GSPOptions, config: dict, logits,
     arrivals = torch.zeros((batch,), dtype=torch.int32, device=x.device)
     logit_mu = 0.0 if gap else math.log(mu) - math.log1p(-mu)
     _gsp_forward_kernel[(batch * tiles_per_sample,)](
-        x, *x.stride(), prototypes, *prototypes.stride(),
+        x, *x.stride(), prototypes, *prototypes.stride(), z_scale,
         pooled, attr, weights, u, logits, ell, arrivals,
-        *logits_strides, logits if x_sq is None else x_sq, logits if z_sq is None else z_sq,
+        *logits_strides, *((logits, logits) if x_rows is None else x_rows[:2]), logits if z_sq is None else z_sq,
         n, m, d, rows_per_tile, tiles_per_sample,
         float(options.gamma), snap, 1.0 / (n * mu), mu * n,
         logit_mu, math.log(mu), math.log(mu * n), float(options.tol), int(options.max_iter),
@@ -134,26 +168,28 @@ def per_sample_forward(x, prototypes, options: GSPOptions, config: dict, logits,
     return pooled, attr, weights, u
 
 
-def per_sample_backward(grad_pooled, grad_attr, grad_weights, x, prototypes, u, options: GSPOptions, config: dict,
-                        coef, coef_strides, x_sq=None, x_gy=None, z_sq=None, parts=0, pair=None, pair_strides=(0, 0, 0)):
-    """The per-sample backward kernel of both strategies: V over ``coef`` [B, N, M] (strides
-    ``coef_strides``; with parts > 0 it holds the products on entry, see ``per_sample_forward``,
-    and |x|², x·gy [B·N], |z|² [M] are given), also as hi + lo into ``pair`` [B, N, 2M] in x's
-    dtype when given; returns (β, w) [B, 2, N] and the per-sample column sums of W [B, M]."""
+def per_sample_backward(grad_pooled, grad_attr, grad_weights, x, prototypes, z_scale, u, options: GSPOptions,
+                        config: dict, coef, coef_strides, x_rows=None, z_sq=None, parts=0, pair=None,
+                        pair_strides=(0, 0, 0)):
+    """The per-sample backward kernel of both strategies, on the prepared prototypes and their
+    z_scale (``row_norms``): V′ = V·z_scale over ``coef`` [B, N, M] (strides ``coef_strides``; with
+    parts > 0 it holds the products on entry, see ``per_sample_forward``, and x_rows (|x|² as
+    (s, scale), x·gy [B·N]) and |z′|² [M] are given), also as hi + lo into ``pair`` [B, N, 2M] in
+    x's dtype when given; returns (β p, w, 1/p) [B, 3, N] and the per-sample column sums of W [B, M]."""
     batch, n, d = x.shape
     m = prototypes.shape[0]
     mu = options.transport_ratio
     cast_f32, dot_precision, _f32_precision, snap = resolve_precision(x, prototypes, options.precision)
     tiles_per_sample, rows_per_tile = sample_tiles(n, config["BLOCK_N"])
-    row_coefs = torch.empty((batch, 2, n), dtype=torch.float32, device=x.device)  # β, w
-    row_scratch = torch.empty((batch, 4, n), dtype=torch.float32, device=x.device)
+    row_coefs = torch.empty((batch, 3, n), dtype=torch.float32, device=x.device)  # β p, w, 1/p
+    row_scratch = torch.empty((batch, 5, n), dtype=torch.float32, device=x.device)
     z_sq_rows = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     col_sum = torch.empty((batch, m), dtype=torch.float32, device=x.device)
     tile_sums = torch.empty((batch, tiles_per_sample, 2), dtype=torch.float32, device=x.device)
     arrivals = torch.zeros((batch,), dtype=torch.int32, device=x.device)
-    given = (coef, coef, coef) if x_sq is None else (x_sq, x_gy, z_sq)
+    given = (coef, coef, coef, coef) if x_rows is None else (*x_rows, z_sq)
     _gsp_backward_kernel[(batch * tiles_per_sample,)](
-        x, *x.stride(), prototypes, *prototypes.stride(),
+        x, *x.stride(), prototypes, *prototypes.stride(), z_scale,
         u.to(torch.float32), grad_pooled, grad_attr, grad_weights,
         coef, row_coefs, row_scratch, z_sq_rows, col_sum, tile_sums, arrivals,
         *coef_strides, *given, coef if pair is None else pair, *pair_strides,
