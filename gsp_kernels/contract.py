@@ -89,8 +89,8 @@ class GSPOptions(NamedTuple):
     set), its backward the fields that define the function (``backward_options``). The
     dispatcher's op schema takes them as scalars in this order (``ops``)."""
 
-    transport_ratio: float  # μ in (0, 1]
-    gamma: float  # γ > 0
+    transport_ratio: float | Tensor  # μ in (0, 1]; a tensor: 0-d or per sample [B] (docs/math.md, Learned μ and γ)
+    gamma: float | Tensor  # γ > 0; a tensor as transport_ratio
     normalize: str = "lipschitz"
     cost: str = "euclidean"
     solver: str = "newton"
@@ -181,18 +181,34 @@ def _check_representable(mu: float, gamma: float, normalize: str, cost: str, n: 
         raise ValueError(f"transport_ratio={mu:g} is too small: it is below {dtype}'s smallest normal number {limits.tiny:g}")
 
 
+def _check_ratio(mu: float, what: str = "") -> None:
+    """ValueError unless μ ∈ (0, 1] (after ``check_real``)."""
+    if mu > 1.0:
+        raise ValueError(f"transport_ratio must be in (0, 1], got {mu}{what}")
+
+
 def check_options(
     transport_ratio=DEFAULT_TRANSPORT_RATIO, gamma=DEFAULT_GAMMA, normalize="lipschitz", cost="euclidean",
     solver="newton", max_iter=None, tol=None, precision="auto", *, n: int | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, batch: int | None = None, device: torch.device | None = None,
+    check_values: bool = True,
 ) -> GSPOptions:
     """The checked ``GSPOptions``, max_iter defaulted by solver; TypeError or ValueError naming the
     first option that is not accepted. Given the call's N and compute ``dtype``, also what that
     dtype must represent, and tol defaulted for it (the options a backend's forward takes);
-    without them tol stays None when not given (a layer's options, before any call)."""
+    without them tol stays None when not given (a layer's options, before any call).
+
+    transport_ratio and gamma may be tensors (``check_parameter_tensor``, with the call's
+    ``batch`` and ``device`` when given); their values are checked against the same bounds with
+    one device sync when ``check_values`` (``runs_eagerly``: not while tracing), and kept as
+    tensors in the options."""
+    tensors = {name: value for name, value in (("transport_ratio", transport_ratio), ("gamma", gamma))
+               if isinstance(value, Tensor)}
+    if tensors:
+        return _check_tensor_options(tensors, transport_ratio, gamma, normalize, cost, solver, max_iter, tol,
+                                     precision, n=n, dtype=dtype, batch=batch, device=device, check_values=check_values)
     mu = check_real("transport_ratio", transport_ratio, positive=True)
-    if mu > 1.0:
-        raise ValueError(f"transport_ratio must be in (0, 1], got {mu}")
+    _check_ratio(mu)
     gamma = check_real("gamma", gamma, positive=True)
     check_choice("normalize", normalize, NORMALIZE_MODES)
     check_choice("cost", cost, COST_MODES)
@@ -209,3 +225,84 @@ def check_options(
         tol = default_tol(dtype)
     check_choice("precision", precision, PRECISIONS)
     return GSPOptions(mu, gamma, normalize, cost, solver, max_iter, tol, precision)
+
+
+def check_parameter_tensor(name: str, value: Tensor, batch: int | None = None, device: torch.device | None = None) -> None:
+    """A tensor μ or γ: TypeError unless floating; ValueError unless 0-d or ``[B]`` (``[B]`` of the
+    call's batch when given) and on the call's device when given."""
+    if value.dtype not in DTYPE_NAMES:
+        raise TypeError(f"{name} as a tensor must be float64, float32, bfloat16 or float16, got {value.dtype}")
+    if value.dim() > 1 or (value.dim() == 1 and batch is not None and value.shape[0] != batch):
+        expected = "[] or [B]" if batch is None else f"[] or [{batch}] (one value per sample)"
+        raise ValueError(f"{name} as a tensor must have shape {expected}, got {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but x is on {device}")
+
+
+def _check_tensor_options(tensors: dict, transport_ratio, gamma, normalize, cost, solver, max_iter, tol, precision,
+                          *, n, dtype, batch, device, check_values: bool) -> GSPOptions:
+    """``check_options`` where μ or γ is a tensor: its kind, and with ``check_values`` its values (one
+    sync for both tensors) by the scalar checks at their extremes; the tensors kept in the options."""
+    for name, value in tensors.items():
+        check_parameter_tensor(name, value, batch, device)
+    options = check_options(  # the other options, and μ or γ given as a number
+        1.0 if "transport_ratio" in tensors else transport_ratio, 1.0 if "gamma" in tensors else gamma,
+        normalize, cost, solver, max_iter, tol, precision,
+    )
+    # Unknown bounds that pass _check_representable: μ = 1 and γ = 0.
+    mu_smallest = 1.0 if "transport_ratio" in tensors else options.transport_ratio
+    gamma_largest = 0.0 if "gamma" in tensors else options.gamma
+    if check_values:
+        extremes = torch.stack([reduce(t.detach()).double() for t in tensors.values() for reduce in (torch.amin, torch.amax)])
+        values = extremes.tolist()  # the one device sync
+        for i, name in enumerate(tensors):
+            for value, which in ((values[2 * i], "smallest"), (values[2 * i + 1], "largest")):
+                try:
+                    check_real(name, value, positive=True)
+                    if name == "transport_ratio":
+                        _check_ratio(value)
+                except ValueError as exc:
+                    which = f"the {which} value" if tensors[name].numel() > 1 else "the value"
+                    raise ValueError(f"{exc} ({which} of the {name} tensor)") from None
+        mu_smallest = values[0] if "transport_ratio" in tensors else mu_smallest
+        gamma_largest = values[-1] if "gamma" in tensors else gamma_largest
+    if dtype is not None:
+        try:
+            _check_representable(mu_smallest, gamma_largest, normalize, cost, n, dtype)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (the extreme value of the tensor)" if tensors else str(exc)) from None
+        if tol is None:
+            options = options._replace(tol=default_tol(dtype))
+    return options._replace(transport_ratio=tensors.get("transport_ratio", options.transport_ratio),
+                            gamma=tensors.get("gamma", options.gamma))
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # nn.Parameter: learnable prototypes, μ, γ
+
+
+def runs_eagerly(*tensors: Tensor) -> bool:
+    """True for an eager call on plain tensors: not while tracing (``torch.compile``/``torch.export``),
+    under functorch transforms (``vmap``), for tensor subclasses (fake tensors) or meta tensors.
+    Only then are tensor values read on the host."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or any(t.device.type == "meta" or type(t) not in _PLAIN_TENSOR_TYPES for t in tensors)
+    )
+
+
+def check_mask(mask, x: Tensor) -> Tensor:
+    """The mask of valid positions as ``[B, N]``: a bool tensor ``[B, N]`` for x ``[B, N, D]``, or
+    ``[B, H, W]`` for a map ``[B, D, H, W]``, on x's device. TypeError for a non-tensor or another
+    dtype, ValueError for a wrong shape or device."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True at valid positions), got {mask.dtype}")
+    expected = (x.shape[0], x.shape[1]) if x.dim() == 3 else (x.shape[0], *x.shape[2:])
+    if tuple(mask.shape) != expected:
+        layout = "[B, N]" if x.dim() == 3 else "[B, H, W]"
+        raise ValueError(f"mask must be {layout} = {expected} for x of shape {tuple(x.shape)}, got {tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+    return mask if x.dim() == 3 else mask.flatten(1)

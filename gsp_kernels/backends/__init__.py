@@ -17,6 +17,17 @@ checked, with ``max_iter`` and ``tol`` set):
   strides (``torch.empty_like(x)``). It reads the options that define the function
   (``contract.backward_options``: transport_ratio, gamma, normalize, cost, precision).
 
+Two inputs are taken only by a backend that says so (both absent means False; ``resolve_backend``
+refuses the others, so that ``auto`` takes the reference and a backend named explicitly is a
+ValueError saying why):
+
+- ``TAKES_MASK = True``: ``forward(x, prototypes, options, mask)`` and
+  ``backward(..., options, mask, parameter_grads)`` take the ``[B, N]`` bool mask (or None), True at
+  valid positions (docs/math.md, Masks).
+- ``TAKES_TENSOR_PARAMETERS = True``: ``options.transport_ratio`` and ``options.gamma`` may be 0-d
+  or ``[B]`` tensors; with ``parameter_grads`` the backward returns their per-sample gradients
+  ``[B]`` (in u's dtype) after the other two (docs/math.md, Learned μ and γ).
+
 Backends: ``reference`` (pure PyTorch, the oracle), ``triton`` (two strategies, ``triton/``) and
 ``cuda`` (the native module of csrc/, ``native``).
 """
@@ -107,10 +118,24 @@ def get_backend(name: str) -> ModuleType:
     return module
 
 
-def resolve_backend(name: str, x: torch.Tensor, prototypes: torch.Tensor, options: GSPOptions) -> str:
+def _extension_reason(module: ModuleType, options: GSPOptions, mask: torch.Tensor | None) -> str | None:
+    """Why a backend cannot take this call's mask or tensor μ, γ (see the module docstring), or None."""
+    if mask is not None and not getattr(module, "TAKES_MASK", False):
+        return "it does not take a mask yet (the reference backend does; backend='auto' takes it for masked calls)"
+    if (isinstance(options.transport_ratio, torch.Tensor) or isinstance(options.gamma, torch.Tensor)) and not getattr(
+        module, "TAKES_TENSOR_PARAMETERS", False
+    ):
+        return ("it does not take transport_ratio or gamma as tensors yet (the reference backend does; "
+                "backend='auto' takes it for such calls)")
+    return None
+
+
+def resolve_backend(name: str, x: torch.Tensor, prototypes: torch.Tensor, options: GSPOptions,
+                    mask: torch.Tensor | None = None) -> str:
     """Concrete backend for this call. `auto` picks the fastest that applies, else the reference.
 
-    A backend named explicitly must apply, or a ValueError says why it does not.
+    A backend named explicitly must apply, or a ValueError says why it does not. ``mask`` is the
+    call's ``[B, N]`` mask or None.
     """
     check_backend_name(name)
     if name == "auto":
@@ -124,11 +149,11 @@ def resolve_backend(name: str, x: torch.Tensor, prototypes: torch.Tensor, option
             module = _module(candidate)
             if isinstance(module, str) or module.availability(x.device) is not None:
                 continue
-            if module.unsupported(x, prototypes, options) is None:
+            if _extension_reason(module, options, mask) is None and module.unsupported(x, prototypes, options) is None:
                 return candidate
         return "reference"
     module = get_backend(name)
-    reason = module.availability(x.device)
+    reason = module.availability(x.device) or _extension_reason(module, options, mask)
     if reason is None:
         reason = module.unsupported(x, prototypes, options)
     if reason is not None:

@@ -25,6 +25,13 @@ from ..contract import (
     default_max_iter,
     default_tol,
 )
+from .solve import solve_fixed_point, solve_newton, solve_unrolled
+
+__all__ = [
+    "availability", "backward", "costs_from_squared", "forward", "gsp_backward", "gsp_forward", "normalize_rows",
+    "normalize_rows_backward", "row_norms", "solve_fixed_point", "solve_newton", "solve_unrolled", "squared_costs",
+    "unsupported",
+]
 
 
 def row_norms(v: Tensor) -> Tensor:
@@ -77,164 +84,93 @@ def costs_from_squared(sq: Tensor, cost: str) -> Tensor:
     return sq.sqrt() if cost == "euclidean" else sq
 
 
-def _newton_start(ell: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The solve's start u₀ = logit μ − mean_i ℓ_i and its bracket [lo, hi] (docs/math.md, The
-    scalar solve), each ``[B]``: every σ_i <= μ at lo, every σ_i >= μ at hi."""
-    logit_mu = math.log(mu) - math.log1p(-mu)
-    lo = logit_mu - ell.amax(-1)  # [B]
-    hi = logit_mu - ell.amin(-1)  # [B]
-    u = torch.minimum(torch.maximum(logit_mu - ell.mean(-1), lo), hi)  # [B]
-    return u, lo, hi
-
-
-def _newton_step(ell: Tensor, u: Tensor, lo: Tensor, hi: Tensor, target: float, log_target: float):
-    """One bracketed log-Newton step from u ``[B]`` (ell ``[B, N]``): the bracket shrunk to the
-    root's side, then the Newton step of log Σσ = log μN where it stays inside, else the midpoint
-    (a NaN or infinite step is not inside). Returns (u_next, lo, hi, residual Σσ − μN), each ``[B]``."""
-    s = torch.sigmoid(ell + u.unsqueeze(-1))  # [B, N]
-    mass = s.sum(-1)  # [B]
-    residual = mass - target  # [B]
-    slope = mass - (s * s).sum(-1)  # Σ σ(1 − σ)
-    above = residual > 0
-    hi = torch.where(above, u, hi)
-    lo = torch.where(above, lo, u)
-    u_newton = u - (torch.log(mass) - log_target) * mass / slope  # Newton on log Σσ
-    # inside the bracket <=> (u_newton − lo)(hi − u_newton) >= 0; False for NaN steps
-    inside = (u_newton - lo) * (hi - u_newton) >= 0
-    u_next = torch.where(inside, u_newton, 0.5 * (lo + hi))
-    return u_next, lo, hi, residual
-
-
-def _residual_open(residual: Tensor, target: float, tol: float) -> Tensor:
-    """``[B]``: the residual is finite and above tol (relative); False freezes u before the step."""
-    return (residual.abs() > tol * target) & torch.isfinite(residual)
-
-
-def _step_open(u: Tensor, step: Tensor, lo: Tensor, hi: Tensor, tol: float) -> Tensor:
-    """``[B]``: the step and the bracket are above tol (relative to u); False freezes u after the step."""
-    scale = tol * u.abs().clamp_min(1.0)
-    return (step > scale) & (hi - lo > scale)
-
-
-def _gap_root(ell: Tensor) -> Tensor:
-    """u = +∞ ``[B]``: μ = 1 is GAP, σ ≡ 1 exactly."""
-    return torch.full(ell.shape[:-1], math.inf, dtype=ell.dtype, device=ell.device)
-
-
-def solve_newton(ell: Tensor, mu: float, tol: float, max_iter: int) -> Tensor:
-    """Root u of Σ_i σ(u + ℓ_i) = μN per sample, bracketed Newton. ell [B, N] -> u [B].
-
-    Each iteration takes the Newton step of log Σσ = log μN (the function is nearly linear
-    where the σ are small, as they all are for a small μ: one step there, where a step on Σσ
-    itself moves u by at most 1), or bisects the bracket when that step leaves it or is not
-    finite. The solve stops once every sample has converged: its residual or its
-    step under tol (relative), or its bracket collapsed; at the latest after max_iter
-    iterations. A sample is frozen at the first convergence check it passes (every
-    iteration on the CPU, every third on accelerators, to save host syncs), so its result
-    does not depend on the rest of the batch. Non-finite ℓ gives a NaN u, never a hang.
-    """
-    n = ell.shape[-1]
-    target = mu * n
-    if mu >= 1.0:
-        return _gap_root(ell)
-    log_target = math.log(target)
-    u, lo, hi = _newton_start(ell, mu)
-    active = torch.ones_like(u, dtype=torch.bool)  # [B]: not yet converged
-    check_every = 1 if u.device.type == "cpu" else 3  # fewer host syncs on accelerators
-    compiling = torch.compiler.is_compiling()
-    for it in range(max_iter):
-        u_next, lo, hi, residual = _newton_step(ell, u, lo, hi, target, log_target)
-        checking = not compiling and (it + 1) % check_every == 0
-        if checking:  # a small residual freezes u where it is, before any step
-            active = active & _residual_open(residual, target, tol)
-        step = (u_next - u).abs()
-        u = torch.where(active, u_next, u)
-        if checking:  # a vanishing step or bracket freezes u after the step
-            active = active & _step_open(u, step, lo, hi, tol)
-            if not bool(active.any()):
-                break
-    return u
-
-
-def solve_unrolled(ell: Tensor, mu: float, tol: float, steps: int) -> Tensor:
-    """``solve_newton`` run exactly ``steps`` times with no data-dependent control flow: the
-    convergence tests of every iteration freeze a sample through ``torch.where`` and the loop
-    never exits early, so that a trace (``torch.export``, ONNX) records the whole solve as
-    standard tensor operations. ell [B, N] -> u [B]."""
-    n = ell.shape[-1]
-    target = mu * n
-    if mu >= 1.0:
-        return _gap_root(ell)
-    log_target = math.log(target)
-    u, lo, hi = _newton_start(ell, mu)
-    active = torch.ones_like(u, dtype=torch.bool)  # [B]: not yet converged
-    for _ in range(steps):
-        u_next, lo, hi, residual = _newton_step(ell, u, lo, hi, target, log_target)
-        active = active & _residual_open(residual, target, tol)
-        step = (u_next - u).abs()
-        u = torch.where(active, u_next, u)
-        active = active & _step_open(u, step, lo, hi, tol)
-    return u
-
-
-def solve_fixed_point(ell: Tensor, mu: float, max_iter: int) -> Tensor:
-    """The paper's iteration t ← μ / Σ p_i s_i, T = max_iter times from t₀ = μ, as u = log t.
-
-    In the log domain one update reads u ← u + log(μN) − log Σ_i σ(u + ℓ_i). ell [B, N] -> u [B].
-    """
-    n = ell.shape[-1]
-    if mu >= 1.0:
-        return _gap_root(ell)
-    log_target = math.log(mu * n)
-    u = torch.full(ell.shape[:-1], math.log(mu), dtype=ell.dtype, device=ell.device)
-    for _ in range(max_iter):
-        log_mass = torch.logsumexp(torch.nn.functional.logsigmoid(u.unsqueeze(-1) + ell), -1)
-        u = u + (log_target - log_mass)
-    return u
-
-
-def _plan_terms(x: Tensor, prototypes: Tensor, gamma: float, normalize: str, cost: str):
-    """Normalized inputs, costs and per-feature log-partition / softmax over prototypes."""
+def _plan_terms(x: Tensor, prototypes: Tensor, gamma, normalize: str, cost: str, mask: Tensor | None = None):
+    """Normalized inputs, costs and per-feature log-partition / softmax over prototypes. With a mask
+    ``[B, N]`` the padded positions get c = 0, ℓ = −inf (σ = 0) and A = 0, whatever their
+    (finite) features (docs/math.md, Masks). gamma: a float or ``[B]``."""
     xh, x_div = normalize_rows(x, normalize)  # [B, N, D], [B, N, 1]
     zh, z_div = normalize_rows(prototypes, normalize)  # [M, D], [M, 1]
     c = costs_from_squared(squared_costs(xh, zh), cost)  # [B, N, M]
-    logits = -gamma * c
+    if mask is not None:
+        c = torch.where(mask.unsqueeze(-1), c, 0.0)
+    logits = -_per_sample_column(gamma, 2) * c
     ell = torch.logsumexp(logits, -1)  # [B, N]
     assign = torch.softmax(logits, -1)  # [B, N, M]: A_ki laid out as [b, i, k]
+    if mask is not None:
+        ell = torch.where(mask, ell, -math.inf)
+        assign = torch.where(mask.unsqueeze(-1), assign, 0.0)
     return xh, x_div, zh, z_div, c, ell, assign
+
+
+def _per_sample_column(value, dims: int):
+    """A float as is; a per-sample ``[B]`` tensor with ``dims`` trailing axes, to broadcast."""
+    return value[(...,) + (None,) * dims] if isinstance(value, Tensor) else value
+
+
+def _feature_counts(x: Tensor, mask: Tensor | None):
+    """N (an int) without a mask, else the valid positions per sample ``[B]`` in x's dtype."""
+    return x.shape[1] if mask is None else mask.sum(-1).to(x.dtype)
+
+
+def _mass(counts, mu):
+    """n μ, the divisor of the weights: a float, or ``[B, 1]`` (n at least 1: a sample with no valid
+    position has weights 0)."""
+    if isinstance(counts, Tensor):
+        counts = counts.clamp_min(1.0)
+    mass = counts * mu
+    return mass.unsqueeze(-1) if isinstance(mass, Tensor) else mass
+
+
+def _sigma(u: Tensor, ell: Tensor, mask: Tensor | None) -> Tensor:
+    """σ(u + ℓ_i) ``[B, N]``, exactly 0 at padding (also where u = +∞, μ = 1)."""
+    sigma = torch.sigmoid(u.unsqueeze(-1) + ell)
+    return sigma if mask is None else torch.where(mask, sigma, 0.0)
 
 
 def gsp_forward(
     x: Tensor,
     prototypes: Tensor,
-    transport_ratio: float,
-    gamma: float,
+    transport_ratio,
+    gamma,
     normalize: str = "lipschitz",
     cost: str = "euclidean",
     solver: str = "newton",
     max_iter: int | None = None,
     tol: float | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """GSP forward in x's dtype. Returns pooled [B, D], attr [B, M], weights [B, N], u [B]."""
-    mu = float(transport_ratio)
-    n = x.shape[1]
+    """GSP forward in x's dtype. Returns pooled [B, D], attr [B, M], weights [B, N], u [B].
+
+    transport_ratio and gamma: floats, or per-sample ``[B]`` tensors in x's dtype. mask ``[B, N]``
+    bool, True at valid positions: the padding's features must be finite and take no part; a sample
+    with no valid position gets pooled, attr and weights 0 and u = 0 (docs/math.md, Masks).
+    """
+    mu = transport_ratio if isinstance(transport_ratio, Tensor) else float(transport_ratio)
+    counts = _feature_counts(x, mask)
     max_iter = default_max_iter(solver) if max_iter is None else max_iter
     tol = default_tol(x.dtype) if tol is None else tol
-    _, _, _, _, _, ell, assign = _plan_terms(x, prototypes, gamma, normalize, cost)
+    _, _, _, _, _, ell, assign = _plan_terms(x, prototypes, gamma, normalize, cost, mask)
+    solve_counts = None if mask is None else counts.clamp_min(1.0)
     if solver == "newton":
-        u = solve_newton(ell, mu, tol, max_iter)
+        u = solve_newton(ell, mu, tol, max_iter, solve_counts)
     elif solver == "unrolled":
-        u = solve_unrolled(ell, mu, tol, max_iter)
+        u = solve_unrolled(ell, mu, tol, max_iter, solve_counts)
     else:
-        u = solve_fixed_point(ell, mu, max_iter)
-    sigma = torch.sigmoid(u.unsqueeze(-1) + ell)  # [B, N]
-    weights = sigma / (n * mu)  # [B, N]
+        u = solve_fixed_point(ell, mu, max_iter, solve_counts)
+    if mask is not None:
+        u = torch.where(counts > 0, u, 0.0)  # no valid position: a finite u, all σ = 0
+    sigma = _sigma(u, ell, mask)  # [B, N]
+    weights = sigma / _mass(counts, mu)  # [B, N]
     pooled = torch.bmm(weights.unsqueeze(1), x).squeeze(1)  # [B, D]
     attr = torch.bmm(weights.unsqueeze(1), assign).squeeze(1)  # [B, M]
-    if solver == "fixed_point" and mu < 1.0:
+    if solver == "fixed_point" and (isinstance(mu, Tensor) or mu < 1.0):
         # The paper forms its plan with one more update of t, which rescales the
         # transported mass to exactly μ: the attribute then sums to 1 (weights need not).
-        attr = attr / weights.sum(-1, keepdim=True)
+        total = weights.sum(-1, keepdim=True)  # [B, 1]
+        if mask is not None:
+            total = torch.where(total > 0, total, 1.0)  # no valid position: attr stays 0
+        rescaled = attr / total
+        attr = torch.where(_per_sample_column(mu, 1) < 1.0, rescaled, attr) if isinstance(mu, Tensor) else rescaled
     return pooled, attr, weights, u
 
 
@@ -245,26 +181,33 @@ def gsp_backward(
     x: Tensor,
     prototypes: Tensor,
     u: Tensor,
-    transport_ratio: float,
-    gamma: float,
+    transport_ratio,
+    gamma,
     normalize: str = "lipschitz",
     cost: str = "euclidean",
-) -> tuple[Tensor, Tensor]:
-    """Analytic backward (docs/math.md, Backward: implicit in u). Returns grad_x [B, N, D], grad_prototypes [M, D].
+    mask: Tensor | None = None,
+    parameter_grads: bool = False,
+) -> tuple[Tensor, ...]:
+    """Analytic backward (docs/math.md, Backward: implicit in u). Returns grad_x [B, N, D],
+    grad_prototypes [M, D], and with ``parameter_grads`` the per-sample gradients of μ and γ
+    ``[B]`` (docs/math.md, Learned μ and γ).
 
     grad_pooled [B, D], grad_attr [B, M] and grad_weights [B, N] are tensors (zeros where
     absent). A weights gradient enters like the pooled one: both act on L through w_i, so
-    e_i = (x_i·gy + ā_i + gw_i) / (Nμ).
+    e_i = (x_i·gy + ā_i + gw_i) / (Nμ). transport_ratio, gamma and mask as in ``gsp_forward``;
+    padded positions get gradient 0 exactly.
     """
-    mu = float(transport_ratio)
-    n = x.shape[1]
-    xh, x_div, zh, z_div, c, ell, assign = _plan_terms(x, prototypes, gamma, normalize, cost)
-    sigma = torch.sigmoid(u.unsqueeze(-1) + ell)  # [B, N]
-    weights = sigma / (n * mu)
+    mu = transport_ratio if isinstance(transport_ratio, Tensor) else float(transport_ratio)
+    counts = _feature_counts(x, mask)
+    xh, x_div, zh, z_div, c, ell, assign = _plan_terms(x, prototypes, gamma, normalize, cost, mask)
+    sigma = _sigma(u, ell, mask)  # [B, N]
+    weights = sigma / _mass(counts, mu)
     assign_ga = torch.bmm(assign, grad_attr.unsqueeze(-1)).squeeze(-1)  # ā_i: [B, N]
     x_gy = torch.bmm(x, grad_pooled.unsqueeze(-1)).squeeze(-1)  # [B, N]
     # Nμ e_i: the 1/(Nμ) goes with σ into w below (e alone would overflow at tiny μ).
     e = x_gy + assign_ga + grad_weights  # [B, N]
+    if mask is not None:
+        e = torch.where(mask, e, 0.0)  # padding: any finite x·gy, any gw, no part in ē
     h = sigma * (1.0 - sigma)  # [B, N]
     h_sum = h.sum(-1, keepdim=True)  # [B, 1]
     h_sum_safe = h_sum.clamp_min(torch.finfo(h.dtype).tiny)
@@ -277,7 +220,7 @@ def gsp_backward(
     grad_logits = assign * (
         grad_ell.unsqueeze(-1) + weights.unsqueeze(-1) * (grad_attr.unsqueeze(1) - assign_ga.unsqueeze(-1))
     )  # [B, N, M]
-    grad_cost = -gamma * grad_logits
+    grad_cost = -_per_sample_column(gamma, 2) * grad_logits
     if cost == "euclidean":
         coef = torch.where(c > 0, grad_cost / torch.where(c > 0, c, 1.0), 0.0)  # W: [B, N, M]
     else:
@@ -291,10 +234,36 @@ def gsp_backward(
     grad_x = normalize_rows_backward(grad_xh, xh, x_div, normalize)
     grad_x.baddbmm_(weights.unsqueeze(-1), grad_pooled.unsqueeze(1))  # + w_i gy: [B, N, D]
     grad_z = normalize_rows_backward(grad_zh, zh, z_div, normalize)
-    return grad_x, grad_z
+    if not parameter_grads:
+        return grad_x, grad_z
+    grad_mu = _transport_ratio_grad(u, ell, mu, weights, centered, mask)
+    grad_gamma = -(grad_logits * c).sum((1, 2))  # γ enters only through the logits −γc: [B]
+    if mask is not None:
+        empty = counts == 0
+        grad_mu, grad_gamma = torch.where(empty, 0.0, grad_mu), torch.where(empty, 0.0, grad_gamma)
+    return grad_x, grad_z, grad_mu, grad_gamma
+
+
+def _transport_ratio_grad(u: Tensor, ell: Tensor, mu, weights: Tensor, centered: Tensor, mask: Tensor | None) -> Tensor:
+    """dL/dμ ``[B]`` = (1/μ) Σ_i (p_i − w_i)(e_i − ē), p_i = h_i / Σ h (docs/math.md, Learned μ and
+    γ). p comes from log h = log σ(t) + log σ(−t), t = u + ℓ, which does not underflow where σ
+    saturates; at μ = 1 (u = +∞) it is the limit from below, softmax(−ℓ) (the left derivative)."""
+    t = u.unsqueeze(-1) + ell  # [B, N]
+    log_h = torch.nn.functional.logsigmoid(t) + torch.nn.functional.logsigmoid(-t)
+    if isinstance(mu, Tensor):
+        log_h = torch.where((mu >= 1.0).unsqueeze(-1), -ell, log_h)
+    elif mu >= 1.0:
+        log_h = -ell
+    if mask is not None:
+        log_h = torch.where(mask, log_h, -math.inf)
+    p = torch.softmax(log_h, -1)  # [B, N]
+    return ((p - weights) * centered).sum(-1) / mu
 
 
 # ----------------------------------------------------------------------------- the backend contract
+
+TAKES_MASK = True  # forward and backward take ``mask`` (backends/__init__)
+TAKES_TENSOR_PARAMETERS = True  # options may hold μ and γ as tensors, backward gives their gradients
 
 
 def availability(device: torch.device) -> str | None:
@@ -307,25 +276,36 @@ def unsupported(x: Tensor, prototypes: Tensor, options: GSPOptions) -> str | Non
     return None
 
 
-def forward(x: Tensor, prototypes: Tensor, options: GSPOptions):
+def _parameter(value, dtype: torch.dtype, batch: int):
+    """μ or γ for the math: a float as is, a 0-d or ``[B]`` tensor as ``[B]`` in the compute dtype."""
+    return value.to(dtype).expand(batch) if isinstance(value, Tensor) else value
+
+
+def forward(x: Tensor, prototypes: Tensor, options: GSPOptions, mask: Tensor | None = None):
     """Reference forward in the compute dtype; outputs cast back to x's dtype (u stays)."""
     dtype = compute_dtype(x, prototypes)
+    batch = x.shape[0]
     pooled, attr, weights, u = gsp_forward(
-        x.to(dtype), prototypes.to(dtype), options.transport_ratio, options.gamma, options.normalize, options.cost,
-        options.solver, options.max_iter, options.tol,
+        x.to(dtype), prototypes.to(dtype), _parameter(options.transport_ratio, dtype, batch),
+        _parameter(options.gamma, dtype, batch), options.normalize, options.cost, options.solver, options.max_iter,
+        options.tol, mask,
     )
     return pooled.to(x.dtype), attr.to(x.dtype), weights.to(x.dtype), u
 
 
-def backward(grad_pooled, grad_attr, grad_weights, x: Tensor, prototypes: Tensor, u: Tensor, options: GSPOptions):
-    """Reference backward; grad_x laid out like x, each gradient in its input's dtype."""
+def backward(grad_pooled, grad_attr, grad_weights, x: Tensor, prototypes: Tensor, u: Tensor, options: GSPOptions,
+             mask: Tensor | None = None, parameter_grads: bool = False):
+    """Reference backward; grad_x laid out like x, each gradient in its input's dtype. With
+    ``parameter_grads`` also the per-sample gradients of μ and γ ``[B]`` in the compute dtype."""
     dtype = u.dtype
-    grad_x, grad_z = gsp_backward(
+    batch = x.shape[0]
+    grad_x, grad_z, *parameter = gsp_backward(
         grad_pooled.to(dtype), grad_attr.to(dtype), grad_weights.to(dtype), x.to(dtype), prototypes.to(dtype), u,
-        options.transport_ratio, options.gamma, options.normalize, options.cost,
+        _parameter(options.transport_ratio, dtype, batch), _parameter(options.gamma, dtype, batch), options.normalize,
+        options.cost, mask, parameter_grads,
     )
     if grad_x.dtype == x.dtype and grad_x.stride() == x.stride():
-        return grad_x, grad_z.to(prototypes.dtype)  # already x's layout: no copy
+        return grad_x, grad_z.to(prototypes.dtype), *parameter  # already x's layout: no copy
     grad_x_out = torch.empty_like(x)
     grad_x_out.copy_(grad_x)
-    return grad_x_out, grad_z.to(prototypes.dtype)
+    return grad_x_out, grad_z.to(prototypes.dtype), *parameter
