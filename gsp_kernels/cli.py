@@ -73,6 +73,12 @@ def _baselines(text: str) -> list[str]:
     return _known(_csv(text), BASELINES, "baseline(s)")
 
 
+def _variants(text: str) -> list[str]:
+    from .bench.candidates import VARIANTS
+
+    return _known(_csv(text), VARIANTS, "variant(s)")
+
+
 def _peaks(text: str) -> list[float]:
     peaks = [float(item) for item in _csv(text)]
     if not 1 <= len(peaks) <= 3 or min(peaks) <= 0:
@@ -160,6 +166,7 @@ def cmd_bench(args) -> int:
         peak_tflops=args.peak_tflops,
         peak_gbps=args.peak_gbps,
         training_step=args.training_step,
+        **({"variants": tuple(args.variants)} if args.variants else {}),
     )
     if args.json:
         _write_json(args.json, report)
@@ -270,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peak-tflops", type=_arg_type(_peaks), help="FP32[,TF32[,BF16]] peaks for the roofline floor (default: H200 "
                        "67,495,990 on an H200, else measured)")
     bench.add_argument("--peak-gbps", type=_arg_type(_positive_float), help="memory bandwidth for the floor (H200 default 4300)")
+    bench.add_argument("--variants", type=_arg_type(_variants),
+                       help="comma-separated calls of each backend, timed side by side: plain (float mu and gamma), masked "
+                       "(a padded batch), learned (mu and gamma as tensors taking gradients); default: all three")
     bench.add_argument("--training-step", action="store_true",
                        help="also time a training step (gsp_kernels.bench.training_step)")
     bench.add_argument("--json", metavar="PATH", help="write the full report as JSON")

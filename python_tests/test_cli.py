@@ -96,7 +96,8 @@ def test_bench_quick_json_fields(tmp_path):
 
 def test_bench_backend_with_precision(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["bench", "--quick", "--backends", "reference,reference@ieee", "--baselines", "", "--shapes", "3x5x7x2"]
+    args = ["bench", "--quick", "--backends", "reference,reference@ieee", "--baselines", "", "--shapes", "3x5x7x2",
+            "--variants", "plain"]
     assert cli.main([*args, "--repeats", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [row["name"] for row in report["rows"]] == ["reference", "reference@ieee"]
@@ -104,6 +105,20 @@ def test_bench_backend_with_precision(tmp_path):
     assert all(row["ms"]["fwd_bwd"] > 0 and row["host_ms"] is None for row in report["rows"])
     assert all(set(row["graph_ms"]) == {"fwd", "fwd_bwd"} and not any(row["graph_ms"].values()) for row in report["rows"])
     assert [o["backend"] for o in report["overhead"]] == ["reference"]  # one overhead row per backend
+
+
+def test_bench_times_masked_and_learned_calls_beside_the_plain_one(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--backends", "reference", "--baselines", "", "--shapes", "4x6x8x3", "--repeats", "2"]
+    assert cli.main([*args, "--json", str(out)]) == 0
+    assert "x plain f+b" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["reference", "reference masked", "reference learned"]
+    assert [rows[name]["variant"] for name in rows] == ["plain", "masked", "learned"]
+    assert rows["reference"]["vs_plain"]["fwd_bwd"] == pytest.approx(1.0)
+    assert all(rows[name]["vs_plain"]["fwd_bwd"] > 0 for name in rows)
+    assert report["params"]["variants"] == ["plain", "masked", "learned"]
 
 
 @pytest.mark.skipif(_triton is None, reason="triton not installed")

@@ -22,7 +22,11 @@ from gsp_kernels.training.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_che
 from gsp_kernels.training.config import RunError, TrainConfig, validate_config
 from gsp_kernels.training.datasets import held_out_classes
 from gsp_kernels.training.datasets.collage import CollageDataset
-from gsp_kernels.training.embeddings import compute_embeddings, concatenate_embeddings, retrieval_scores
+from gsp_kernels.training.embeddings import (
+    compute_embeddings,
+    concatenate_embeddings,
+    retrieval_scores,
+)
 from gsp_kernels.training.evaluate import evaluate_checkpoints
 from gsp_kernels.training.loading import EnsembleEmbeddingModel
 from gsp_kernels.training.run import train

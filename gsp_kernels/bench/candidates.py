@@ -5,7 +5,9 @@ small, so that a call does not find its inputs in cache. A ``Candidate`` is one 
 at one case as three callables over input-set indices (forward, backward alone, forward+backward):
 the backends through ``gsp_pool`` (a spec may name a Triton strategy and a product precision,
 ``triton:gemm@ieee``), the paper's algorithm (``paper.paper_gsp``, eager) and ``torch.compile``
-of the reference's forward and analytic backward. ``gsp-kernels bench`` and the pytest-benchmark
+of the reference's forward and analytic backward. Each backend also runs in ``VARIANTS`` beside
+its plain call: "masked" (a padded batch: ``padding_mask``) and "learned" (mu and gamma as 0-d
+tensors that take gradients), whose times are held against the plain call's. ``gsp-kernels bench`` and the pytest-benchmark
 suite (bench/test_microbench.py) time the same candidates.
 """
 
@@ -28,6 +30,9 @@ GAMMA = 5.0
 PAPER_ITERATIONS = 100
 PHASES = ("fwd", "bwd", "fwd_bwd")
 BASELINES = ("paper", "compile")  # the paper's algorithm; torch.compile of the reference
+# How a backend is called: plain (float mu and gamma, no mask), masked (a padded batch), learned
+# (tensor mu and gamma that require grad).
+VARIANTS = ("plain", "masked", "learned")
 DEFAULT_SHAPES = (Shape(64, 49, 512, 64), Shape(256, 196, 512, 128))
 QUICK_SHAPES = (Shape(8, 49, 64, 16), Shape(16, 49, 96, 24))
 # Bytes of one input set below which the benchmark rotates several sets (cache-cold inputs).
@@ -51,6 +56,8 @@ class Candidate:
     fwd_bwd: Callable[[int], object]
     note: str = ""
     graphable: bool = True  # no host sync inside a call: CUDA-graph capture works
+    variant: str = "plain"  # one of VARIANTS (baselines: plain)
+    backend_spec: str = ""  # the backend spec a backend candidate calls
 
 
 @dataclass
@@ -84,8 +91,17 @@ def make_input_sets(shape: Shape, dtype: torch.dtype, device: torch.device, seed
     )
 
 
-def autograd_candidate(name: str, kind: str, op: Callable, inputs: InputSets, note: str = "") -> Candidate:
-    """Candidate for a differentiable op(x, prototypes) -> (pooled, attr): autograd backward."""
+def padding_mask(batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """``[B, N]`` bool of a padded batch: sample b has its first N - b·(N//2)/(B-1) positions
+    valid (N for the first, about N/2 for the last), the rest padding."""
+    counts = n - torch.arange(batch, device=device) * (n // 2) // max(batch - 1, 1)  # [B]
+    return torch.arange(n, device=device) < counts[:, None]
+
+
+def autograd_candidate(name: str, kind: str, op: Callable, inputs: InputSets, note: str = "",
+                       leaves: tuple[torch.Tensor, ...] = ()) -> Candidate:
+    """Candidate for a differentiable op(x, prototypes) -> (pooled, attr): autograd backward
+    (``leaves``: other tensors the op differentiates, whose gradients are cleared as well)."""
     graphs: dict[int, tuple] = {}
     grads = (inputs.grad_pooled, inputs.grad_attr)
 
@@ -95,6 +111,8 @@ def autograd_candidate(name: str, kind: str, op: Callable, inputs: InputSets, no
     def clear_grads(i):
         inputs.features[i].grad = None
         inputs.prototypes[i].grad = None
+        for leaf in leaves:
+            leaf.grad = None
 
     def bwd(i):
         # One retained graph per input set; each call runs only the backward pass.
@@ -173,22 +191,49 @@ def _forcing_strategy(fn: Callable[[int], object], strategy: str) -> Callable[[i
     return forced
 
 
+def _variant_call(variant: str, inputs: InputSets) -> tuple[dict, tuple[torch.Tensor, ...]]:
+    """The ``gsp_pool`` keywords of a variant and the extra tensors it differentiates."""
+    if variant == "masked":
+        x = inputs.features[0]
+        return {"transport_ratio": TRANSPORT_RATIO, "gamma": GAMMA,
+                "mask": padding_mask(x.shape[0], x.shape[1], x.device)}, ()
+    if variant == "learned":
+        device = inputs.features[0].device
+        mu, gamma = (torch.tensor(value, device=device, requires_grad=True) for value in (TRANSPORT_RATIO, GAMMA))
+        return {"transport_ratio": mu, "gamma": gamma}, (mu, gamma)
+    return {"transport_ratio": TRANSPORT_RATIO, "gamma": GAMMA}, ()
+
+
 def build_candidates(
-    backends: list[str], baselines: list[str], inputs: InputSets, newton_iterations: int
-) -> tuple[list[Candidate], list[tuple[str, str]]]:
-    """Candidates for the backends and baselines, plus (name, reason) for those that could not be built."""
+    backends: list[str], baselines: list[str], inputs: InputSets, newton_iterations: int,
+    variants: tuple[str, ...] = ("plain",),
+) -> tuple[list[Candidate], list[tuple[str, str, str]]]:
+    """Candidates for the backends (in each of ``variants``: "plain" named by its spec, the others
+    "SPEC masked", "SPEC learned") and baselines, plus (name, kind, reason) for those that could
+    not be built (a variant a backend refuses among them)."""
     candidates, failed = [], []
     for spec in backends:
         backend, strategy, precision = parse_spec(spec)
-        op = lambda x, z, backend=backend, precision=precision: gsp_pool(  # noqa: E731
-            x, z, transport_ratio=TRANSPORT_RATIO, gamma=GAMMA, precision=precision, backend=backend
-        )
-        candidate = autograd_candidate(spec, "backend", op, inputs)
-        if strategy is not None:
-            for phase in PHASES:
-                setattr(candidate, phase, _forcing_strategy(getattr(candidate, phase), strategy))
-        candidate.graphable = backend != "reference"  # its Newton loop checks convergence on the host
-        candidates.append(candidate)
+        for variant in variants:
+            name = spec if variant == "plain" else f"{spec} {variant}"
+            keywords, leaves = _variant_call(variant, inputs)
+            op = lambda x, z, backend=backend, precision=precision, keywords=keywords: gsp_pool(  # noqa: E731
+                x, z, precision=precision, backend=backend, **keywords
+            )
+            if variant != "plain":
+                try:  # a backend that refuses the variant refuses it at the call
+                    with torch.no_grad():
+                        op(inputs.features[0], inputs.prototypes[0])
+                except (ValueError, TypeError, RuntimeError) as exc:
+                    failed.append((name, "backend", f"refused: {type(exc).__name__}: {exc}"))
+                    continue
+            candidate = autograd_candidate(name, "backend", op, inputs, leaves=leaves)
+            if strategy is not None:
+                for phase in PHASES:
+                    setattr(candidate, phase, _forcing_strategy(getattr(candidate, phase), strategy))
+            candidate.graphable = backend != "reference"  # its Newton loop checks convergence on the host
+            candidate.variant, candidate.backend_spec = variant, spec
+            candidates.append(candidate)
     if "paper" in baselines:
         op = lambda x, z: paper_gsp(x, z, TRANSPORT_RATIO, GAMMA, PAPER_ITERATIONS)  # noqa: E731
         candidates.append(autograd_candidate("paper", "baseline", op, inputs, f"{PAPER_ITERATIONS} iterations, eager"))
@@ -196,5 +241,5 @@ def build_candidates(
         try:
             candidates.append(compiled_reference_candidate(inputs, newton_iterations))
         except Exception as exc:
-            failed.append(("compiled-reference", f"compile failed: {type(exc).__name__}: {exc}"))
+            failed.append(("compiled-reference", "baseline", f"compile failed: {type(exc).__name__}: {exc}"))
     return candidates, failed

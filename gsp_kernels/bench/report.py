@@ -22,7 +22,7 @@ def _fmt_cell(value) -> str:
 
 def format_report(report: dict) -> str:
     """The readable tables: timings per row, overhead, training step."""
-    headers = ["impl", "shape", "dtype", "fwd ms", "bwd ms", "f+b ms", "f+b min ms", "host f+b ms", "graph fwd ms",
+    headers = ["impl", "shape", "dtype", "fwd ms", "bwd ms", "f+b ms", "f+b min ms", "x plain f+b", "host f+b ms", "graph fwd ms",
                "graph f+b ms", "x paper f+b", "peak MB",
                "TFLOP/s f+b", "GB/s f+b", "floor f+b ms fp32/tc", "note"]
     lines = []
@@ -32,6 +32,7 @@ def format_report(report: dict) -> str:
         floor_text = f"{floor['fp32']:.3g}/{floor['tensor_core']:.3g}" if floor else "-"
         lines.append([
             row["name"], shape, row["dtype"], *(_fmt(row["ms"][p]) for p in PHASES), _fmt(row["ms_min"].get("fwd_bwd")),
+            _fmt(row.get("vs_plain", {}).get("fwd_bwd"), ".2f") if row.get("variant", "plain") != "plain" else "-",
             _fmt(row.get("host_ms")), *(_fmt(row.get("graph_ms", {}).get(p)) for p in GRAPH_PHASES),
             _fmt(row["speedup_vs_paper"].get("fwd_bwd"), ".2f"), _fmt(row["peak_memory_mb"], ".1f"),
             _fmt(row["tflops"].get("fwd_bwd")), _fmt(row["gbps"].get("fwd_bwd")), floor_text, row["note"],
@@ -43,7 +44,8 @@ def format_report(report: dict) -> str:
         f"timer: {report['timer']}; mu={report['params']['transport_ratio']}, gamma={report['params']['gamma']}"
         + (_SPLIT_TEXT.get(report.get("triton_split_samples"), "") if has_triton else ""),
         f"peaks: {report['peaks']['source']}; fwd = forward of a training step (inputs require grad), "
-        "x paper = paper's time / this time",
+        "x paper = paper's time / this time; x plain = this time / the same backend's plain call "
+        "(masked: a padded batch, N down to N/2 valid per sample; learned: mu and gamma as tensors taking gradients)",
         *([f"triton tuned configuration: {report.get('triton_tuned_config', 'not recorded')}; "
            "triton:fused / triton:gemm rows force that strategy, plain triton rows let the backend choose"]
           if has_triton else []),

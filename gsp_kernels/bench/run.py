@@ -22,6 +22,7 @@ from .candidates import (
     PAPER_ITERATIONS,
     PHASES,
     TRANSPORT_RATIO,
+    VARIANTS,
     build_candidates,
     default_dtypes,
     make_input_sets,
@@ -48,6 +49,8 @@ class BenchRow:
     gbps: dict[str, float | None] = field(default_factory=dict)
     floor_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     note: str = ""
+    variant: str = "plain"  # a backend's call: plain, masked or learned (candidates.VARIANTS)
+    vs_plain: dict[str, float | None] = field(default_factory=dict)  # this time / the plain call's of the same backend
 
 
 def bench_shape(
@@ -60,14 +63,17 @@ def bench_shape(
     warmup: int,
     repeats: int,
     newton_iterations: int,
+    variants: tuple[str, ...] = ("plain",),
 ) -> list[BenchRow]:
-    """All rows for one shape and dtype, measured in one go."""
+    """All rows for one shape and dtype, measured in one go (the variants of a backend beside
+    its plain call, round-robin on the CPU)."""
     dtype = DTYPES[dtype_name]
     inputs = make_input_sets(shape, dtype, device)
-    candidates, failed = build_candidates(backends, baselines, inputs, newton_iterations)
+    candidates, failed = build_candidates(backends, baselines, inputs, newton_iterations, variants)
     measured = time_candidates(candidates, device, inputs.count, warmup, repeats)
     model = cost_model(shape, dtype)
     paper = next((t for c, t in zip(candidates, measured.median_ms) if c.name == "paper"), None)
+    plain = {c.backend_spec: t for c, t in zip(candidates, measured.median_ms) if c.kind == "backend" and c.variant == "plain"}
     rows = []
     for candidate, ms, ms_min, peak_mb, host_ms, graph_ms, error in zip(
         candidates, measured.median_ms, measured.fastest_ms, measured.peak_memory_mb, measured.host_ms,
@@ -75,19 +81,22 @@ def bench_shape(
     ):
         row = BenchRow(
             candidate.name, candidate.kind, vars(shape).copy(), dtype_name, ms, ms_min, peak_memory_mb=peak_mb,
-            host_ms=host_ms, graph_ms=graph_ms,
+            host_ms=host_ms, graph_ms=graph_ms, variant=candidate.variant,
         )
+        own_plain = plain.get(candidate.backend_spec) if candidate.kind == "backend" else None
         row.note = "; ".join(filter(None, [candidate.note, error, f"{inputs.count} input sets"]))
         for phase in PHASES:
             t = ms[phase]
             baseline = paper[phase] if paper else None
             row.speedup_vs_paper[phase] = baseline / t if t and baseline else None
+            row.vs_plain[phase] = t / own_plain[phase] if t and own_plain and own_plain[phase] else None
             row.tflops[phase] = model["flops"][phase] / (t * 1e-3) / 1e12 if t else None
             row.gbps[phase] = model["bytes"][phase] / (t * 1e-3) / 1e9 if t else None
             row.floor_ms[phase] = peaks.floors_ms(model["flops"][phase], model["bytes"][phase], dtype_name)
         rows.append(row)
-    for name, reason in failed:
-        rows.append(BenchRow(name, "baseline", vars(shape).copy(), dtype_name, dict.fromkeys(PHASES), note=reason))
+    for name, kind, reason in failed:
+        variant = next((variant for variant in VARIANTS if kind == "backend" and name.endswith(f" {variant}")), "plain")
+        rows.append(BenchRow(name, kind, vars(shape).copy(), dtype_name, dict.fromkeys(PHASES), note=reason, variant=variant))
     return rows
 
 
@@ -171,9 +180,11 @@ def run_bench(
     peak_tflops: list[float] | None = None,
     peak_gbps: float | None = None,
     training_step: bool = False,
+    variants: tuple[str, ...] = VARIANTS,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> dict:
-    """Run the benchmark; returns the JSON-ready report (rows, overhead, peaks, environment)."""
+    """Run the benchmark; returns the JSON-ready report (rows, overhead, peaks, environment).
+    Each backend is timed in each of ``variants`` (``candidates.VARIANTS``), side by side."""
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
@@ -197,7 +208,7 @@ def run_bench(
         for dtype_name in dtypes:
             log(f"measuring {shape.label} {dtype_name}: {', '.join([*backends, *baselines])}")
             rows += bench_shape(
-                shape, dtype_name, device, backends, list(baselines), peaks, warmup, repeats, newton_iterations
+                shape, dtype_name, device, backends, list(baselines), peaks, warmup, repeats, newton_iterations, tuple(variants)
             )
     log("measuring per-call overhead")
     backend_names = list(dict.fromkeys(parse_spec(spec)[0] for spec in backends))  # without :strategy@precision
@@ -210,7 +221,8 @@ def run_bench(
         "triton_split_samples": triton_split_samples(),
         "triton_tuned_config": triton_tuned_config(device),
         "params": {"transport_ratio": TRANSPORT_RATIO, "gamma": GAMMA, "paper_iterations": PAPER_ITERATIONS,
-                   "compiled_newton_iterations": newton_iterations, "repeats": repeats, "warmup": warmup},
+                   "compiled_newton_iterations": newton_iterations, "repeats": repeats, "warmup": warmup,
+                   "variants": list(variants)},
         "peaks": {"fp32_tflops": peaks.fp32_tflops, "tensor_core_tflops": peaks.tensor_core_tflops,
                   "gbps": peaks.gbps, "source": peaks.source},
         "rows": [vars(row) for row in rows],

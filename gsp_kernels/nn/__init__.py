@@ -8,6 +8,7 @@
 - ``PatchTokens``, ``backbone_from_model``, ``check_image_size`` and the backbone wrappers
   (``backbones``), ``load_backbone_weights``
   (``pretrained``: local timm/torchvision checkpoints, nothing downloads).
+- ``naflex_batch`` (``naflex``): a padded batch of images of several sizes for timm's NaFlexViT.
 - ``kcenter_indices`` (``prototypes``): the greedy k-center selection of prototype initializations.
 - ``arch``: classification models by ``--arch`` name (``resolve_arch``, ``create_classifier``).
 """
@@ -17,17 +18,20 @@ from .layer import (
     DEFAULT_NUM_PROTOTYPES,
     GEM_CLAMP,
     GSP,
+    LEARNED_MINIMUM,
     POOLING_METHODS,
     GSPOutput,
+    gamma_ceiling,
     local_features,
     uniform_weights,
 )
 from .model import EmbeddingModel, GlobalAveragePoolHead, GSPNet, replace_global_pool
+from .naflex import naflex_batch
 from .pretrained import LoadReport, load_backbone_weights
 from .prototypes import kcenter_indices
 
 __all__ = [
-    "DEFAULT_NUM_PROTOTYPES", "GEM_CLAMP", "GSP", "POOLING_METHODS", "EmbeddingModel", "GSPNet", "GSPOutput",
+    "DEFAULT_NUM_PROTOTYPES", "GEM_CLAMP", "GSP", "LEARNED_MINIMUM", "POOLING_METHODS", "EmbeddingModel", "GSPNet", "GSPOutput",
     "GlobalAveragePoolHead", "LoadReport", "PatchTokens", "backbone_from_model", "check_image_size", "kcenter_indices",
-    "load_backbone_weights", "local_features", "replace_global_pool", "uniform_weights",
+    "gamma_ceiling", "load_backbone_weights", "local_features", "naflex_batch", "replace_global_pool", "uniform_weights",
 ]

@@ -28,13 +28,20 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .naflex import is_naflex, naflex_patch_tokens
+
 
 class PatchTokens(NamedTuple):
     """Patch tokens of a vision transformer: ``tokens`` ``[B, h*w, C]`` in row-major grid order,
-    ``grid`` ``(h, w)``. ``GSP`` pools them and returns weights on the grid ``[B, h, w]``."""
+    ``grid`` ``(h, w)``. ``GSP`` pools them and returns weights on the grid ``[B, h, w]``.
+
+    A padded batch of images of several sizes (timm's NaFlexViT, ``naflex``) has tokens
+    ``[B, N, C]``, no one grid (None) and ``mask`` ``[B, N]`` (bool, True at its images'
+    patches), which the pooling heads respect."""
 
     tokens: Tensor
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None
+    mask: Tensor | None = None
 
 
 def _checked_tokens(tokens: Tensor, grid: tuple[int, int], source: str) -> PatchTokens:
@@ -72,7 +79,7 @@ def _size_text(height: int, width: int) -> str:
 
 
 def _timm_patch_embed(model: nn.Module) -> nn.Module | None:
-    for name in ("patch_embed", "stem"):
+    for name in ("patch_embed", "stem", "embeds"):  # embeds: NaFlexViT
         module = getattr(model, name, None)
         if isinstance(module, nn.Module):
             return module
@@ -162,7 +169,9 @@ class TimmBackbone(nn.Module):
     ``fc_norm(x_i)`` where the model outputs ``fc_norm(mean_i x_i)``); a CNN head's layers between
     pooling and classifier (ConvNeXt's ``head.norm``, MobileNetV3's ``conv_head``), found by running
     ``forward_head`` once on a 1x1 map, are applied at every position through ``forward_head``.
-    NHWC maps (``output_fmt == 'NHWC'``, e.g. Swin) are returned as NCHW.
+    NHWC maps (``output_fmt == 'NHWC'``, e.g. Swin) are returned as NCHW. timm's NaFlexViT takes
+    images of any size its patch size divides, and its padded batches (a dict, ``naflex``), whose
+    ``patch_valid`` becomes the ``PatchTokens`` mask.
     """
 
     def __init__(self, model: nn.Module):
@@ -193,6 +202,8 @@ class TimmBackbone(nn.Module):
     def grid(self, images: Tensor) -> tuple[int, int]:
         """The patch grid ``(h, w)`` of ``images`` ``[B, 3, H, W]``."""
         patch_embed = _timm_patch_embed(self.model)
+        if patch_embed is not None and is_naflex(self.model):  # any size: its embeds have no one grid
+            return tuple(patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
         if patch_embed is None or not hasattr(patch_embed, "grid_size"):
             raise ValueError(
                 f"{type(self.model).__name__} returns tokens but has no patch_embed.grid_size (nor stem.grid_size) to give their grid"
@@ -201,8 +212,12 @@ class TimmBackbone(nn.Module):
             return tuple(patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
         return tuple(patch_embed.grid_size)
 
-    def forward(self, images: Tensor) -> Tensor | PatchTokens:
-        """Images ``[B, 3, H, W]`` -> map ``[B, C, h, w]`` or ``PatchTokens``."""
+    def forward(self, images: Tensor | dict) -> Tensor | PatchTokens:
+        """Images ``[B, 3, H, W]`` -> map ``[B, C, h, w]`` or ``PatchTokens``; a NaFlexViT's
+        padded batch (a dict, see ``naflex``) -> ``PatchTokens`` with its ``patch_valid`` as mask."""
+        if isinstance(images, dict):
+            tokens, valid = naflex_patch_tokens(self.model, images)
+            return PatchTokens(self._per_token_head(tokens[:, self.num_prefix_tokens :]), None, valid)
         if images.dim() == 4:
             problem = self.image_size_error(int(images.shape[-2]), int(images.shape[-1]))
             if problem is not None:
@@ -214,13 +229,17 @@ class TimmBackbone(nn.Module):
                 return self._head_at_every_position(features, channels_last)
             return features.permute(0, 3, 1, 2) if channels_last else features  # [B, C, h, w]
         if features.dim() == 3:
-            tokens = features[:, self.num_prefix_tokens :]  # [B, h*w, C]
-            for name in ("fc_norm", "head_drop"):
-                layer = getattr(self.model, name, None)
-                if isinstance(layer, nn.Module) and not isinstance(layer, nn.Identity):
-                    tokens = layer(tokens)
+            tokens = self._per_token_head(features[:, self.num_prefix_tokens :])  # [B, h*w, C]
             return _checked_tokens(tokens, self.grid(images), type(self.model).__name__)
         raise ValueError(f"{type(self.model).__name__}.forward_features gave shape {tuple(features.shape)}, not a map or tokens")
+
+    def _per_token_head(self, tokens: Tensor) -> Tensor:
+        """A transformer's ``fc_norm`` and ``head_drop`` at every patch token ``[B, N, C]``."""
+        for name in ("fc_norm", "head_drop"):
+            layer = getattr(self.model, name, None)
+            if isinstance(layer, nn.Module) and not isinstance(layer, nn.Identity):
+                tokens = layer(tokens)
+        return tokens
 
     def _head_at_every_position(self, features: Tensor, channels_last: bool) -> Tensor:
         """``forward_head(pre_logits=True)`` on every position of ``features`` (``[B, C, h, w]``,

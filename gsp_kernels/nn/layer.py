@@ -14,6 +14,7 @@ memory of pooled embeddings, class proxies) are described in ``GSP``.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -25,17 +26,43 @@ from ..backends.specs import check_backend_name
 from ..contract import (
     DEFAULT_GAMMA,
     DEFAULT_TRANSPORT_RATIO,
+    LOGIT_RESOLUTION,
     check_choice,
     check_options,
     check_real,
+    largest_cost,
 )
 from ..ops import gsp_pool
 from .backbones import PatchTokens
+from .masks import checked_mask, combined_masks, masked_max, masked_mean, valid_counts
 from .prototypes import gathered_across_ranks, kcenter_indices
 
 DEFAULT_NUM_PROTOTYPES = 64
 POOLING_METHODS = ("sum", "gem", "max")
 GEM_CLAMP = 1e-6  # generalized-mean inputs are clamped here (the authors' value)
+# Learned mu and gamma never go below this (sigmoid and softplus underflow to 0 in float32).
+LEARNED_MINIMUM = 1e-6
+# A learned gamma stays within this share of the largest gamma gsp_pool accepts (``gamma_ceiling``).
+GAMMA_CEILING_MARGIN = 0.5
+
+
+def gamma_ceiling(normalize: str, cost: str, n: int = 1) -> float:
+    """The largest gamma a learned one takes for N features: ``GAMMA_CEILING_MARGIN`` of the
+    largest that float32, the compute dtype of every input but float64 (which accepts more),
+    represents (``contract``: eps·γ·c within ``LOGIT_RESOLUTION``, γ·c·N within half the range;
+    c the largest cost, 1 without normalization)."""
+    limits = torch.finfo(torch.float32)
+    cost_bound = largest_cost(normalize, cost) or 1.0
+    return GAMMA_CEILING_MARGIN * min(LOGIT_RESOLUTION / (limits.eps * cost_bound), limits.max / 2 / (cost_bound * n))
+
+
+def _logit(probability: float) -> float:
+    return math.log(probability) - math.log1p(-probability)
+
+
+def _inverse_softplus(value: float) -> float:
+    """x with softplus(x) = value > 0 (stable for large and small values)."""
+    return value + math.log(-math.expm1(-value))
 
 
 class GSPOutput(NamedTuple):
@@ -58,11 +85,11 @@ class GSPOutput(NamedTuple):
 def local_features(features: Tensor | PatchTokens, grid: tuple[int, int] | None = None) -> tuple[Tensor, tuple[int, int] | None]:
     """``(tokens [B, N, C], grid)`` of a backbone's output: a map ``[B, C, H, W]`` (a view,
     grid ``(H, W)``), tokens ``[B, N, C]`` (grid as given, checked against N, or None) or
-    ``PatchTokens`` (its grid)."""
+    ``PatchTokens`` (its grid, None for the padded tokens of images of several sizes)."""
     if isinstance(features, PatchTokens):
-        if grid is not None and tuple(grid) != tuple(features.grid):
+        if grid is not None and features.grid is not None and tuple(grid) != tuple(features.grid):
             raise ValueError(f"grid {tuple(grid)} contradicts the PatchTokens grid {tuple(features.grid)}")
-        features, grid = features.tokens, features.grid
+        features, grid = features.tokens, features.grid if features.grid is not None else grid
     if not isinstance(features, Tensor):
         raise TypeError(f"GSP expects a Tensor or PatchTokens, got {type(features).__name__}")
     if features.dim() == 4:
@@ -85,11 +112,22 @@ def local_features(features: Tensor | PatchTokens, grid: tuple[int, int] | None 
     return features, grid
 
 
-def uniform_weights(tokens: Tensor, grid: tuple[int, int] | None) -> Tensor:
-    """Average-pooling weights ``1/N`` of ``tokens`` ``[B, N, C]``: ``[B, h, w]`` on a grid, else ``[B, N]``."""
+def uniform_weights(tokens: Tensor, grid: tuple[int, int] | None, mask: Tensor | None = None) -> Tensor:
+    """Average-pooling weights of ``tokens`` ``[B, N, C]``: ``1/N``, or with ``mask`` ``[B, N]``
+    1/(valid count) at the valid positions and 0 elsewhere; ``[B, h, w]`` on a grid, else ``[B, N]``."""
     batch, count = tokens.shape[:2]
     shape = (batch, *grid) if grid is not None else (batch, count)
-    return tokens.new_full(shape, 1.0 / count)
+    if mask is None:
+        return tokens.new_full(shape, 1.0 / count)
+    return (mask.to(tokens.dtype) / valid_counts(mask, tokens.dtype)).view(shape)
+
+
+def features_and_mask(features, grid, mask) -> tuple[Tensor, tuple[int, int] | None, Tensor | None]:
+    """``local_features`` of ``features`` and the mask ``[B, N]`` (bool) of their valid positions:
+    ``mask`` (``[B, N]``, or ``[B, h, w]`` on the grid) combined with a ``PatchTokens`` mask, or None."""
+    tokens, grid = local_features(features, grid)  # [B, N, C]
+    own = checked_mask(features.mask, tokens, grid) if isinstance(features, PatchTokens) else None
+    return tokens, grid, combined_masks(own, checked_mask(mask, tokens, grid))
 
 
 class GSP(nn.Module):
@@ -97,14 +135,30 @@ class GSP(nn.Module):
 
     Input: a map ``[B, C, H, W]``, tokens ``[B, N, C]`` (``grid=(h, w)`` to get the weights on
     the grid), or ``PatchTokens``. Every feature is projected by one ``Linear(C, E)``; transport,
-    prototypes and the default pooling live in the projected space.
+    prototypes and the default pooling live in the projected space. ``mask`` (bool, True at valid
+    positions: ``[B, N]`` for tokens, ``[B, H, W]`` for a map or a grid; a ``PatchTokens`` mask
+    covers its patches, and is combined with it) pools each sample of a padded batch as if it
+    were alone: transport, the warm-up average, the max-pool branch, "gem" and "max" read its
+    valid positions only, and the weights are 0 at the others.
 
     Args:
         in_channels: C, channels of the backbone's features.
         embedding_dim: E, size of the embedding (the projection's output).
         num_prototypes: M (the paper uses 64, and 128 above 1000 training classes).
-        transport_ratio: mu in (0, 1]: share of the feature mass pooled (1 is GAP).
-        gamma: inverse temperature of the transport plan.
+        transport_ratio: mu in (0, 1]: share of the feature mass pooled (1 is GAP); the start
+            of a learned mu.
+        gamma: inverse temperature of the transport plan; the start of a learned gamma.
+        learn_transport_ratio: learn mu = sigmoid(``raw_transport_ratio``), a parameter started
+            at logit(``transport_ratio``) (which must be below 1: the logit of 1 is infinite),
+            kept at or above ``LEARNED_MINIMUM``: in (0, 1] whatever the optimizer does.
+        learn_gamma: learn gamma = softplus(``raw_gamma``), started at ``gamma``, kept within
+            [``LEARNED_MINIMUM``, ``gamma_ceiling``] (half the largest gamma ``gsp_pool``
+            accepts), so that every forward is accepted. Both off (the default): mu and gamma
+            are the plain floats given, the layer has no such parameters (its state dict is that
+            of earlier versions), and ``gsp_pool`` gets floats. On, it gets 0-d tensors, whose
+            exact gradients reach the raw parameters (the kernel backends do not take them yet:
+            ``backend="auto"`` runs the reference). The properties ``transport_ratio`` and
+            ``gamma`` are the current values as floats (a learned one is read from the device).
         normalize, cost: as in ``gsp_pool`` (cost-side normalization, distance).
         backend: ``gsp_pool`` backend ("auto", "reference", "triton", "cuda").
         solver, max_iter: as in ``gsp_pool``: "newton" (default, the exact root), "unrolled" (its
@@ -158,6 +212,8 @@ class GSP(nn.Module):
         *,
         transport_ratio: float = DEFAULT_TRANSPORT_RATIO,
         gamma: float = DEFAULT_GAMMA,
+        learn_transport_ratio: bool = False,
+        learn_gamma: bool = False,
         normalize: str = "lipschitz",
         cost: str = "euclidean",
         backend: str = "auto",
@@ -181,15 +237,25 @@ class GSP(nn.Module):
         check_backend_name(backend)
         check_choice("pooling_method", pooling_method, POOLING_METHODS)
         gem_power = check_real("gem_power", gem_power, positive=True)
-        if not isinstance(augment_max_pool, bool):
-            raise TypeError(f"augment_max_pool must be a bool, got {augment_max_pool!r}")
+        for name, value in (("augment_max_pool", augment_max_pool), ("learn_transport_ratio", learn_transport_ratio),
+                            ("learn_gamma", learn_gamma)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        if learn_transport_ratio and options.transport_ratio == 1.0:
+            raise ValueError("learn_transport_ratio learns mu = sigmoid(logit), and the logit of transport_ratio=1 is "
+                             "infinite: start a learned mu below 1 (e.g. 0.99)")
+        if learn_gamma and options.gamma > gamma_ceiling(normalize, cost):
+            raise ValueError(f"learn_gamma keeps gamma at or below {gamma_ceiling(normalize, cost):.6g} (half the largest "
+                             f"gamma gsp_pool accepts with normalize={normalize!r}, cost={cost!r}); got gamma={options.gamma:g}")
         if 0 < memory_size < 2 * num_prototypes:
             raise ValueError(
                 f"memory_size must be 0 or at least 2 * num_prototypes ({2 * num_prototypes}): k-center seeded with the "
                 f"first {num_prototypes} stored embeddings picks {num_prototypes} of the others; got {memory_size}"
             )
-        self.transport_ratio = options.transport_ratio
-        self.gamma = options.gamma
+        self._transport_ratio = options.transport_ratio
+        self._gamma = options.gamma
+        self.learn_transport_ratio = learn_transport_ratio
+        self.learn_gamma = learn_gamma
         self.normalize = normalize
         self.cost = cost
         self.backend = backend
@@ -203,6 +269,10 @@ class GSP(nn.Module):
         # Default init: random directions of norm ~1, the scale of lipschitz-normalized features.
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, embedding_dim) / embedding_dim**0.5)
         self.gem_power = nn.Parameter(torch.tensor(float(gem_power))) if pooling_method == "gem" else None
+        if learn_transport_ratio:
+            self.raw_transport_ratio = nn.Parameter(torch.tensor(_logit(options.transport_ratio)))
+        if learn_gamma:
+            self.raw_gamma = nn.Parameter(torch.tensor(_inverse_softplus(options.gamma)))
         self._ready_cache = memory_size == 0
         if memory_size:
             self.register_buffer("memory", torch.zeros(memory_size, embedding_dim))  # [K, E] normalized pooled embeddings
@@ -223,6 +293,33 @@ class GSP(nn.Module):
     def num_prototypes(self) -> int:
         return self.prototypes.shape[0]
 
+    @property
+    def transport_ratio(self) -> float:
+        """mu now: the float given, or the learned value (read from the device)."""
+        return float(self._transport_ratio_argument().detach()) if self.learn_transport_ratio else self._transport_ratio
+
+    @property
+    def gamma(self) -> float:
+        """gamma now: the float given, or the learned value (read from the device)."""
+        return float(self._gamma_argument(1).detach()) if self.learn_gamma else self._gamma
+
+    def pooling_parameters(self) -> list[nn.Parameter]:
+        """The raw parameters of a learned mu and gamma (none when neither is learned)."""
+        return [getattr(self, name) for name, learned in (("raw_transport_ratio", self.learn_transport_ratio),
+                                                          ("raw_gamma", self.learn_gamma)) if learned]
+
+    def _transport_ratio_argument(self) -> float | Tensor:
+        """mu for ``gsp_pool``: the float, or the learned 0-d float32 tensor (with its graph)."""
+        if not self.learn_transport_ratio:
+            return self._transport_ratio
+        return torch.sigmoid(self.raw_transport_ratio.float()).clamp_min(LEARNED_MINIMUM)
+
+    def _gamma_argument(self, n: int) -> float | Tensor:
+        """gamma for ``gsp_pool`` on N features: the float, or the learned 0-d float32 tensor."""
+        if not self.learn_gamma:
+            return self._gamma
+        return F.softplus(self.raw_gamma.float()).clamp(LEARNED_MINIMUM, gamma_ceiling(self.normalize, self.cost, n))
+
     def extra_repr(self) -> str:
         text = (
             f"in_channels={self.in_channels}, embedding_dim={self.embedding_dim}, "
@@ -230,6 +327,8 @@ class GSP(nn.Module):
             f"gamma={self.gamma}, normalize={self.normalize!r}, cost={self.cost!r}, backend={self.backend!r}, "
             f"pooling_method={self.pooling_method!r}"
         )
+        if self.learn_transport_ratio or self.learn_gamma:
+            text += f", learn_transport_ratio={self.learn_transport_ratio}, learn_gamma={self.learn_gamma}"
         if self.solver != "newton":
             text += f", solver={self.solver!r}, max_iter={self.max_iter}"
         if self.augment_max_pool:
@@ -254,75 +353,89 @@ class GSP(nn.Module):
         local_features(features)  # validates the shape
         return self._projected(features)
 
-    def forward(self, features: Tensor | PatchTokens, return_weights: bool = False, grid: tuple[int, int] | None = None) -> GSPOutput:
+    def forward(self, features: Tensor | PatchTokens, return_weights: bool = False, grid: tuple[int, int] | None = None,
+                mask: Tensor | None = None) -> GSPOutput:
         """Pool local features; returns ``GSPOutput(embedding [B, E], attributes [B, M], weights)``
-        with weights ``[B, H, W]`` / ``[B, h, w]`` / ``[B, N]`` (see ``GSPOutput``) or None."""
-        tokens, grid = local_features(features, grid)  # [B, N, C]
+        with weights ``[B, H, W]`` / ``[B, h, w]`` / ``[B, N]`` (see ``GSPOutput``) or None.
+        ``mask``: bool, True at the valid positions (see ``GSP``)."""
+        tokens, grid, mask = features_and_mask(features, grid, mask)  # [B, N, C], [B, N] or None
         if isinstance(features, PatchTokens):
             features = features.tokens
         projected = self._projected(features)  # [B, E, H, W] or [B, N, E]
         if not self._prototypes_ready():
-            return self._warm_up_forward(tokens, projected, grid, return_weights)
+            return self._warm_up_forward(tokens, projected, grid, return_weights, mask)
         pools_backbone = self.pooling_method != "sum"
         # Under autocast the features are bf16/fp16 and the prototypes stay float32: gsp_pool
         # computes in float32 either way and returns each gradient in its input's dtype.
+        options = {}
+        if mask is not None:  # in the layout of the projected features: [B, H, W] for a map
+            options["mask"] = mask.view(projected.shape[0], *projected.shape[2:]) if projected.dim() == 4 else mask
         result = gsp_pool(
             projected,
             self.prototypes,
-            transport_ratio=self.transport_ratio,
-            gamma=self.gamma,
+            transport_ratio=self._transport_ratio_argument(),
+            gamma=self._gamma_argument(tokens.shape[1]),
             normalize=self.normalize,
             cost=self.cost,
             backend=self.backend,
             solver=self.solver,
             max_iter=self.max_iter,
             return_weights=return_weights or pools_backbone,
+            **options,
         )
         embedding, attributes = result[0], result[1]  # [B, E], [B, M]
         if pools_backbone:  # gradients reach the plan through the weights
-            embedding = self._pool_backbone(tokens, result[2].reshape(tokens.shape[:2]))
+            embedding = self._pool_backbone(tokens, result[2].reshape(tokens.shape[:2]), mask)
         if self.augment_max_pool:
-            embedding = embedding + self._max_pool_term(tokens)
+            embedding = embedding + self._max_pool_term(tokens, mask)
         weights = None
         if return_weights:
             weights = result[2] if grid is None or result[2].dim() == 3 else result[2].view(tokens.shape[0], *grid)
         return GSPOutput(embedding, attributes, weights)
 
-    def _pool_backbone(self, tokens: Tensor, weights: Tensor) -> Tensor:
+    def _pool_backbone(self, tokens: Tensor, weights: Tensor, mask: Tensor | None) -> Tensor:
         """``pooling_method`` "gem" or "max" of the backbone tokens ``[B, N, C]`` with the
-        mixing weights N·w_i (w ``[B, N]``), then the projection: ``[B, E]``."""
+        mixing weights n·w_i (w ``[B, N]``; n the sample's count of valid positions, N without
+        a mask), then the projection: ``[B, E]``."""
         compute = torch.promote_types(tokens.dtype, torch.float32)  # GeM's powers in at least float32
-        mixed = tokens.to(compute) * (weights.to(compute) * tokens.shape[1]).unsqueeze(-1)  # [B, N, C]
+        count = tokens.shape[1] if mask is None else valid_counts(mask, compute)  # N, or [B, 1]
+        mixed = tokens.to(compute) * (weights.to(compute) * count).unsqueeze(-1)  # [B, N, C]
         if self.pooling_method == "max":
-            pooled = mixed.amax(dim=1)  # [B, C]
+            pooled = masked_max(mixed, mask)  # [B, C]
         else:
             power = self.gem_power.to(compute)
-            pooled = mixed.clamp_min(GEM_CLAMP).pow(power).mean(dim=1).pow(1.0 / power)  # [B, C]
+            pooled = masked_mean(mixed.clamp_min(GEM_CLAMP).pow(power), mask).pow(1.0 / power)  # [B, C]
         return self.projection(pooled.to(tokens.dtype))
 
-    def _max_pool_term(self, tokens: Tensor) -> Tensor:
-        """W·max_i x_i ``[B, E]``: the projected global max pool (weight only; the embedding has the bias)."""
-        return F.linear(tokens.amax(dim=1), self.projection.weight)
+    def _max_pool_term(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        """W·max_i x_i ``[B, E]`` over the valid positions: the projected global max pool (weight
+        only; the embedding has the bias)."""
+        return F.linear(masked_max(tokens, mask), self.projection.weight)
 
     def _prototypes_ready(self) -> bool:
         if not self._ready_cache:
             self._ready_cache = bool(self.prototypes_ready)  # one device read per forward while warming up
         return self._ready_cache
 
-    def _warm_up_forward(self, tokens: Tensor, projected: Tensor, grid, return_weights: bool) -> GSPOutput:
-        """GAP of the projected features while the prototype memory fills (training mode); the
-        memory stores that average, before any max-pool term (the prototypes' space, as theirs)."""
-        embedding = projected.mean(dim=(2, 3)) if projected.dim() == 4 else projected.mean(dim=1)  # [B, E]
+    def _warm_up_forward(self, tokens: Tensor, projected: Tensor, grid, return_weights: bool, mask: Tensor | None) -> GSPOutput:
+        """GAP of the projected features (over the valid positions) while the prototype memory
+        fills (training mode); the memory stores that average, before any max-pool term (the
+        prototypes' space, as theirs)."""
+        if projected.dim() == 4 and mask is None:
+            embedding = projected.mean(dim=(2, 3))  # [B, E]
+        else:
+            embedding = masked_mean(local_features(projected)[0], mask)  # [B, E]
         if self.training:
             self._remember(embedding.detach())
         if self.augment_max_pool:
-            embedding = embedding + self._max_pool_term(tokens)
+            embedding = embedding + self._max_pool_term(tokens, mask)
         # A zero-weighted touch of every parameter that GSP pooling uses, so that
         # DistributedDataParallel (without find_unused_parameters) sees them all used.
-        touched = self.prototypes.sum() + (self.gem_power if self.gem_power is not None else 0.0)
+        touched = self.prototypes.sum() + sum(self.pooling_parameters(), 0.0)
+        touched = touched + (self.gem_power if self.gem_power is not None else 0.0)
         embedding = embedding + 0.0 * touched
         attributes = embedding.new_zeros(embedding.shape[0], self.num_prototypes)  # [B, M]
-        return GSPOutput(embedding, attributes, uniform_weights(tokens, grid) if return_weights else None)
+        return GSPOutput(embedding, attributes, uniform_weights(tokens, grid, mask) if return_weights else None)
 
     @torch.no_grad()
     def _remember(self, embeddings: Tensor) -> None:
@@ -363,13 +476,14 @@ class GSP(nn.Module):
             self._ready_cache = True
 
     @torch.no_grad()
-    def init_prototypes_kcenter(self, features: Tensor | PatchTokens, start_index: int = 0) -> Tensor:
+    def init_prototypes_kcenter(self, features: Tensor | PatchTokens, start_index: int = 0, *, mask: Tensor | None = None) -> Tensor:
         """Set the prototypes to M candidate vectors picked by greedy k-center (the paper's
         initialization), measured after the layer's cost normalization; ends any warm-up.
 
         features: a batch's backbone features (a map ``[B, C, H, W]``, tokens ``[B, N, C]`` or
-        ``PatchTokens``, projected here: B*N candidates), or embedding-space vectors
-        ``[P, E]`` used as they are. Returns the chosen indices ``[M]``.
+        ``PatchTokens``, projected here: B*N candidates, the valid ones only with a mask, as in
+        ``forward``), or embedding-space vectors ``[P, E]`` used as they are. Returns the chosen
+        indices ``[M]`` (among the candidates).
         """
         if isinstance(features, Tensor) and features.dim() == 2:
             if features.shape[1] != self.embedding_dim:
@@ -379,7 +493,9 @@ class GSP(nn.Module):
                 )
             vectors = features
         else:
-            vectors = local_features(self.project(features))[0].reshape(-1, self.embedding_dim)  # [B*N, E]
+            valid = features_and_mask(features, None, mask)[2]  # [B, N] or None
+            vectors = local_features(self.project(features))[0]  # [B, N, E]
+            vectors = vectors.reshape(-1, self.embedding_dim) if valid is None else vectors[valid]  # [B*N or valid, E]
         vectors = vectors.float()
         if vectors.shape[0] < self.num_prototypes:
             raise ValueError(f"{self.num_prototypes} prototypes need at least as many candidate vectors, got {vectors.shape[0]}")

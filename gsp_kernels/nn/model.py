@@ -12,7 +12,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .backbones import PatchTokens, backbone_from_model
-from .layer import GSP, GSPOutput, local_features, uniform_weights
+from .layer import GSP, GSPOutput, features_and_mask, uniform_weights
+from .masks import masked_mean
 
 
 class GlobalAveragePoolHead(nn.Module):
@@ -24,18 +25,20 @@ class GlobalAveragePoolHead(nn.Module):
 
     A map ``[B, C, H, W]``, tokens ``[B, N, C]`` or ``PatchTokens`` -> ``GSPOutput(embedding
     [B, E], None, weights)`` where the weights, when asked for, are uniform (``[B, H, W]``,
-    ``[B, h, w]`` or ``[B, N]``, as ``GSP`` gives them).
+    ``[B, h, w]`` or ``[B, N]``, as ``GSP`` gives them). With a ``mask`` (as ``GSP`` takes it,
+    or a ``PatchTokens`` mask) it averages each sample's valid positions only, as GSP pools them.
     """
 
     def __init__(self, in_channels: int, embedding_dim: int):
         super().__init__()
         self.projection = nn.Linear(in_channels, embedding_dim)
 
-    def forward(self, features: Tensor | PatchTokens, return_weights: bool = False, grid: tuple[int, int] | None = None) -> GSPOutput:
+    def forward(self, features: Tensor | PatchTokens, return_weights: bool = False, grid: tuple[int, int] | None = None,
+                mask: Tensor | None = None) -> GSPOutput:
         """Local features -> ``GSPOutput`` with the averaged features' embedding (uniform weights)."""
-        tokens, grid = local_features(features, grid)  # [B, N, C]
-        embedding = self.projection(tokens.mean(dim=1))  # [B, E]
-        return GSPOutput(embedding, None, uniform_weights(tokens, grid) if return_weights else None)
+        tokens, grid, mask = features_and_mask(features, grid, mask)  # [B, N, C], [B, N] or None
+        embedding = self.projection(masked_mean(tokens, mask))  # [B, E]
+        return GSPOutput(embedding, None, uniform_weights(tokens, grid, mask) if return_weights else None)
 
 
 class EmbeddingModel(nn.Module):
@@ -59,13 +62,16 @@ class EmbeddingModel(nn.Module):
         """The pooling head, whatever its name."""
         return getattr(self, self.head_name)
 
-    def features(self, images: Tensor) -> Tensor | PatchTokens:
-        """Images -> the backbone's local features (a map, or ``PatchTokens``)."""
+    def features(self, images: Tensor | dict) -> Tensor | PatchTokens:
+        """Images (or a NaFlexViT's padded batch, ``naflex``) -> the backbone's local features (a
+        map, or ``PatchTokens``)."""
         return self.trunk(images)
 
-    def forward(self, images: Tensor, return_weights: bool = False) -> GSPOutput:
-        """Images -> ``GSPOutput`` of the pooling head on the trunk's features."""
-        return self.pooling_head(self.features(images), return_weights=return_weights)
+    def forward(self, images: Tensor | dict, return_weights: bool = False, mask: Tensor | None = None) -> GSPOutput:
+        """Images -> ``GSPOutput`` of the pooling head on the trunk's features; ``mask`` (bool,
+        True at valid positions of those features, ``[B, N]`` or ``[B, h, w]``) goes to the head,
+        with the mask of a NaFlexViT batch's padding."""
+        return self.pooling_head(self.features(images), return_weights=return_weights, mask=mask)
 
 
 class GSPNet(EmbeddingModel):
@@ -97,7 +103,9 @@ def replace_global_pool(model: nn.Module, embedding_dim: int, *, in_channels: in
     returns the features the classifier read; timm ViTs built for one image size take any size
     their patch size divides (timm's ``dynamic_img_size``). A size a backbone cannot take
     (torchvision's ``VisionTransformer`` takes its ``image_size`` only) is a ``ValueError`` at the
-    forward saying what to change; ``backbones.check_image_size`` tells before.
+    forward saying what to change; ``backbones.check_image_size`` tells before. timm's NaFlexViT
+    also takes its padded batches of images of several sizes (a dict, ``naflex``): its
+    ``patch_valid`` masks the padding in attention and in GSP, so each image pools as if alone.
     ``in_channels`` defaults to the backbone's ``num_features``; ``gsp_kwargs`` go to ``GSP``.
     """
     backbone = backbone_from_model(model)

@@ -56,6 +56,11 @@ _HELP = {
     "num_train_classes": "imagefolder: classes used for training (default: first half of the sorted classes)",
     "prototype_init": "kcenter (greedy k-center on a training batch), random, memory (GAP while a memory of "
     "--prototype-memory pooled embeddings fills, then k-center over it) or proxies (k-center over proxyanchor's class proxies)",
+    "learn_transport_ratio": "GSP: learn mu (sigmoid of a parameter started at --transport-ratio, below 1); its value per "
+    "epoch is in the log and results.json",
+    "learn_gamma": "GSP: learn gamma (softplus of a parameter started at --gamma, kept below half the largest gamma the op "
+    "accepts); its value per epoch is in the log and results.json",
+    "pooling_params_lr_multiplier": "learning rate of a learned mu and gamma: --lr x this (default 10; no weight decay)",
     "warm_up_steps": "prototype-init memory: training steps before the memory starts filling",
     "prototype_memory": "prototype-init memory: pooled embeddings stored before k-center picks the prototypes",
     "pooling_method": "GSP pooling of the transport weights: sum (the paper), gem (generalized mean of the weighted "
@@ -424,7 +429,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        run_demo(seeds=args.seeds, figure_path=args.figure or None, progress=base.progress, base_config=base)
+        run_demo(seeds=args.seeds, figure_path=args.figure or None, progress=base.progress, base_config=base,
+                 learned_mu=args.learned_mu)
     except _USER_ERRORS as exc:
         _usage_error(args, str(exc))
     except ImportError as exc:
@@ -515,8 +521,13 @@ def register(subparsers) -> None:
         "--threads", type=int, default=1, help="torch CPU threads, default 1: the small CNN gains little from more, and extra threads thrash on a busy machine"
     )
     demo_parser.add_argument("--figure", default="gsp_demo.png", help="PNG path for the weight maps ('' for none)")
-    from .demo import DEMO_CONFIG
+    from .demo import DEMO_CONFIG, LEARNED_MU_START
+
+    demo_parser.add_argument("--learned-mu", action=argparse.BooleanOptionalAction, default=True,
+                             help=f"also train GSP with a learned mu started at {LEARNED_MU_START:g} and report where it settles "
+                             "(default: on)")
 
     _add_config_flags(demo_parser, DEMO_CONFIG, skip={"dataset", "data_root", "pooling", "seed", "resume", "overwrite", "output_dir",
+                                                      "learn_transport_ratio",
                                                       "recipe", "protocol", "num_folds", "early_stopping_patience", "log"})
     demo_parser.set_defaults(func=run_demo_command)

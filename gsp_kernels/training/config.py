@@ -44,6 +44,9 @@ class TrainConfig:
     num_prototypes: int = 16
     transport_ratio: float = 0.3
     gamma: float = 5.0
+    learn_transport_ratio: bool = False  # GSP: learn mu (a sigmoid's logit, started at transport_ratio)
+    learn_gamma: bool = False  # GSP: learn gamma (a softplus's argument, started at gamma)
+    pooling_params_lr_multiplier: float = 10.0  # the learned mu's and gamma's lr: lr x this (no weight decay)
     prototype_init: str = "kcenter"  # "kcenter" (a training batch), "random", "memory" (warm-up memory), "proxies" (proxyanchor's)
     prototype_memory: int = 1024  # prototype_init "memory": pooled embeddings stored (GAP meanwhile) before k-center
     warm_up_steps: int = 0  # prototype_init "memory": training steps before the memory starts filling
@@ -144,6 +147,13 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"transport_ratio must be in (0, 1], got {config.transport_ratio}")
     if not config.gamma > 0:
         raise ValueError(f"gamma must be > 0, got {config.gamma}")
+    if not config.pooling_params_lr_multiplier > 0:
+        raise ValueError(f"pooling_params_lr_multiplier must be > 0, got {config.pooling_params_lr_multiplier}")
+    for name in ("learn_transport_ratio", "learn_gamma"):
+        if getattr(config, name) and config.pooling != "gsp":
+            raise ValueError(f"{name} learns a parameter of GSP pooling; pooling {config.pooling!r} has none")
+    if config.learn_transport_ratio and config.transport_ratio == 1:
+        raise ValueError("learn_transport_ratio learns the logit of mu, infinite at transport_ratio 1: start below 1 (e.g. 0.99)")
     if not 0.0 <= config.validation_classes < 1.0:
         raise ValueError(f"validation_classes must be a share of the training classes in [0, 1), got {config.validation_classes}")
     if config.validation_classes > 0 and config.protocol == "mlrc":

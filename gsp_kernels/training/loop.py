@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..losses import ZeroShotPredictionLoss
-from ..nn import local_features
+from ..nn import GSP, local_features
 from .checkpoint import (
     BEST_NAME,
     check_resumable,
@@ -32,7 +32,7 @@ from .checkpoint import (
 from .config import METRIC_LOSSES, RunError, TrainConfig
 from .distributed import broadcast_float, gather_objects
 from .embeddings import to_device
-from .models import build_model_for, input_size, prototypes_warm_up
+from .models import build_model_for, input_size, pooling_values, prototypes_warm_up
 from .samplers import ClassBalancedBatchSampler, SeededBatches, SeededSamples
 from .tensorboard_log import TensorBoardLog
 
@@ -108,11 +108,23 @@ def freeze_batchnorm(trunk: nn.Module) -> None:
             parameter.requires_grad_(False)
 
 
-def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) or Adam (L2 weight decay) over the trainable parameters."""
-    trainable = [parameter for parameter in parameters if parameter.requires_grad]
+def build_optimizer(config: TrainConfig, parameters, pooling_parameters=()) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) or Adam (L2 weight decay) over the trainable parameters.
+
+    ``pooling_parameters`` (a GSP head's learned mu and gamma, ``GSP.pooling_parameters``) form a
+    second group, after the first: lr x ``config.pooling_params_lr_multiplier`` and no weight
+    decay (which would pull mu to 0.5 and gamma to softplus(0), not towards a smaller model).
+    Adam's steps are about lr in each raw parameter whatever its gradient's scale, so at the
+    shared lr a logit would move 1e-3 a step; x10 lets mu cross its useful range (logit(0.1) to
+    logit(0.5) is 2.2) in a few hundred steps while one step still moves mu by 0.0025 at most."""
+    pooling = [parameter for parameter in pooling_parameters if parameter.requires_grad]
+    pooling_ids = {id(parameter) for parameter in pooling}
+    trainable = [parameter for parameter in parameters if parameter.requires_grad and id(parameter) not in pooling_ids]
+    groups = [{"params": trainable}]
+    if pooling:
+        groups.append({"params": pooling, "lr": config.lr * config.pooling_params_lr_multiplier, "weight_decay": 0.0})
     kind = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.optimizer]
-    return kind(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    return kind(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -202,9 +214,13 @@ def _train_epoch(trainer, objective, optimizer, scheduler, loader, config: Train
     }
 
 
-def _epoch_line(description: str, record: dict) -> str:
+def _epoch_line(description: str, record: dict, config: TrainConfig) -> str:
     line = (f"{description}: loss {record['loss']:.4f} (metric {record['metric']:.4f}, zero-shot {record['zero_shot']:.4f})"
             f"  lr {record['lr']:.3g}  {record['images_per_second']:.1f} images/s  {record['seconds']:.1f} s")
+    if config.learn_transport_ratio:
+        line += f"  mu {record['transport_ratio']:.4f}"
+    if config.learn_gamma:
+        line += f"  gamma {record['gamma']:.4g}"
     if "val_map_at_r" in record:
         line += f"  val MAP@R {record['val_map_at_r']:.4f}"
     return line
@@ -238,7 +254,9 @@ def fit(
 
     -> {"model" (best or last weights), "history" (a dict per epoch), "seconds",
     "images_per_second", "best_epoch", "best_score", "warm_up" (``models.prototypes_warm_up``:
-    a GSP head that never left its GAP warm-up, else None), "batches" (what a batch held:
+    a GSP head that never left its GAP warm-up, else None), "pooling_values" (a GSP head's mu and
+    gamma in the returned weights, ``models.pooling_values``; every epoch's record has them at its
+    end too), "batches" (what a batch held:
     "classes", "images_per_class"; the "training_classes", and the "short_classes" among them
     with fewer images, drawn with repetition)}.
     """
@@ -262,7 +280,8 @@ def fit(
         model.pooling_head.init_prototypes_from_proxies(metric_loss.proxies)  # the authors' PyTorch init
     if config.freeze_bn:
         freeze_batchnorm(model.trunk)
-    optimizer = build_optimizer(config, objective.parameters())
+    head = model.pooling_head
+    optimizer = build_optimizer(config, objective.parameters(), head.pooling_parameters() if isinstance(head, GSP) else ())
     scheduler = build_scheduler(config, optimizer, len(sampler))
 
     history, start_epoch, stopped = [], 0, False
@@ -300,6 +319,7 @@ def fit(
         record = _train_epoch(trainer, objective, optimizer, scheduler, loader, config, device, label, show, log, epoch * len(sampler))
         if config.scheduler == "plateau":
             scheduler.step(record["loss"])
+        record.update(pooling_values(model))  # a GSP head's mu and gamma at the epoch's end
         if validate is not None:
             score = broadcast_float(validate(model) if rank == 0 else None, device, world_size)
             record["val_map_at_r"] = score
@@ -315,7 +335,7 @@ def fit(
         if log is not None:
             log.epoch((epoch + 1) * len(sampler), epoch + 1, record, model, config, device)
         if show:
-            print(_epoch_line(label, record), file=sys.stderr, flush=True)
+            print(_epoch_line(label, record, config), file=sys.stderr, flush=True)
         # every rank's RNG states (rank order), so each resumes its own augmentation stream
         rng_states = gather_objects(rng_state(), world_size) if checkpoint_path is not None else None
         if checkpoint_path is not None and rank == 0:
@@ -344,6 +364,7 @@ def fit(
         "best_epoch": None if early["epoch"] is None else early["epoch"] + 1,
         "best_score": early["score"],
         "warm_up": prototypes_warm_up(model),
+        "pooling_values": pooling_values(model),
         "batches": {"classes": sampler.classes_per_batch, "images_per_class": sampler.samples_per_class,
                     "training_classes": len(sampler.by_class),
                     "short_classes": sum(len(members) < sampler.samples_per_class for members in sampler.by_class)},

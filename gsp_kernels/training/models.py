@@ -7,7 +7,8 @@ is the embedded ``SmallCNN``, or the backbone of a torchvision or timm model
 (``gsp_kernels.nn.backbones``), randomly initialized or loaded from local weights
 (``gsp_kernels.nn.pretrained``: nothing downloads). ``check_model(config)`` builds a run's
 model once before any data is read, to find what would fail later; ``prototypes_warm_up(model)``
-says whether a GSP head is still in its GAP warm-up.
+says whether a GSP head is still in its GAP warm-up; ``pooling_values(model)`` gives its mu and
+gamma now (learned or fixed).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def build_model(
     num_prototypes: int = 16,
     transport_ratio: float = 0.3,
     gamma: float = 5.0,
+    learn_transport_ratio: bool = False,
+    learn_gamma: bool = False,
     backend: str = "auto",
     solver: str = "newton",
     max_iter: int | None = None,
@@ -79,9 +82,9 @@ def build_model(
     backbone_kwargs: dict | None = None,
 ) -> EmbeddingModel:
     """An ``EmbeddingModel``: the trunk of ``build_trunk`` and a GAP or GSP head whose input
-    width is the backbone's ``num_features``. ``solver``, ``max_iter``, ``pooling_method``,
-    ``augment_max_pool``, ``memory_size`` and ``warm_up_steps`` are ``GSP``'s options (the
-    authors' variants)."""
+    width is the backbone's ``num_features``. ``learn_transport_ratio``, ``learn_gamma``,
+    ``solver``, ``max_iter``, ``pooling_method``, ``augment_max_pool``, ``memory_size`` and
+    ``warm_up_steps`` are ``GSP``'s options (the last four the authors' variants)."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     trunk, report = build_trunk(arch, width=width, pretrained=pretrained, **(backbone_kwargs or {}))
@@ -95,6 +98,8 @@ def build_model(
             num_prototypes,
             transport_ratio=transport_ratio,
             gamma=gamma,
+            learn_transport_ratio=learn_transport_ratio,
+            learn_gamma=learn_gamma,
             backend=backend,
             solver=solver,
             max_iter=max_iter,
@@ -119,6 +124,8 @@ def build_model_for(config: TrainConfig, load_pretrained: bool = True) -> nn.Mod
         num_prototypes=config.num_prototypes,
         transport_ratio=config.transport_ratio,
         gamma=config.gamma,
+        learn_transport_ratio=config.learn_transport_ratio,
+        learn_gamma=config.learn_gamma,
         backend=config.backend,
         pretrained=config.pretrained if load_pretrained else None,
         pooling_method=config.pooling_method,
@@ -164,3 +171,11 @@ def prototypes_warm_up(model: nn.Module) -> dict | None:
     if not isinstance(head, GSP) or not head.memory_size or bool(head.prototypes_ready):
         return None
     return {"memory_filled": int(head.memory_filled), "memory_size": head.memory_size}
+
+
+def pooling_values(model: nn.Module) -> dict:
+    """{"transport_ratio", "gamma"} of a GSP head now (floats; learned or fixed); {} for GAP."""
+    head = getattr(model, "pooling_head", None)
+    if not isinstance(head, GSP):
+        return {}
+    return {"transport_ratio": head.transport_ratio, "gamma": head.gamma}

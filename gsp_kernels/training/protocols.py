@@ -108,7 +108,7 @@ def train_standard(config: TrainConfig, data: BenchmarkData, device: torch.devic
     result = {"config": config, "splits": data.describe(), "split_differences": data.differences_from_papers(),
               "epochs": run["history"], "seconds": run["seconds"],
               "images_per_second": run["images_per_second"], "model": run["model"], "metrics": None,
-              "recall_at_1": None, "map_at_r": None, "warm_up": run["warm_up"], **notes}
+              "recall_at_1": None, "map_at_r": None, "warm_up": run["warm_up"], "pooling_values": run["pooling_values"], **notes}
     if validation is not None:
         result.update(validation=validation, best_epoch=run["best_epoch"], best_val_map_at_r=run["best_score"])
     if rank == 0:
@@ -171,6 +171,7 @@ def train_mlrc(config: TrainConfig, data: BenchmarkData, device: torch.device, *
             "images_per_second": run["images_per_second"],
             "metrics": None,
             "warm_up": run["warm_up"],
+            "pooling_values": run["pooling_values"],
             **notes,
         }
         if rank == 0:

@@ -1,7 +1,7 @@
 """What a run prints and writes: every table of ``gsp-kernels train``, ``evaluate`` and the
 summaries, and the JSON record of results.json.
 
-- ``run_title(config)``: one line naming the data, the model and the schedule.
+- ``run_title(config)``: one line naming the data, the model (a learned mu or gamma says so) and the schedule.
 - ``split_note(differences)``: a warning line when the splits are not the papers'.
 - ``notes_lines(result)``: the run's warnings (a GSP model still in its GAP warm-up) and the
   parts of a recipe the data did not allow.
@@ -66,7 +66,9 @@ def run_title(config: TrainConfig) -> str:
     pooling = "GAP"
     if config.pooling == "gsp":
         extras = (config.pooling_method if config.pooling_method != "sum" else "", "max-pool branch" if config.augment_max_pool else "")
-        pooling = (f"GSP ({config.num_prototypes} prototypes, mu {config.transport_ratio:g}, gamma {config.gamma:g}"
+        mu = f"mu learned from {config.transport_ratio:g}" if config.learn_transport_ratio else f"mu {config.transport_ratio:g}"
+        gamma = f"gamma learned from {config.gamma:g}" if config.learn_gamma else f"gamma {config.gamma:g}"
+        pooling = (f"GSP ({config.num_prototypes} prototypes, {mu}, {gamma}"
                    f"{''.join(f', {extra}' for extra in extras if extra)}; zero-shot loss x{config.zero_shot_weight:g})")
     weights = f"weights {config.pretrained}" if config.pretrained else "random init"
     steps = f"{config.steps_per_epoch} steps" if config.steps_per_epoch else "one pass"
@@ -78,19 +80,25 @@ def run_title(config: TrainConfig) -> str:
 
 
 def summary_table(result: dict) -> str:
-    """The run's title, losses and throughput of the last ``SUMMARY_EPOCHS`` epochs, then the
-    split sizes and the retrieval metrics (mlrc: one row per fold's model and the concatenation)."""
+    """The run's title, losses, learned mu and gamma (when learned) and throughput of the last
+    ``SUMMARY_EPOCHS`` epochs, then the split sizes and the retrieval metrics (mlrc: one row per
+    fold's model and the concatenation)."""
     if "folds" in result:
         return mlrc_table(result)
     history = result["epochs"]
     first_shown = max(0, len(history) - SUMMARY_EPOCHS)
     validated = "best_epoch" in result
+    learned = [(key, label, spec) for key, label, spec, flag in (("transport_ratio", "mu", ".4f", "learn_transport_ratio"),
+                                                                 ("gamma", "gamma", ".4g", "learn_gamma"))
+               if getattr(result["config"], flag)]  # the learned pooling parameters' values at each epoch's end
     rows = [
         [str(index + 1), f"{epoch['loss']:.4f}", f"{epoch['metric']:.4f}", f"{epoch['zero_shot']:.4f}", f"{epoch['lr']:.3g}",
+         *(format(epoch[key], spec) for key, _, spec in learned),
          f"{epoch['images_per_second']:.1f}", *([f"{epoch['val_map_at_r']:.4f}"] if validated else [])]
         for index, epoch in enumerate(history[first_shown:], start=first_shown)
     ]
-    header = ["epoch", "loss", "metric", "zero-shot", "lr", "images/s", *(["val MAP@R"] if validated else [])]
+    header = ["epoch", "loss", "metric", "zero-shot", "lr", *(label for _, label, _ in learned), "images/s",
+              *(["val MAP@R"] if validated else [])]
     table = f"{run_title(result['config'])}\n" + format_table(header, rows)
     if first_shown:
         table += f"\n({first_shown} earlier epochs in results.json)"

@@ -45,7 +45,8 @@ def train(config: TrainConfig, *, config_format: str = "yaml") -> dict:
     """Train and evaluate as ``config.protocol`` says. Returns {"config", "splits" (classes
     and images per split), "split_differences" (from the papers' split sizes:
     ``BenchmarkData.differences_from_papers``), "epochs" (per-epoch records), "metrics" (test retrieval metrics),
-    "recall_at_1", "map_at_r", "seconds", "images_per_second", "model", "warm_up", "warnings"
+    "recall_at_1", "map_at_r", "seconds", "images_per_second", "model", "warm_up", "pooling_values" (a GSP head's mu
+    and gamma, learned or fixed, in the tested weights), "warnings"
     (and for a recipe "recipe_not_followed": ``protocols.run_notes``), "device" (the one used)};
     "mlrc" adds "folds" (``protocols.train_mlrc``). Metrics on rank 0; other ranks get None. The run's
     "config" holds ``data_root`` as an absolute path (so that ``evaluate`` finds the data

@@ -37,7 +37,8 @@ TOP_SHARE = 0.3  # weights/top30_share: the share of the weight on this fraction
 FLUSH_STEPS = 50  # per-step values are read from the device this often
 _STEP_TAGS = ("step/loss", "step/metric_loss", "step/zero_shot_loss")
 _EPOCH_TAGS = {"loss": "epoch/loss", "metric": "epoch/metric_loss", "zero_shot": "epoch/zero_shot_loss", "lr": "epoch/lr",
-               "images_per_second": "epoch/images_per_second", "val_map_at_r": "validation/map_at_r"}
+               "images_per_second": "epoch/images_per_second", "val_map_at_r": "validation/map_at_r",
+               "transport_ratio": "pooling/transport_ratio", "gamma": "pooling/gamma"}
 
 
 def evenly_spaced(dataset, count: int) -> Tensor:
