@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("pytorch_metric_learning")
 pytest.importorskip("yaml")
 
+from test_train_files import _fails
+
 from gsp_kernels import cli
 from gsp_kernels.training import cli as train_cli
 from gsp_kernels.training.config import TrainConfig
@@ -35,16 +37,6 @@ class_embedding_dim: 4
 lr: 1e-3
 """
 TINY_TOML = TINY_YAML.replace(": ", " = ")
-
-
-def _fails(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"gsp-kernels {argv[0]}: error: "), err
-    return lines[0]
 
 
 def _resolved(argv: list[str]) -> TrainConfig:
