@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..nn import POOLING_METHODS
@@ -188,6 +189,25 @@ def _is_extra(exc: ImportError) -> bool:
     return isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in _EXTRA
 
 
+@contextmanager
+def _reported(args: argparse.Namespace, errors: tuple = _USER_ERRORS, writing: object | None = None):
+    """Inside, the user's mistakes end in one line with exit 2: ``errors`` (a setting, the data, a
+    file), an OSError while ``writing`` that file, and a missing module of the train extra; any
+    other exception is a bug and propagates."""
+    try:
+        yield
+    except errors as exc:
+        _usage_error(args, str(exc))
+    except OSError as exc:
+        if writing is None:
+            raise
+        _usage_error(args, f"cannot write {writing} ({type(exc).__name__}: {exc})")
+    except ImportError as exc:
+        if not _is_extra(exc):
+            raise
+        _missing_extra(args, exc)
+
+
 def _file_values(args: argparse.Namespace) -> dict:
     """The settings of ``--config FILE`` ({} without one); a bad file is a usage error."""
     path = getattr(args, "config", None)
@@ -261,14 +281,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     kind = config_format(args.config) if args.config else "yaml"  # the run's config.yaml or config.toml
     _require_extra(args, config, ("yaml",) if config.output_dir and kind == "yaml" else ())
-    try:
+    with _reported(args):  # the data, a file or a folder, not a bug: the message names it
         result = train(config, config_format=kind)
-    except _USER_ERRORS as exc:  # the data, a file or a folder, not a bug: the message names it
-        _usage_error(args, str(exc))
-    except ImportError as exc:
-        if not _is_extra(exc):
-            raise
-        _missing_extra(args, exc)
     shutdown_distributed()  # on success only: a barrier after a failed rank would hang
     if result["metrics"] is None:
         return 0  # not rank 0
@@ -291,14 +305,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         _writable_folder(args, Path(args.output_dir), "--output-dir")
     overrides = {name: getattr(args, name) for name in ("dataset", "data_root", "device", "num_workers", "eval_batch_size")
                  if getattr(args, name) is not None}
-    try:
+    with _reported(args, errors=(ValueError, *_USER_ERRORS)):
         result = evaluate_checkpoints(args.checkpoint, which=args.which, **overrides)
-    except (ValueError, *_USER_ERRORS) as exc:
-        _usage_error(args, str(exc))
-    except ImportError as exc:
-        if not _is_extra(exc):
-            raise
-        _missing_extra(args, exc)
     print(evaluation_table(result))
     if args.output_dir:
         _write_results(args, args.output_dir, "evaluation.json", {**result, "provenance": provenance(result["device"])},
@@ -327,7 +335,7 @@ def run_embed(args: argparse.Namespace) -> int:
         _usage_error(args, "--split applies to a benchmark (--dataset, --data-root), not to --images")
     if args.batch_size < 1:
         _usage_error(args, f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
+    with _reported(args, errors=(ValueError, *_USER_ERRORS), writing=args.output):
         output = check_output(args.output)
         _writable_folder(args, output.parent, "--output")
         model = load_model(args.checkpoint, which=args.which)
@@ -347,14 +355,6 @@ def run_embed(args: argparse.Namespace) -> int:
         embeddings = embed_images(model, dataset, device, batch_size=args.batch_size, amp=args.amp, channels_last=args.channels_last,
                                   num_workers=args.num_workers, progress=not args.no_progress)
         write_embeddings(output, embeddings, dataset.labels, paths)
-    except (ValueError, *_USER_ERRORS) as exc:
-        _usage_error(args, str(exc))
-    except OSError as exc:
-        _usage_error(args, f"cannot write {args.output} ({type(exc).__name__}: {exc})")
-    except ImportError as exc:
-        if not _is_extra(exc):
-            raise
-        _missing_extra(args, exc)
     print(f"{embeddings.shape[0]} embeddings of {embeddings.shape[1]} dimensions -> {output}")
     return 0
 
@@ -392,7 +392,7 @@ def run_export(args: argparse.Namespace) -> int:
     if output.is_dir():
         _usage_error(args, f"--output {output} is a folder: name the file to write")
     _writable_folder(args, output.parent, "--output")
-    try:
+    with _reported(args, errors=(ValueError, *_USER_ERRORS), writing=output):
         model = load_model(args.checkpoint, which=args.which)
         image_size = args.image_size or input_size(model.config)
         with atomic_path(output) as partial:
@@ -400,14 +400,6 @@ def run_export(args: argparse.Namespace) -> int:
                 export_onnx(model, partial, image_size=image_size, opset=opset)
             else:
                 export_pt2(model, partial, image_size=image_size)
-    except (ValueError, *_USER_ERRORS) as exc:
-        _usage_error(args, str(exc))
-    except OSError as exc:
-        _usage_error(args, f"cannot write {output} ({type(exc).__name__}: {exc})")
-    except ImportError as exc:
-        if not _is_extra(exc):
-            raise
-        _missing_extra(args, exc)
     print(f"{args.format}: images [batch, 3, {image_size}, {image_size}] -> embedding, written to {output}")
     return 0
 
@@ -428,15 +420,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
+    with _reported(args):
         run_demo(seeds=args.seeds, figure_path=args.figure or None, progress=base.progress, base_config=base,
                  learned_mu=args.learned_mu)
-    except _USER_ERRORS as exc:
-        _usage_error(args, str(exc))
-    except ImportError as exc:
-        if not _is_extra(exc):
-            raise
-        _missing_extra(args, exc)
     return 0
 
 
